@@ -1,0 +1,234 @@
+"""One typed configuration for every part of the system, with the `local` and `cluster` profiles.
+
+A profile is a YAML file shipped in `llm_auction/configs/`; a user file is merged over it, then
+environment variables `LLM_AUCTION__SECTION__KEY=value` over that. Every model forbids unknown
+keys, so a typo is an error that names the key instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "LLM_AUCTION__"
+PROFILES = ("local", "cluster")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WorldConfig(_Section):
+    """Size and shape of the seeded synthetic advertising world."""
+
+    n_advertisers: int = Field(60, ge=1, description="Advertisers; each owns one or more ads.")
+    ads_per_advertiser: int = Field(3, ge=1, description="Ads per advertiser, all in its category.")
+    n_users: int = Field(400, ge=1, description="Users with interests over categories.")
+    n_queries: int = Field(300, ge=1, description="Distinct query texts.")
+    n_requests: int = Field(4000, ge=1, description="Requests in the generated stream.")
+    k_candidates: int = Field(6, ge=1, le=64, description="Candidate ads K retrieved per request.")
+    retrieval_noise: float = Field(
+        0.25, ge=0.0, le=1.0, description="Share of candidates retrieved from other categories."
+    )
+    value_log_mean: float = Field(0.0, description="Mean of log value-per-click (lognormal).")
+    value_log_sigma: float = Field(0.5, gt=0.0, description="Spread of log value-per-click.")
+    bid_strategy: Literal["truthful", "shade", "inflate", "mixed"] = Field(
+        "truthful", description="How advertisers turn their private value into a bid."
+    )
+    bid_factor: float = Field(
+        0.2, ge=0.0, lt=1.0, description="Shading bids value*(1-f); inflating bids value*(1+f)."
+    )
+    interest_concentration: float = Field(
+        0.4, gt=0.0, description="Dirichlet concentration of user interests: lower is pickier."
+    )
+    start_time: str = Field(
+        "2026-01-01T00:00:00Z", description="Timestamp of the first request (fixed for determinism)."
+    )
+    mean_interarrival_s: float = Field(30.0, gt=0.0, description="Mean seconds between requests.")
+
+
+class ClickModelConfig(_Section):
+    """The parametric click model that stands in for users (hidden from the pCTR model)."""
+
+    kind: Literal["parametric", "llm_judge"] = Field("parametric", description="Click model.")
+    intercept: float = Field(-3.0, description="Logit of an irrelevant, average ad in position 1.")
+    w_relevance: float = Field(2.0, description="Logit weight of ad-query relevance in [0, 1].")
+    w_interest: float = Field(1.5, description="Logit weight of the user's interest in the ad.")
+    w_quality: float = Field(0.8, description="Logit weight of the ad's latent quality (centred).")
+    position_decay: float = Field(
+        0.75, gt=0.0, le=1.0, description="CTR multiplier per position further down."
+    )
+    same_category_externality: float = Field(
+        0.3, ge=0.0, lt=1.0, description="CTR loss per other shown ad of the same category."
+    )
+    other_ad_externality: float = Field(
+        0.05, ge=0.0, lt=1.0, description="CTR loss per other shown ad of another category."
+    )
+    ad_load_fatigue: float = Field(
+        0.15, ge=0.0, lt=1.0, description="CTR loss per ad shown beyond `fatigue_free_ads`."
+    )
+    fatigue_free_ads: int = Field(1, ge=0, description="Ads a user tolerates without fatigue.")
+
+
+class LLMJudgeConfig(_Section):
+    """An OpenAI-compatible endpoint that plays the user (the paper's LLM-as-a-judge)."""
+
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible base URL.")
+    model: str = Field("judge", description="Model name sent to the endpoint.")
+    api_key_env: str = Field(
+        "LLM_JUDGE_API_KEY", description="Environment variable holding the API key, if any."
+    )
+    timeout_s: float = Field(30.0, gt=0.0, description="Per-call timeout.")
+    max_retries: int = Field(2, ge=0, description="Retries on transport errors and 5xx.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature.")
+
+
+class MechanismConfig(_Section):
+    """Auction rules and the statistics reported about them."""
+
+    max_ads: int = Field(3, ge=0, description="Most ads one response may carry.")
+    max_bid: float = Field(1000.0, gt=0.0, description="Bids above this are rejected as input.")
+    bootstrap_samples: int = Field(1000, ge=50, description="Resamples for confidence intervals.")
+    ci_level: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence level of intervals.")
+    monotonicity_factors: tuple[float, ...] = Field(
+        (1.0, 1.25, 1.5, 2.0, 3.0), description="Bid multipliers tried by the monotonicity audit."
+    )
+    monotonicity_samples: int = Field(
+        16, ge=1, description="Samples per bid level for stochastic allocation functions."
+    )
+
+    @field_validator("monotonicity_factors")
+    @classmethod
+    def _increasing(cls, factors: tuple[float, ...]) -> tuple[float, ...]:
+        if len(factors) < 2 or any(b <= a for a, b in zip(factors, factors[1:])):
+            raise ValueError("must hold at least two strictly increasing factors")
+        if factors[0] <= 0:
+            raise ValueError("factors must be positive")
+        return factors
+
+
+class BaselineConfig(_Section):
+    """Knobs of the non-LLM allocation baselines."""
+
+    post_generation_slots: int = Field(2, ge=0, description="Fixed ad slots of post-generation.")
+    random_max_ads: int = Field(2, ge=0, description="Most ads random insertion places.")
+    oracle_max_subsets: int = Field(
+        20000, ge=1, description="Above this many ad subsets the oracle searches greedily."
+    )
+    organic_sentences: int = Field(3, ge=1, le=8, description="Organic sentences per answer.")
+
+
+class Settings(BaseModel):
+    """The whole configuration; `load_config` builds it from a profile, a file and the env."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    profile: Literal["local", "cluster"] = "local"
+    seed: int = Field(7, ge=0, description="Root seed; every random stream derives from it.")
+    data_dir: Path = Field(Path("data"), description="Where generated worlds and logs live.")
+    world: WorldConfig = WorldConfig()
+    click_model: ClickModelConfig = ClickModelConfig()
+    llm_judge: LLMJudgeConfig = LLMJudgeConfig()
+    mechanism: MechanismConfig = MechanismConfig()
+    baselines: BaselineConfig = BaselineConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.baselines.post_generation_slots > self.mechanism.max_ads:
+            raise ValueError("baselines.post_generation_slots must not exceed mechanism.max_ads")
+        if not math.isfinite(self.world.value_log_mean):
+            raise ValueError("world.value_log_mean must be finite")
+        return self
+
+
+def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _deep_merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(text: str, origin: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping of keys")
+    return data
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Turn `LLM_AUCTION__WORLD__N_USERS=50` into `{"world": {"n_users": 50}}` (values as YAML)."""
+    overrides: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+        if not all(path):
+            raise ConfigError(f"environment variable {name}: empty key segment")
+        node = overrides
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment variable {name}: conflicts with another override")
+        node[path[-1]] = _read_yaml(f"v: {raw}", name)["v"] if raw.strip() else raw
+    return overrides
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "(root)"
+        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{key}: {message}")
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def profile_yaml(profile: str) -> str:
+    """The shipped YAML of a profile."""
+    if profile not in PROFILES:
+        raise ConfigError(f"profile: unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    return resources.files("llm_auction.configs").joinpath(f"{profile}.yaml").read_text()
+
+
+def load_config(
+    path: Path | None = None,
+    profile: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings: profile YAML, then the user's file, then env, then explicit overrides.
+
+    The profile is taken from the argument, else from the user's file, else `LLM_AUCTION_PROFILE`,
+    else `local`.
+    """
+    environ = os.environ if environ is None else environ
+    user: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file {path}: not found")
+        user = _read_yaml(path.read_text(), str(path))
+    chosen = profile or user.get("profile") or environ.get("LLM_AUCTION_PROFILE") or "local"
+    merged = _read_yaml(profile_yaml(str(chosen)), f"profile {chosen}")
+    for layer in (user, _env_overrides(environ), dict(overrides or {})):
+        merged = _deep_merge(merged, layer)
+    merged["profile"] = chosen
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None

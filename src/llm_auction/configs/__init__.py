@@ -1,0 +1,1 @@
+"""Shipped configuration profiles (YAML), read with importlib.resources."""

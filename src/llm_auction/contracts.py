@@ -1,0 +1,63 @@
+"""The auction request: the one input contract shared by the CLI, the simulator and serving."""
+
+from __future__ import annotations
+
+import math
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class AdCandidate(BaseModel):
+    """One candidate ad with its advertiser's bid per click."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ad_id: str = Field(min_length=1, max_length=128)
+    advertiser_id: str = Field(min_length=1, max_length=128)
+    text: str = Field(min_length=1, max_length=1000)
+    bid: float = Field(gt=0.0, description="Bid per click; first price: the payment per click.")
+
+    @field_validator("bid")
+    @classmethod
+    def _finite(cls, bid: float) -> float:
+        if not math.isfinite(bid):
+            raise ValueError("must be a finite number")
+        return bid
+
+
+class AuctionRequest(BaseModel):
+    """A user's query with K candidate ads; the response may insert up to `max_ads` of them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    request_id: str = Field(min_length=1, max_length=128)
+    user_id: str = Field(min_length=1, max_length=128)
+    query: str = Field(min_length=1, max_length=2000)
+    ads: tuple[AdCandidate, ...] = Field(min_length=1, max_length=64)
+    max_ads: int | None = Field(None, ge=0, le=64)
+
+    @model_validator(mode="after")
+    def _unique_ads(self) -> AuctionRequest:
+        seen: set[str] = set()
+        for ad in self.ads:
+            if ad.ad_id in seen:
+                raise ValueError(f"ads: duplicate ad_id {ad.ad_id!r}")
+            seen.add(ad.ad_id)
+        return self
+
+    @property
+    def bids(self) -> tuple[float, ...]:
+        return tuple(ad.bid for ad in self.ads)
+
+    def with_bid(self, index: int, bid: float) -> AuctionRequest:
+        """The same request with candidate `index` bidding `bid` (audits raise one bid)."""
+        ads = list(self.ads)
+        ads[index] = AdCandidate.model_validate({**ads[index].model_dump(), "bid": bid})
+        return self.model_copy(update={"ads": tuple(ads)})
+
+
+def check_bid_cap(request: AuctionRequest, max_bid: float) -> None:
+    """Reject bids above the configured cap; the error names the field."""
+    for i, ad in enumerate(request.ads):
+        if ad.bid > max_bid:
+            raise ValueError(f"ads.{i}.bid: {ad.bid} exceeds the maximum bid {max_bid}")

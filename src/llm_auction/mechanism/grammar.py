@@ -1,0 +1,107 @@
+"""The response grammar: how a response inserts ads, and the strict parser that reads it back.
+
+A response is organic text in which an ad is inserted by the marker `[AD k]`, where `k` is the
+1-based index of a candidate ad in the prompt (no leading zeros, upper-case `AD`, one space).
+The serving layer replaces each marker by the ad's creative; the marker itself is what the model
+writes, so the allocation is exactly what can be read back from the text:
+
+    "Pack light and book early. [AD 2] Compare fares midweek. [AD 1]"
+        -> allocation (candidate 2 at position 1, candidate 1 at position 2)
+
+A position is the 1-based rank of an ad among the valid markers, in order of appearance.
+Everything that looks like a marker but is not a valid, new, in-range one is a format error:
+
+- `malformed`: marker-like text that breaks the grammar (`[ad 2]`, `[AD x]`, `[AD 02]`, `[AD 2`);
+- `unknown`: a well-formed marker whose index is not a candidate (0 or > K);
+- `duplicate`: a candidate inserted a second time (the first insertion counts);
+- `over_limit`: a valid marker beyond `max_ads` (the first `max_ads` count).
+
+The parser never raises on any text: errors are counted, the allocation keeps what is valid.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+ERROR_KINDS = ("malformed", "unknown", "duplicate", "over_limit")
+
+_VALID = re.compile(r"\[AD ([1-9][0-9]{0,5})\]")
+# Anything a reader would take for an attempted marker: a bracket, optional spaces, then "ad".
+_MARKER_LIKE = re.compile(r"\[\s*ad(?![a-z])[^\[\]\n]{0,12}\]?", re.IGNORECASE)
+_SPACES = re.compile(r"\s+")
+
+
+def marker(index: int) -> str:
+    """The marker that inserts candidate `index` (1-based)."""
+    if index < 1:
+        raise ValueError(f"ad index must be >= 1, got {index}")
+    return f"[AD {index}]"
+
+
+@dataclass(frozen=True)
+class ParsedResponse:
+    """The allocation read from one response, with its format errors."""
+
+    allocation: tuple[int, ...]
+    """0-based candidate indices in order of appearance; position = place in this tuple + 1."""
+    errors: Counter[str] = field(default_factory=Counter)
+    organic_text: str = ""
+
+    @property
+    def n_errors(self) -> int:
+        return sum(self.errors.values())
+
+    @property
+    def well_formed(self) -> bool:
+        return self.n_errors == 0
+
+    @property
+    def positions(self) -> tuple[int, ...]:
+        return tuple(range(1, len(self.allocation) + 1))
+
+
+def parse_response(text: str, n_candidates: int, max_ads: int | None = None) -> ParsedResponse:
+    """Read the allocation from `text` for a prompt with `n_candidates` ads."""
+    if not isinstance(text, str):
+        return ParsedResponse((), Counter(malformed=1))
+    errors: Counter[str] = Counter()
+    allocation: list[int] = []
+    organic_parts: list[str] = []
+    cursor = 0
+    for match in _MARKER_LIKE.finditer(text):
+        organic_parts.append(text[cursor : match.start()])
+        cursor = match.end()
+        valid = _VALID.fullmatch(match.group(0))
+        if valid is None:
+            errors["malformed"] += 1
+            continue
+        index = int(valid.group(1)) - 1
+        if index >= n_candidates:
+            errors["unknown"] += 1
+        elif index in allocation:
+            errors["duplicate"] += 1
+        elif max_ads is not None and len(allocation) >= max_ads:
+            errors["over_limit"] += 1
+        else:
+            allocation.append(index)
+    organic_parts.append(text[cursor:])
+    organic = _SPACES.sub(" ", "".join(organic_parts)).strip()
+    return ParsedResponse(tuple(allocation), errors, organic)
+
+
+def render_response(sentences: Sequence[str], placements: Sequence[tuple[int, int]]) -> str:
+    """Write organic sentences with ads inserted: `(after_sentence, index)` puts `[AD index+1]`
+    after sentence number `after_sentence` (0 = before the first sentence), in the given order."""
+    by_slot: dict[int, list[int]] = {}
+    for after, index in placements:
+        if not 0 <= after <= len(sentences):
+            raise ValueError(f"slot {after} outside 0..{len(sentences)}")
+        by_slot.setdefault(after, []).append(index)
+    words: list[str] = [marker(i + 1) for i in by_slot.get(0, [])]
+    for number, sentence in enumerate(sentences, start=1):
+        words.append(sentence)
+        words.extend(marker(i + 1) for i in by_slot.get(number, []))
+    return " ".join(words)

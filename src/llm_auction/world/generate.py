@@ -1,0 +1,235 @@
+"""The seeded synthetic world: advertisers, ads, users, queries and a stream of auction requests.
+
+Ground truth that users react to but the reward model never sees (ad quality, topics, user
+interests as numbers, advertisers' private values) lives in these tables; the simulator reads it,
+the auction request carries only what a real system would see (texts and bids).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from llm_auction.config import WorldConfig
+from llm_auction.contracts import AdCandidate, AuctionRequest
+from llm_auction.world import catalog
+
+TABLES = ("advertisers", "ads", "users", "queries", "requests")
+CATEGORY_NAMES: tuple[str, ...] = tuple(c.name for c in catalog.CATEGORIES)
+
+
+@dataclass(frozen=True)
+class World:
+    """The five tables of one world, with lookups the simulator and the baselines need."""
+
+    advertisers: pd.DataFrame
+    ads: pd.DataFrame
+    users: pd.DataFrame
+    queries: pd.DataFrame
+    requests: pd.DataFrame
+    seed: int
+
+    def save(self, out: Path) -> list[Path]:
+        """Write each table as parquet; same world, byte-identical files."""
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for name in TABLES:
+            table = pa.Table.from_pandas(getattr(self, name), preserve_index=False)
+            path = out / f"{name}.parquet"
+            pq.write_table(table, path, compression="zstd")
+            paths.append(path)
+        manifest = {"seed": self.seed, "tables": {n: len(getattr(self, n)) for n in TABLES}}
+        (out / "world.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        return paths
+
+    @classmethod
+    def load(cls, directory: Path) -> World:
+        manifest_path = directory / "world.json"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{directory}: no world.json; generate a world there first")
+        seed = json.loads(manifest_path.read_text())["seed"]
+        tables = {n: pq.read_table(directory / f"{n}.parquet").to_pandas() for n in TABLES}
+        return cls(seed=seed, **tables)
+
+    def auction_requests(self, limit: int | None = None, offset: int = 0) -> list[AuctionRequest]:
+        """Requests of the stream as the public contract (texts and bids only)."""
+        rows = self.requests.iloc[offset : None if limit is None else offset + limit]
+        columns = ["ad_id", "advertiser_id", "text", "bid"]
+        ads = {r["ad_id"]: AdCandidate(**r) for r in self.ads[columns].to_dict("records")}
+        out = []
+        for row in rows.itertuples(index=False):
+            candidates = tuple(ads[ad_id] for ad_id in row.ad_ids)
+            out.append(
+                AuctionRequest(
+                    request_id=row.request_id, user_id=row.user_id, query=row.query, ads=candidates
+                )
+            )
+        return out
+
+
+def _brand_names(rng: np.random.Generator, n: int) -> list[str]:
+    first, second = catalog.BRAND_PARTS
+    pairs = [a + b for a, b in itertools.product(first, second)]
+    order = rng.permutation(len(pairs))
+    return [pairs[order[i % len(pairs)]] + ("" if i < len(pairs) else str(i // len(pairs))) for i in range(n)]
+
+
+def _bids(values: np.ndarray, cfg: WorldConfig, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+    strategies = {
+        "truthful": 1.0,
+        "shade": 1.0 - cfg.bid_factor,
+        "inflate": 1.0 + cfg.bid_factor,
+    }
+    if cfg.bid_strategy == "mixed":
+        chosen = [str(s) for s in rng.choice(list(strategies), size=len(values))]
+    else:
+        chosen = [cfg.bid_strategy] * len(values)
+    factors = np.array([strategies[s] for s in chosen])
+    return np.maximum(np.round(values * factors, 2), 0.01), chosen
+
+
+def _advertisers(cfg: WorldConfig, rng: np.random.Generator) -> pd.DataFrame:
+    n = cfg.n_advertisers
+    values = np.maximum(np.round(rng.lognormal(cfg.value_log_mean, cfg.value_log_sigma, n), 2), 0.05)
+    bids, strategies = _bids(values, cfg, rng)
+    return pd.DataFrame(
+        {
+            "advertiser_id": [f"adv{i:04d}" for i in range(n)],
+            "name": _brand_names(rng, n),
+            "category": [CATEGORY_NAMES[c] for c in rng.integers(0, len(CATEGORY_NAMES), n)],
+            "value_per_click": values,
+            "bid_strategy": strategies,
+            "bid": bids,
+        }
+    )
+
+
+def _ads(advertisers: pd.DataFrame, cfg: WorldConfig, rng: np.random.Generator) -> pd.DataFrame:
+    by_name = {c.name: c for c in catalog.CATEGORIES}
+    rows = []
+    for adv in advertisers.itertuples(index=False):
+        category = by_name[adv.category]
+        for j in range(cfg.ads_per_advertiser):
+            topic = category.topics[rng.integers(len(category.topics))]
+            product = topic.products[rng.integers(len(topic.products))]
+            template = catalog.AD_TEMPLATES[rng.integers(len(catalog.AD_TEMPLATES))]
+            adjective = catalog.ADJECTIVES[rng.integers(len(catalog.ADJECTIVES))]
+            rows.append(
+                {
+                    "ad_id": f"{adv.advertiser_id}-{j}",
+                    "advertiser_id": adv.advertiser_id,
+                    "category": adv.category,
+                    "topic": topic.name,
+                    "text": template.format(brand=adv.name, product=product, adjective=adjective),
+                    "quality": float(rng.beta(2.0, 2.0)),
+                    "value_per_click": float(adv.value_per_click),
+                    "bid": float(adv.bid),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _users(cfg: WorldConfig, rng: np.random.Generator) -> pd.DataFrame:
+    n_cat = len(catalog.CATEGORIES)
+    interests = rng.dirichlet(np.full(n_cat, cfg.interest_concentration), size=cfg.n_users)
+    rows = []
+    for i, weights in enumerate(interests):
+        first, second = np.argsort(-weights)[:2]
+        template = catalog.PROFILE_TEMPLATES[rng.integers(len(catalog.PROFILE_TEMPLATES))]
+        text = template.format(
+            age=int(rng.integers(18, 70)),
+            first=catalog.CATEGORIES[first].interest,
+            second=catalog.CATEGORIES[second].interest,
+        )
+        rows.append(
+            {
+                "user_id": f"u{i:05d}",
+                "profile_text": text,
+                "interests": [float(w) for w in weights],
+                "top_category": CATEGORY_NAMES[first],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _all_queries() -> Iterator[dict[str, str]]:
+    for category in catalog.CATEGORIES:
+        for topic in category.topics:
+            for intent, templates in catalog.QUERY_TEMPLATES.items():
+                for template in templates:
+                    fills = topic.products if "{product}" in template else (topic.name,)
+                    for fill in fills:
+                        yield {
+                            "category": category.name,
+                            "topic": topic.name,
+                            "intent": intent,
+                            "text": template.format(product=fill, topic=fill),
+                        }
+
+
+def _queries(cfg: WorldConfig, rng: np.random.Generator) -> pd.DataFrame:
+    """Distinct query texts (the text identifies the query), at most as many as templates allow."""
+    pool = list({q["text"]: q for q in _all_queries()}.values())
+    chosen = sorted(rng.choice(len(pool), size=min(cfg.n_queries, len(pool)), replace=False))
+    frame = pd.DataFrame([pool[i] for i in chosen])
+    frame.insert(0, "query_id", [f"q{i:04d}" for i in range(len(frame))])
+    return frame
+
+
+def _requests(
+    users: pd.DataFrame, queries: pd.DataFrame, ads: pd.DataFrame, cfg: WorldConfig, rng: np.random.Generator
+) -> pd.DataFrame:
+    """Users ask mostly about what interests them; retrieval returns K ads, mostly on-category."""
+    n_cat = len(CATEGORY_NAMES)
+    queries_by_cat = [np.flatnonzero(queries["category"].to_numpy() == c) for c in CATEGORY_NAMES]
+    ads_by_cat = [np.flatnonzero(ads["category"].to_numpy() == c) for c in CATEGORY_NAMES]
+    interests = np.stack(users["interests"].to_numpy())
+    k = min(cfg.k_candidates, len(ads))
+    start = pd.Timestamp(cfg.start_time)
+    offsets = np.cumsum(rng.exponential(cfg.mean_interarrival_s, cfg.n_requests))
+    rows = []
+    for r in range(cfg.n_requests):
+        u = int(rng.integers(len(users)))
+        cat = int(rng.choice(n_cat, p=interests[u])) if rng.random() < 0.8 else int(rng.integers(n_cat))
+        if len(queries_by_cat[cat]) == 0:
+            cat = int(queries["category"].map(CATEGORY_NAMES.index).iloc[rng.integers(len(queries))])
+        q = int(rng.choice(queries_by_cat[cat]))
+        chosen: list[int] = []
+        while len(chosen) < k:
+            on_topic = [a for a in ads_by_cat[cat] if a not in chosen]
+            pool = on_topic if on_topic and rng.random() >= cfg.retrieval_noise else None
+            if pool is None:
+                pool = [a for a in range(len(ads)) if a not in chosen]
+            chosen.append(int(rng.choice(pool)))
+        rows.append(
+            {
+                "request_id": f"r{r:07d}",
+                "timestamp": start + pd.Timedelta(seconds=float(offsets[r])),
+                "user_id": users["user_id"].iat[u],
+                "query_id": queries["query_id"].iat[q],
+                "query": queries["text"].iat[q],
+                "ad_ids": [str(ads["ad_id"].iat[a]) for a in chosen],
+            }
+        )
+    frame = pd.DataFrame(rows)
+    frame["timestamp"] = pd.to_datetime(frame["timestamp"], utc=True).astype("datetime64[us, UTC]")
+    return frame
+
+
+def generate_world(cfg: WorldConfig, seed: int) -> World:
+    """Build a world; every table has its own random stream so that sizes change one table only."""
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)]
+    advertisers = _advertisers(cfg, streams[0])
+    ads = _ads(advertisers, cfg, streams[1])
+    users = _users(cfg, streams[2])
+    queries = _queries(cfg, streams[3])
+    requests = _requests(users, queries, ads, cfg, streams[4])
+    return World(advertisers, ads, users, queries, requests, seed)
