@@ -36,7 +36,7 @@ class WorldConfig(_Section):
     ads_per_advertiser: int = Field(3, ge=1, description="Ads per advertiser, all in its category.")
     n_users: int = Field(400, ge=1, description="Users with interests over categories.")
     n_queries: int = Field(300, ge=1, description="Distinct query texts.")
-    n_requests: int = Field(4000, ge=1, description="Requests in the generated stream.")
+    n_requests: int = Field(4000, ge=1, le=2_000_000, description="Requests in the generated stream.")
     k_candidates: int = Field(6, ge=1, le=64, description="Candidate ads K retrieved per request.")
     retrieval_noise: float = Field(
         0.25, ge=0.0, le=1.0, description="Share of candidates retrieved from other categories."
@@ -70,13 +70,13 @@ class ClickModelConfig(_Section):
         0.75, gt=0.0, le=1.0, description="CTR multiplier per position further down."
     )
     same_category_externality: float = Field(
-        0.3, ge=0.0, lt=1.0, description="CTR loss per other shown ad of the same category."
+        0.25, ge=0.0, lt=1.0, description="CTR loss per other shown ad of the same category."
     )
     other_ad_externality: float = Field(
         0.05, ge=0.0, lt=1.0, description="CTR loss per other shown ad of another category."
     )
     ad_load_fatigue: float = Field(
-        0.15, ge=0.0, lt=1.0, description="CTR loss per ad shown beyond `fatigue_free_ads`."
+        0.1, ge=0.0, lt=1.0, description="CTR loss per ad shown beyond `fatigue_free_ads`."
     )
     fatigue_free_ads: int = Field(1, ge=0, description="Ads a user tolerates without fatigue.")
 
@@ -190,13 +190,14 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return overrides
 
 
-def _format_errors(exc: ValidationError) -> str:
+def describe_validation_error(exc: ValidationError, what: str = "invalid configuration") -> str:
+    """One line naming every offending field, for users (no traceback, no pydantic URLs)."""
     lines = []
     for err in exc.errors():
         key = ".".join(str(part) for part in err["loc"]) or "(root)"
         message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         lines.append(f"{key}: {message}")
-    return "invalid configuration: " + "; ".join(lines)
+    return f"{what}: " + "; ".join(lines)
 
 
 def profile_yaml(profile: str) -> str:
@@ -231,4 +232,4 @@ def load_config(
     try:
         return Settings.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc)) from None
+        raise ConfigError(describe_validation_error(exc)) from None

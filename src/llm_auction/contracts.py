@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Protocol
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
@@ -61,3 +64,14 @@ def check_bid_cap(request: AuctionRequest, max_bid: float) -> None:
     for i, ad in enumerate(request.ads):
         if ad.bid > max_bid:
             raise ValueError(f"ads.{i}.bid: {ad.bid} exceeds the maximum bid {max_bid}")
+
+
+class Allocator(Protocol):
+    """An allocation rule: writes one response (in the grammar of `mechanism.grammar`) per request.
+
+    Baselines and the LLM policy alike; a stochastic rule draws from `rng` so that runs repeat.
+    """
+
+    name: str
+
+    def allocate(self, requests: Sequence[AuctionRequest], rng: np.random.Generator) -> list[str]: ...

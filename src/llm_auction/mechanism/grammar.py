@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 
 ERROR_KINDS = ("malformed", "unknown", "duplicate", "over_limit")
 
-_VALID = re.compile(r"\[AD ([1-9][0-9]{0,5})\]")
+VALID_MARKER = re.compile(r"\[AD ([0-9]|[1-9][0-9]{1,5})\]")
 # Anything a reader would take for an attempted marker: a bracket, optional spaces, then "ad".
-_MARKER_LIKE = re.compile(r"\[\s*ad(?![a-z])[^\[\]\n]{0,12}\]?", re.IGNORECASE)
+MARKER_LIKE = re.compile(r"\[\s*ad(?![a-z])[^\[\]\n]{0,12}\]?", re.IGNORECASE)
 _SPACES = re.compile(r"\s+")
 
 
@@ -71,15 +71,15 @@ def parse_response(text: str, n_candidates: int, max_ads: int | None = None) -> 
     allocation: list[int] = []
     organic_parts: list[str] = []
     cursor = 0
-    for match in _MARKER_LIKE.finditer(text):
+    for match in MARKER_LIKE.finditer(text):
         organic_parts.append(text[cursor : match.start()])
         cursor = match.end()
-        valid = _VALID.fullmatch(match.group(0))
+        valid = VALID_MARKER.fullmatch(match.group(0))
         if valid is None:
             errors["malformed"] += 1
             continue
         index = int(valid.group(1)) - 1
-        if index >= n_candidates:
+        if not 0 <= index < n_candidates:
             errors["unknown"] += 1
         elif index in allocation:
             errors["duplicate"] += 1
@@ -94,7 +94,8 @@ def parse_response(text: str, n_candidates: int, max_ads: int | None = None) -> 
 
 def render_response(sentences: Sequence[str], placements: Sequence[tuple[int, int]]) -> str:
     """Write organic sentences with ads inserted: `(after_sentence, index)` puts `[AD index+1]`
-    after sentence number `after_sentence` (0 = before the first sentence), in the given order."""
+    after sentence number `after_sentence` (0 = before the first sentence), in the given order.
+    """
     by_slot: dict[int, list[int]] = {}
     for after, index in placements:
         if not 0 <= after <= len(sentences):

@@ -15,6 +15,8 @@ interest is the user's interest in the ad's category relative to their strongest
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -74,8 +76,24 @@ class ParametricClickModel:
 
     def _base(self, relevance: np.ndarray, interest: np.ndarray, quality: np.ndarray) -> np.ndarray:
         c = self.cfg
-        logit = c.intercept + c.w_relevance * relevance + c.w_interest * interest + c.w_quality * (2 * quality - 1)
+        logit = (
+            c.intercept
+            + c.w_relevance * relevance
+            + c.w_interest * interest
+            + c.w_quality * (2 * quality - 1)
+        )
         return 1.0 / (1.0 + np.exp(-logit))
+
+    def _set_multiplier(self, cats: np.ndarray) -> np.ndarray:
+        """Externalities and fatigue of showing ads of categories `cats` (..., n) together."""
+        c = self.cfg
+        n = cats.shape[-1]
+        same = (cats[..., :, None] == cats[..., None, :]).sum(axis=-1) - 1
+        return (
+            (1 - c.same_category_externality) ** same
+            * (1 - c.other_ad_externality) ** (n - 1 - same)
+            * (1 - c.ad_load_fatigue) ** max(0, n - c.fatigue_free_ads)
+        )
 
     def expected_ctr(
         self, request: AuctionRequest, allocation: Sequence[int], response: str | None = None
@@ -83,15 +101,47 @@ class ParametricClickModel:
         n = len(allocation)
         if n == 0:
             return np.zeros(0)
-        c = self.cfg
         cats, relevance, interest, quality = self._lookup(request, allocation)
-        same = (cats[:, None] == cats[None, :]).sum(axis=1) - 1
-        other = (n - 1) - same
-        ctr = (
-            self._base(relevance, interest, quality)
-            * c.position_decay ** np.arange(n)
-            * (1 - c.same_category_externality) ** same
-            * (1 - c.other_ad_externality) ** other
-            * (1 - c.ad_load_fatigue) ** max(0, n - c.fatigue_free_ads)
-        )
-        return ctr
+        decay = self.cfg.position_decay ** np.arange(n)
+        return self._base(relevance, interest, quality) * decay * self._set_multiplier(cats)
+
+    def best_allocation(
+        self, request: AuctionRequest, weights: np.ndarray, max_ads: int, max_subsets: int = 20000
+    ) -> tuple[tuple[int, ...], float]:
+        """The ordered allocation of at most `max_ads` ads maximising sum_i weights_i * ctr_i.
+
+        Exact when the subsets number at most `max_subsets`: for a fixed set, position decay is the
+        only order-dependent factor, so sorting the set by weight * ctr-without-decay is optimal
+        (rearrangement inequality). Larger searches add the best next ad greedily.
+        """
+        k = len(request.ads)
+        cats, relevance, interest, quality = self._lookup(request, range(k))
+        value = np.asarray(weights, dtype=float) * self._base(relevance, interest, quality)
+        max_ads = min(max_ads, k)
+        n_subsets = sum(math.comb(k, s) for s in range(1, max_ads + 1))
+        sizes = range(1, max_ads + 1)
+        best: tuple[tuple[int, ...], float] = ((), 0.0)
+        if n_subsets <= max_subsets:
+            for size in sizes:
+                subsets = np.array(list(itertools.combinations(range(k), size)), dtype=int)
+                best = max(best, self._best_order(subsets, value, cats), key=lambda b: b[1])
+            return best
+        chosen: list[int] = []
+        for _ in sizes:
+            rest = [i for i in range(k) if i not in chosen]
+            subsets = np.array([[*chosen, i] for i in rest], dtype=int)
+            candidate = self._best_order(subsets, value, cats)
+            if candidate[1] <= best[1]:
+                break
+            best, chosen = candidate, list(candidate[0])
+        return best
+
+    def _best_order(
+        self, subsets: np.ndarray, value: np.ndarray, cats: np.ndarray
+    ) -> tuple[tuple[int, ...], float]:
+        per_ad = value[subsets] * self._set_multiplier(cats[subsets])
+        order = np.argsort(-per_ad, axis=1, kind="stable")
+        ranked = np.take_along_axis(per_ad, order, axis=1)
+        totals = (ranked * self.cfg.position_decay ** np.arange(subsets.shape[1])).sum(axis=1)
+        row = int(np.argmax(totals))
+        return tuple(int(i) for i in subsets[row][order[row]]), float(totals[row])

@@ -1,0 +1,146 @@
+"""The non-LLM allocation baselines, each an `Allocator` writing responses in the marker grammar.
+
+- `no_ads`: organic text only.
+- `random`: 0..`random_max_ads` candidates at random slots (bid-blind).
+- `pre_generation`: auction first (rank by bid * pCTR, keep the top `max_ads`), then write the answer
+  around the winners, best first.
+- `post_generation`: write the answer first, then auction its fixed slots (after the first sentence,
+  then at the end, ...) by bid * pCTR.
+- `oracle_greedy`: knows the true CTR with positions and externalities and picks the ordered set
+  that maximises expected revenue (an upper reference, not a mechanism one could deploy).
+
+pCTR here is any `CtrEstimator`: the reward model once trained; the simulator's standalone
+(position-1, externality-free) CTR stands in until then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from llm_auction.baselines.organic import organic_answer
+from llm_auction.config import Settings
+from llm_auction.contracts import Allocator, AuctionRequest
+from llm_auction.mechanism.grammar import render_response
+from llm_auction.simulator.parametric import ParametricClickModel
+
+CtrEstimator = Callable[[AuctionRequest], np.ndarray]
+BASELINES = ("no_ads", "random", "pre_generation", "post_generation", "oracle_greedy")
+
+
+def _spread_slots(n_ads: int, n_sentences: int) -> list[int]:
+    """Slots for `n_ads` ads in reading order: after the first sentence, then evenly to the end."""
+    if n_ads == 0:
+        return []
+    return [int(s) for s in np.linspace(1, n_sentences, n_ads).round()]
+
+
+def _limit(request: AuctionRequest, max_ads: int) -> int:
+    return max_ads if request.max_ads is None else min(max_ads, request.max_ads)
+
+
+@dataclass
+class NoAds:
+    n_sentences: int
+    name: str = "no_ads"
+
+    def allocate(self, requests: Sequence[AuctionRequest], rng: np.random.Generator) -> list[str]:
+        return [render_response(organic_answer(r.query, self.n_sentences, rng), []) for r in requests]
+
+
+@dataclass
+class RandomInsertion:
+    n_sentences: int
+    max_ads: int
+    name: str = "random"
+
+    def allocate(self, requests: Sequence[AuctionRequest], rng: np.random.Generator) -> list[str]:
+        out = []
+        for r in requests:
+            sentences = organic_answer(r.query, self.n_sentences, rng)
+            n = int(rng.integers(0, min(_limit(r, self.max_ads), len(r.ads)) + 1))
+            chosen = rng.permutation(len(r.ads))[:n]
+            slots = sorted(int(s) for s in rng.integers(0, len(sentences) + 1, n))
+            out.append(render_response(sentences, list(zip(slots, (int(i) for i in chosen)))))
+        return out
+
+
+@dataclass
+class PreGeneration:
+    ctr_estimator: CtrEstimator
+    n_sentences: int
+    max_ads: int
+    name: str = "pre_generation"
+
+    def allocate(self, requests: Sequence[AuctionRequest], rng: np.random.Generator) -> list[str]:
+        out = []
+        for r in requests:
+            score = np.asarray(r.bids) * self.ctr_estimator(r)
+            winners = [int(i) for i in np.argsort(-score, kind="stable")[: _limit(r, self.max_ads)]]
+            sentences = organic_answer(r.query, self.n_sentences, rng)
+            out.append(
+                render_response(sentences, list(zip(_spread_slots(len(winners), len(sentences)), winners)))
+            )
+        return out
+
+
+@dataclass
+class PostGeneration:
+    ctr_estimator: CtrEstimator
+    n_sentences: int
+    slots: int
+    name: str = "post_generation"
+
+    def allocate(self, requests: Sequence[AuctionRequest], rng: np.random.Generator) -> list[str]:
+        out = []
+        for r in requests:
+            sentences = organic_answer(r.query, self.n_sentences, rng)
+            slots = _spread_slots(min(_limit(r, self.slots), len(r.ads)), len(sentences))
+            score = np.asarray(r.bids) * self.ctr_estimator(r)
+            winners = [int(i) for i in np.argsort(-score, kind="stable")[: len(slots)]]
+            out.append(render_response(sentences, list(zip(slots, winners))))
+        return out
+
+
+@dataclass
+class OracleGreedy:
+    click_model: ParametricClickModel
+    n_sentences: int
+    max_ads: int
+    max_subsets: int
+    name: str = "oracle_greedy"
+
+    def allocate(self, requests: Sequence[AuctionRequest], rng: np.random.Generator) -> list[str]:
+        out = []
+        for r in requests:
+            best, _ = self.click_model.best_allocation(
+                r, np.asarray(r.bids), _limit(r, self.max_ads), self.max_subsets
+            )
+            sentences = organic_answer(r.query, self.n_sentences, rng)
+            out.append(render_response(sentences, list(zip(_spread_slots(len(best), len(sentences)), best))))
+        return out
+
+
+def make_baseline(
+    name: str,
+    settings: Settings,
+    click_model: ParametricClickModel,
+    ctr_estimator: CtrEstimator | None = None,
+) -> Allocator:
+    """Build a baseline by name; `ctr_estimator` defaults to the simulator's standalone CTR."""
+    b, max_ads = settings.baselines, settings.mechanism.max_ads
+    estimator = ctr_estimator or click_model.standalone_ctr
+    builders: dict[str, Callable[[], Allocator]] = {
+        "no_ads": lambda: NoAds(b.organic_sentences),
+        "random": lambda: RandomInsertion(b.organic_sentences, min(b.random_max_ads, max_ads)),
+        "pre_generation": lambda: PreGeneration(estimator, b.organic_sentences, max_ads),
+        "post_generation": lambda: PostGeneration(estimator, b.organic_sentences, b.post_generation_slots),
+        "oracle_greedy": lambda: OracleGreedy(
+            click_model, b.organic_sentences, max_ads, b.oracle_max_subsets
+        ),
+    }
+    if name not in builders:
+        raise ValueError(f"policy: unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
+    return builders[name]()

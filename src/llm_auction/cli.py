@@ -1,0 +1,286 @@
+"""The `llm-auction` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+import yaml
+from pydantic import ValidationError
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from llm_auction.baselines import BASELINES, make_baseline
+from llm_auction.config import ConfigError, Settings, describe_validation_error, load_config
+from llm_auction.contracts import Allocator, AuctionRequest
+from llm_auction.mechanism.audits import audit_individual_rationality, audit_monotonicity
+from llm_auction.mechanism.metrics import METRICS, Estimate
+from llm_auction.simulator.base import UnknownEntityError
+from llm_auction.simulator.experiment import (
+    Environment,
+    InputError,
+    build_environment,
+    evaluate_policy,
+    read_requests,
+)
+from llm_auction.world import generate_world
+
+app = typer.Typer(
+    help="Train and serve an LLM whose output distribution is the ad auction.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+world_app = typer.Typer(help="The synthetic advertising world.", no_args_is_help=True)
+audit_app = typer.Typer(help="Incentive audits of an allocation rule.", no_args_is_help=True)
+app.add_typer(world_app, name="world")
+app.add_typer(audit_app, name="audit")
+
+# Wide enough for the metric table when the output is a file or a CI log (rich assumes 80 there).
+console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True)
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML file merged over the profile.")]
+ProfileOption = Annotated[str | None, typer.Option("--profile", help="local or cluster.")]
+SetOption = Annotated[
+    list[str] | None, typer.Option("--set", help="Override one key, e.g. --set world.k_candidates=8.")
+]
+SeedOption = Annotated[int | None, typer.Option("--seed", help="Root seed (world and simulation).")]
+WorldOption = Annotated[Path | None, typer.Option("--world", help="A generated world directory.")]
+RequestsOption = Annotated[int, typer.Option("--requests", min=1, help="Requests to simulate.")]
+JsonOption = Annotated[Path | None, typer.Option("--json", help="Also write the metrics as JSON here.")]
+
+
+def _parse_sets(items: list[str] | None) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. world.k_candidates=8")
+        node = overrides
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else raw
+    return overrides
+
+
+def _settings(
+    config: Path | None, profile: str | None, sets: list[str] | None, seed: int | None, **extra: Any
+) -> Settings:
+    overrides = _parse_sets(sets)
+    if seed is not None:
+        overrides["seed"] = seed
+    for section_key, value in extra.items():
+        if value is None:
+            continue
+        section, key = section_key.split("__")
+        overrides.setdefault(section, {})[key] = value
+    return load_config(config, profile, overrides=overrides)
+
+
+def _policy(spec: str, env: Environment) -> Allocator:
+    kind, _, name = spec.partition(":")
+    if kind != "baseline" or not name:
+        raise InputError(
+            f"policy: {spec!r} is not a known policy; use baseline:NAME ({', '.join(BASELINES)})"
+        )
+    try:
+        return make_baseline(name, env.settings, env.ground_truth)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
+def _requests(env: Environment, n: int, requests_file: Path | None) -> list[AuctionRequest]:
+    if requests_file is not None:
+        return read_requests(requests_file, env.settings.mechanism.max_bid)[:n]
+    available = len(env.world.requests)
+    if n > available:
+        raise InputError(f"requests: {n} exceeds the {available} requests of the world")
+    return env.world.auction_requests(limit=n)
+
+
+def _fmt(estimate: Estimate) -> str:
+    if np.isnan(estimate.mean):
+        return "n/a"
+    return f"{estimate.mean:.3f} [{estimate.ci[0]:.3f}, {estimate.ci[1]:.3f}]"
+
+
+def _table(title: str, rows: dict[str, dict[str, Estimate]]) -> Table:
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("policy", style="bold", no_wrap=True)
+    for metric in METRICS:
+        table.add_column(metric, justify="right", no_wrap=True)
+    for policy, metrics in rows.items():
+        table.add_row(policy, *(_fmt(metrics[m]) for m in METRICS))
+    return table
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    err_console.print(f"wrote {path}")
+
+
+@world_app.command("generate")
+def world_generate(
+    out: Annotated[Path, typer.Option("--out", help="Directory for the parquet tables.")],
+    seed: SeedOption = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    sets: SetOption = None,
+) -> None:
+    """Generate a seeded world (advertisers, ads, users, queries, requests) as parquet."""
+    settings = _settings(config, profile, sets, seed)
+    world = generate_world(settings.world, settings.seed)
+    paths = world.save(out)
+    table = Table(title=f"world seed={settings.seed} -> {out}", title_justify="left")
+    table.add_column("table")
+    table.add_column("rows", justify="right")
+    for path in paths:
+        table.add_row(path.stem, str(len(getattr(world, path.stem))))
+    console.print(table)
+
+
+@app.command()
+def simulate(
+    policy: Annotated[str, typer.Option("--policy", help="baseline:NAME")],
+    requests: RequestsOption = 1000,
+    seed: SeedOption = None,
+    json_path: JsonOption = None,
+    world: WorldOption = None,
+    requests_file: Annotated[
+        Path | None, typer.Option("--requests-file", help="JSON lines of auction requests (world ids).")
+    ] = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    sets: SetOption = None,
+) -> None:
+    """Run one policy on simulated users and report oracle metrics with 95% intervals."""
+    settings = _settings(config, profile, sets, seed, world__n_requests=requests if world is None else None)
+    env = build_environment(settings, world)
+    allocator = _policy(policy, env)
+    _, metrics = evaluate_policy(env, allocator, _requests(env, requests, requests_file), settings.seed)
+    console.print(
+        _table(f"{policy} on {requests} requests (expected clicks, seed {settings.seed})", {policy: metrics})
+    )
+    if json_path is not None:
+        _write_json(json_path, {"policy": policy, "metrics": {m: metrics[m].to_dict() for m in METRICS}})
+
+
+@app.command()
+def compare(
+    requests: RequestsOption = 1000,
+    seed: SeedOption = None,
+    json_path: JsonOption = None,
+    world: WorldOption = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    sets: SetOption = None,
+) -> None:
+    """Run every baseline on the same requests and print the comparison table."""
+    settings = _settings(config, profile, sets, seed, world__n_requests=requests if world is None else None)
+    env = build_environment(settings, world)
+    batch = _requests(env, requests, None)
+    rows = {}
+    with console.status("simulating baselines") as status:
+        for name in BASELINES:
+            status.update(f"simulating {name} on {len(batch)} requests")
+            _, rows[name] = evaluate_policy(
+                env, make_baseline(name, settings, env.ground_truth), batch, settings.seed
+            )
+    console.print(_table(f"baselines on {len(batch)} requests (expected clicks, seed {settings.seed})", rows))
+    if json_path is not None:
+        payload = {name: {m: metrics[m].to_dict() for m in METRICS} for name, metrics in rows.items()}
+        _write_json(json_path, {"requests": len(batch), "seed": settings.seed, "policies": payload})
+
+
+@audit_app.command("monotonicity")
+def audit_monotonicity_cmd(
+    policy: Annotated[str, typer.Option("--policy", help="baseline:NAME")],
+    requests: RequestsOption = 50,
+    seed: SeedOption = None,
+    world: WorldOption = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    sets: SetOption = None,
+) -> None:
+    """Raise each advertiser's bid step by step; report when its expected clicks fall."""
+    settings = _settings(config, profile, sets, seed)
+    env = build_environment(settings, world)
+    m = settings.mechanism
+    report = audit_monotonicity(
+        _policy(policy, env),
+        _requests(env, requests, None),
+        env.click_model,
+        m.monotonicity_factors,
+        m.monotonicity_samples,
+        settings.seed,
+        m.max_ads,
+    )
+    console.print(
+        f"{policy}: {len(report.violations)} violations in {report.n_checks} checks "
+        f"(rate {report.violation_rate:.4f}, factors {list(m.monotonicity_factors)})"
+    )
+    for v in report.violations[:10]:
+        console.print(
+            f"  {v.request_id} ad {v.ad_index + 1}: bid x{v.factors[0]} -> x{v.factors[1]}, "
+            f"clicks {v.clicks[0]:.4f} -> {v.clicks[1]:.4f}"
+        )
+    if report.violations:
+        raise typer.Exit(1)
+
+
+@audit_app.command("ir")
+def audit_ir_cmd(
+    policy: Annotated[str, typer.Option("--policy", help="baseline:NAME")],
+    requests: RequestsOption = 1000,
+    seed: SeedOption = None,
+    world: WorldOption = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    sets: SetOption = None,
+) -> None:
+    """Check individual rationality of first-price PPC on a simulated impression log."""
+    settings = _settings(config, profile, sets, seed, world__n_requests=requests if world is None else None)
+    env = build_environment(settings, world)
+    result, _ = evaluate_policy(env, _policy(policy, env), _requests(env, requests, None), settings.seed)
+    report = audit_individual_rationality(result.impressions)
+    console.print(
+        f"{policy}: IR {'holds' if report.holds else 'VIOLATED'}; {report.n_impressions} impressions, "
+        f"{report.n_overcharged} overcharged; {report.n_truthful_negative_utility} of "
+        f"{report.n_truthful_advertisers} advertisers bidding <= value lose money "
+        f"(min utility {report.min_truthful_utility:.4f})"
+    )
+    if not report.holds:
+        raise typer.Exit(1)
+
+
+USER_ERRORS = (ConfigError, InputError, UnknownEntityError, FileNotFoundError, ValidationError)
+
+
+def main() -> None:
+    """Entry point: user errors print one line naming the field and exit 2, never a traceback."""
+    logging.basicConfig(level=os.environ.get("LLM_AUCTION_LOG_LEVEL", "WARNING"))
+    try:
+        app()
+    except USER_ERRORS as exc:
+        message = describe_validation_error(exc, "invalid input") if isinstance(exc, ValidationError) else exc
+        err_console.print(f"error: {message}", highlight=False, markup=False)
+        sys.exit(2)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence for users
+        if os.environ.get("LLM_AUCTION_DEBUG"):
+            raise
+        err_console.print(
+            f"internal error: {type(exc).__name__}: {exc} (set LLM_AUCTION_DEBUG=1 for the traceback)",
+            highlight=False,
+            markup=False,
+        )
+        sys.exit(1)

@@ -1,0 +1,147 @@
+"""Incentive audits of an allocation rule: allocation monotonicity and individual rationality.
+
+First-price pay-per-click is sound when the allocation is monotone: raising one's own bid never
+lowers one's expected clicks (LLM-Auction, Sec. 5). The audit measures it for any `Allocator`,
+deterministic or sampled: every bid level of one advertiser is allocated with the same random
+stream (common random numbers), so a bid-blind sampled rule shows no spurious violations, and a
+sampled rule's drop must exceed `z` standard errors to count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from llm_auction.contracts import Allocator, AuctionRequest
+from llm_auction.mechanism.grammar import parse_response
+from llm_auction.simulator.base import ClickModel
+
+
+@dataclass(frozen=True)
+class MonotonicityViolation:
+    request_id: str
+    ad_index: int
+    factors: tuple[float, float]
+    clicks: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class MonotonicityReport:
+    n_checks: int
+    violations: list[MonotonicityViolation] = field(default_factory=list)
+
+    @property
+    def violation_rate(self) -> float:
+        return len(self.violations) / self.n_checks if self.n_checks else 0.0
+
+
+def _expected_clicks(
+    allocator: Allocator,
+    request: AuctionRequest,
+    ad_index: int,
+    click_model: ClickModel,
+    n_samples: int,
+    seed: Sequence[int],
+    max_ads: int | None,
+) -> tuple[float, float]:
+    """Mean and standard error of candidate `ad_index`'s expected clicks over sampled responses."""
+    responses = allocator.allocate([request] * n_samples, np.random.default_rng(list(seed)))
+    clicks = np.zeros(n_samples)
+    for s, response in enumerate(responses):
+        parsed = parse_response(response, len(request.ads), max_ads)
+        if ad_index in parsed.allocation:
+            ctr = click_model.expected_ctr(request, parsed.allocation, response)
+            clicks[s] = ctr[parsed.allocation.index(ad_index)]
+    stderr = clicks.std(ddof=1) / np.sqrt(n_samples) if n_samples > 1 else 0.0
+    return float(clicks.mean()), float(stderr)
+
+
+def audit_monotonicity(
+    allocator: Allocator,
+    requests: Sequence[AuctionRequest],
+    click_model: ClickModel,
+    factors: Sequence[float],
+    n_samples: int = 1,
+    seed: int = 0,
+    max_ads: int | None = None,
+    z: float = 3.0,
+    tolerance: float = 1e-9,
+) -> MonotonicityReport:
+    """Raise each candidate's bid by each factor in turn and check its expected clicks never fall.
+
+    One check compares two consecutive bid levels of one candidate in one request.
+    """
+    violations: list[MonotonicityViolation] = []
+    n_checks = 0
+    for r, request in enumerate(requests):
+        for i, ad in enumerate(request.ads):
+            levels = [
+                _expected_clicks(
+                    allocator,
+                    request.with_bid(i, ad.bid * f),
+                    i,
+                    click_model,
+                    n_samples,
+                    (seed, r, i),
+                    max_ads,
+                )
+                for f in factors
+            ]
+            for (f_lo, (c_lo, se_lo)), (f_hi, (c_hi, se_hi)) in zip(
+                zip(factors, levels), zip(factors[1:], levels[1:])
+            ):
+                n_checks += 1
+                if c_lo - c_hi > max(tolerance, z * float(np.hypot(se_lo, se_hi))):
+                    violations.append(
+                        MonotonicityViolation(request.request_id, i, (f_lo, f_hi), (c_lo, c_hi))
+                    )
+    return MonotonicityReport(n_checks, violations)
+
+
+@dataclass(frozen=True)
+class IRReport:
+    """Individual rationality under first-price PPC, from an impression log."""
+
+    n_impressions: int
+    n_overcharged: int
+    """Impressions whose payment per click exceeds the bid (must be 0 under first price)."""
+    n_truthful_advertisers: int
+    n_truthful_negative_utility: int
+    """Advertisers bidding at most their value whose expected utility is negative (must be 0)."""
+    min_truthful_utility: float
+
+    @property
+    def holds(self) -> bool:
+        return self.n_overcharged == 0 and self.n_truthful_negative_utility == 0
+
+
+def audit_individual_rationality(
+    impressions: pd.DataFrame, payment_per_click: np.ndarray | None = None, tolerance: float = 1e-9
+) -> IRReport:
+    """Check that no one pays above its bid and that bidding at most one's value never loses money.
+
+    `payment_per_click` defaults to the bid (first price); pass another rule's payments to audit it.
+    """
+    bids = impressions["bid"].to_numpy(float)
+    paid = bids if payment_per_click is None else np.asarray(payment_per_click, dtype=float)
+    utility = (impressions["value_per_click"].to_numpy(float) - paid) * impressions["expected_ctr"].to_numpy(
+        float
+    )
+    per_advertiser = (
+        impressions.assign(
+            utility=utility, overbid=bids > impressions["value_per_click"].to_numpy(float) + tolerance
+        )
+        .groupby("advertiser_id")
+        .agg(utility=("utility", "sum"), overbid=("overbid", "any"))
+    )
+    truthful = per_advertiser[~per_advertiser["overbid"]]
+    return IRReport(
+        n_impressions=len(impressions),
+        n_overcharged=int((paid > bids + tolerance).sum()),
+        n_truthful_advertisers=len(truthful),
+        n_truthful_negative_utility=int((truthful["utility"] < -tolerance).sum()),
+        min_truthful_utility=float(truthful["utility"].min()) if len(truthful) else 0.0,
+    )

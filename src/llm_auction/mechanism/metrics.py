@@ -1,0 +1,90 @@
+"""Auction metrics with bootstrap confidence intervals over requests.
+
+Per-request metrics (revenue, social welfare, ad load, fill rate, format-error rate) are means over
+requests; ITCTR is a ratio of sums (clicks / ad impressions), bootstrapped as a ratio. Requests are
+the resampling unit because the ads of one response interact (externalities).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+METRICS = ("revenue", "social_welfare", "itctr", "ad_load", "fill_rate", "format_error_rate")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A point estimate with its bootstrap interval; NaN where the metric is undefined."""
+
+    mean: float
+    ci: tuple[float, float]
+
+    def to_dict(self) -> dict[str, float | list[float] | None]:
+        def clean(x: float) -> float | None:
+            return None if math.isnan(x) else round(float(x), 6)
+
+        return {"mean": clean(self.mean), "ci": [clean(self.ci[0]), clean(self.ci[1])]}
+
+
+def bootstrap(
+    numerator: np.ndarray,
+    denominator: np.ndarray | None,
+    n_boot: int,
+    level: float,
+    rng: np.random.Generator,
+) -> Estimate:
+    """Percentile bootstrap of mean(numerator), or of sum(numerator) / sum(denominator)."""
+    numerator = np.asarray(numerator, dtype=float)
+    n = len(numerator)
+    if n == 0:
+        return Estimate(math.nan, (math.nan, math.nan))
+    den = np.ones(n) if denominator is None else np.asarray(denominator, dtype=float)
+    if den.sum() == 0:
+        return Estimate(math.nan, (math.nan, math.nan))
+    point = numerator.sum() / den.sum()
+    idx = rng.integers(0, n, size=(n_boot, n))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        samples = numerator[idx].sum(axis=1) / den[idx].sum(axis=1)
+    samples = samples[np.isfinite(samples)]
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(samples, [alpha, 1 - alpha])
+    return Estimate(float(point), (float(lo), float(hi)))
+
+
+def per_request_outcomes(requests: pd.DataFrame, impressions: pd.DataFrame, clicks: str) -> pd.DataFrame:
+    """Sum impressions up to one row per request: payments, welfare, clicks and ads shown."""
+    shown = impressions.assign(
+        payment=impressions["bid"] * impressions[clicks],
+        welfare=impressions["value_per_click"] * impressions[clicks],
+        clicks=impressions[clicks].astype(float),
+    )
+    sums = shown.groupby("request_id")[["payment", "welfare", "clicks"]].sum()
+    out = requests.set_index("request_id")[["n_ads", "n_format_errors"]].join(sums).fillna(0.0)
+    return out
+
+
+def auction_metrics(
+    requests: pd.DataFrame,
+    impressions: pd.DataFrame,
+    n_boot: int,
+    level: float,
+    rng: np.random.Generator,
+    clicks: str = "expected_ctr",
+) -> dict[str, Estimate]:
+    """All metrics of one rollout; `clicks` is `expected_ctr` (oracle) or `clicked` (realized)."""
+    per = per_request_outcomes(requests, impressions, clicks)
+    ads = per["n_ads"].to_numpy(float)
+    return {
+        "revenue": bootstrap(per["payment"].to_numpy(), None, n_boot, level, rng),
+        "social_welfare": bootstrap(per["welfare"].to_numpy(), None, n_boot, level, rng),
+        "itctr": bootstrap(per["clicks"].to_numpy(), ads, n_boot, level, rng),
+        "ad_load": bootstrap(ads, None, n_boot, level, rng),
+        "fill_rate": bootstrap((ads > 0).astype(float), None, n_boot, level, rng),
+        "format_error_rate": bootstrap(
+            (per["n_format_errors"].to_numpy() > 0).astype(float), None, n_boot, level, rng
+        ),
+    }

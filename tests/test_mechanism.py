@@ -1,0 +1,98 @@
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from llm_auction.baselines import make_baseline
+from llm_auction.contracts import AuctionRequest
+from llm_auction.mechanism.audits import audit_individual_rationality, audit_monotonicity
+from llm_auction.mechanism.grammar import render_response
+from llm_auction.mechanism.metrics import bootstrap
+from llm_auction.mechanism.payments import expected_payments, payment_per_click
+from llm_auction.simulator.experiment import Environment, evaluate_policy
+
+
+def test_first_price_pays_the_bid_per_click():
+    bids = np.array([1.5, 0.2])
+    assert np.array_equal(payment_per_click(bids), bids)
+    assert np.allclose(expected_payments(bids, np.array([0.1, 0.5])), [0.15, 0.1])
+
+
+def test_bootstrap_interval_covers_the_truth_and_ratios():
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 1.0, 2000)
+    est = bootstrap(x, None, 500, 0.95, rng)
+    assert est.ci[0] < 2.0 < est.ci[1]
+    assert est.ci[0] < est.mean < est.ci[1]
+    assert est.ci[1] - est.ci[0] == pytest.approx(2 * 1.96 / np.sqrt(2000), rel=0.2)
+    ratio = bootstrap(np.array([1.0, 0.0, 2.0]), np.array([2.0, 1.0, 2.0]), 200, 0.95, rng)
+    assert ratio.mean == pytest.approx(3.0 / 5.0)
+    assert np.isnan(bootstrap(np.zeros(3), np.zeros(3), 100, 0.95, rng).mean)
+
+
+@dataclass
+class LowestBidsWin:
+    """Deliberately non-monotone: the cheapest advertisers get the ads."""
+
+    name: str = "lowest_bids"
+
+    def allocate(self, requests: list[AuctionRequest], rng: np.random.Generator) -> list[str]:
+        return [
+            render_response(["Answer."], [(1, int(i)) for i in np.argsort(r.bids, kind="stable")[:2]])
+            for r in requests
+        ]
+
+
+def test_monotonicity_audit_passes_pre_generation_and_flags_a_non_monotone_rule(env: Environment):
+    requests = env.world.auction_requests(limit=25)
+    factors = env.settings.mechanism.monotonicity_factors
+    pre = make_baseline("pre_generation", env.settings, env.ground_truth)
+    report = audit_monotonicity(pre, requests, env.ground_truth, factors, max_ads=3)
+    assert report.n_checks == 25 * len(requests[0].ads) * (len(factors) - 1)
+    assert report.violations == []
+    bad = audit_monotonicity(LowestBidsWin(), requests, env.ground_truth, factors)
+    assert len(bad.violations) > 0
+    v = bad.violations[0]
+    assert v.clicks[1] < v.clicks[0] and v.factors[0] < v.factors[1]
+
+
+def test_monotonicity_audit_handles_sampled_rules(env: Environment):
+    requests = env.world.auction_requests(limit=10)
+    factors = env.settings.mechanism.monotonicity_factors
+    random_rule = make_baseline("random", env.settings, env.ground_truth)
+    report = audit_monotonicity(random_rule, requests, env.ground_truth, factors, n_samples=8, seed=1)
+    assert report.violations == []  # bid-blind: common random numbers give equal clicks at every level
+    oracle = make_baseline("oracle_greedy", env.settings, env.ground_truth)
+    assert audit_monotonicity(oracle, requests, env.ground_truth, factors, n_samples=2).violations == []
+
+
+def test_individual_rationality_holds_for_truthful_first_price(env: Environment):
+    requests = env.world.auction_requests(limit=200)
+    rollout, _ = evaluate_policy(
+        env, make_baseline("pre_generation", env.settings, env.ground_truth), requests, 0
+    )
+    report = audit_individual_rationality(rollout.impressions)
+    assert report.holds
+    assert report.n_truthful_advertisers > 0
+    assert report.min_truthful_utility == pytest.approx(0.0)
+    overcharge = rollout.impressions["bid"].to_numpy() * 1.1
+    flagged = audit_individual_rationality(rollout.impressions, payment_per_click=overcharge)
+    assert not flagged.holds
+    assert flagged.n_overcharged == len(rollout.impressions)
+    assert flagged.n_truthful_negative_utility > 0
+
+
+def test_ir_audit_exempts_overbidders():
+    impressions = pd.DataFrame(
+        {
+            "advertiser_id": ["a", "b"],
+            "bid": [2.0, 1.0],
+            "value_per_click": [1.0, 1.5],
+            "expected_ctr": [0.2, 0.2],
+        }
+    )
+    report = audit_individual_rationality(impressions)
+    assert report.holds  # a loses money only because it bid above its value
+    assert report.n_truthful_advertisers == 1
+    assert report.min_truthful_utility == pytest.approx(0.1)
