@@ -56,9 +56,6 @@ class AffineMaximizerOutcome:
     welfare: float
 
 
-# --------------------------------------------------------------------------- validation helpers
-
-
 def _as_finite_array(value: object, name: str) -> np.ndarray:
     """Convert to a float array and reject NaN/inf, so errors name the offending argument."""
     try:
@@ -126,9 +123,6 @@ def _check_policy(pi: object, m: int) -> np.ndarray:
     return arr
 
 
-# --------------------------------------------------------------------------- core (no validation)
-
-
 def _log_optimal_policy(
     log_pi_init: np.ndarray, rewards: np.ndarray, weights: np.ndarray, lam: float
 ) -> np.ndarray:
@@ -144,9 +138,6 @@ def _asw(pi: np.ndarray, pi_init: np.ndarray, rewards: np.ndarray, weights: np.n
     support = pi > 0.0
     kl = float(np.sum(pi[support] * (np.log(pi[support]) - np.log(pi_init[support]))))
     return value - lam * kl
-
-
-# --------------------------------------------------------------------------- public API
 
 
 def optimal_policy(pi_init: np.ndarray, rewards: np.ndarray, weights: np.ndarray, lam: float) -> np.ndarray:
