@@ -20,6 +20,7 @@ from rich.table import Table
 from llm_auction.baselines import BASELINES, make_baseline
 from llm_auction.config import ConfigError, Settings, describe_validation_error, load_config
 from llm_auction.contracts import Allocator, AuctionRequest
+from llm_auction.errors import JudgeError, UnsafeCheckpointError
 from llm_auction.mechanism.audits import audit_individual_rationality, audit_monotonicity
 from llm_auction.mechanism.metrics import METRICS, Estimate
 from llm_auction.simulator.base import UnknownEntityError
@@ -40,8 +41,10 @@ app = typer.Typer(
 )
 world_app = typer.Typer(help="The synthetic advertising world.", no_args_is_help=True)
 audit_app = typer.Typer(help="Incentive audits of an allocation rule.", no_args_is_help=True)
+policy_app = typer.Typer(help="The policy LLM: build pi_0, sample from a policy.", no_args_is_help=True)
 app.add_typer(world_app, name="world")
 app.add_typer(audit_app, name="audit")
+app.add_typer(policy_app, name="policy")
 
 # Wide enough for the metric table when the output is a file or a CI log (rich assumes 80 there).
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -263,7 +266,102 @@ def audit_ir_cmd(
         raise typer.Exit(1)
 
 
-USER_ERRORS = (ConfigError, InputError, UnknownEntityError, FileNotFoundError, ValidationError)
+@policy_app.command("init")
+def policy_init(
+    out: Annotated[Path, typer.Option("--out", help="Directory for pi_0 (safetensors + tokenizer).")],
+    seed: SeedOption = None,
+    world: WorldOption = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    sets: SetOption = None,
+) -> None:
+    """Tokenizer + base model + SFT on bid-blind imitation responses -> pi_0."""
+    from llm_auction.policy.warm_start import init_policy
+
+    settings = _settings(config, profile, sets, seed)
+    card = init_policy(build_environment(settings, world), out)
+    held, sft = card["held_out"], card["sft"]
+    table = Table(title=f"pi_0 -> {out}", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    rows = [
+        ("parameters", f"{card['parameters']:,}"),
+        ("vocabulary", f"{card['vocab_size']:,}"),
+        ("SFT requests / steps", f"{sft['requests']:,} / {sft['steps']:,}"),
+        ("SFT seconds", f"{sft['seconds']:.1f}"),
+        ("SFT loss first -> last", f"{sft['first_loss']:.3f} -> {sft['last_loss']:.3f}"),
+        ("held-out requests", f"{held['requests']:,}"),
+        ("held-out well-formed rate", f"{held['well_formed_rate']:.3f}"),
+        ("held-out ads per response", f"{held['mean_ads']:.2f}"),
+        ("held-out format errors", json.dumps(held["format_errors"])),
+        ("bid-selection correlation (0 = bid-blind)", f"{held['bid_selection_corr']:+.3f}"),
+        ("selected / candidate mean bid (1 = bid-blind)", f"{held['selected_bid_ratio']:.3f}"),
+    ]
+    for what, value in rows:
+        table.add_row(what, value)
+    console.print(table)
+
+
+@policy_app.command("sample")
+def policy_sample(
+    model: Annotated[Path, typer.Option("--model", help="A policy directory (safetensors).")],
+    requests: RequestsOption = 64,
+    m: Annotated[int, typer.Option("--m", min=1, max=64, help="Responses per prompt.")] = 4,
+    json_path: JsonOption = None,
+    seed: SeedOption = None,
+    world: WorldOption = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    sets: SetOption = None,
+) -> None:
+    """Sample M responses for each of N held-out requests and report their format."""
+    import time
+
+    from llm_auction.mechanism.diagnostics import format_report
+    from llm_auction.policy.allocator import prompts_for
+    from llm_auction.policy.generation import make_generator
+    from llm_auction.simulator.experiment import split_requests, user_profiles
+
+    settings = _settings(config, profile, sets, seed)
+    env = build_environment(settings, world)
+    _, held_out = split_requests(env)
+    if requests > len(held_out):
+        raise InputError(f"requests: {requests} exceeds the {len(held_out)} held-out requests")
+    batch = held_out[:requests]
+    generator = make_generator(settings.policy.generation, model)
+    start = time.perf_counter()
+    samples = generator.generate(prompts_for(batch, user_profiles(env.world)), m, settings.seed)
+    seconds = time.perf_counter() - start
+    flat_requests = [r for r in batch for _ in range(m)]
+    report = format_report(flat_requests, [s for group in samples for s in group], settings.mechanism.max_ads)
+    console.print(
+        f"{requests} prompts x {m} samples in {seconds:.2f}s ({requests * m / seconds:.1f} responses/s); "
+        f"well-formed {report['well_formed_rate']:.3f}, {report['mean_ads']:.2f} ads per response, "
+        f"errors {report['format_errors']}"
+    )
+    if json_path is not None:
+        _write_json(
+            json_path,
+            {
+                "model": str(model),
+                "m": m,
+                "seed": settings.seed,
+                "seconds": seconds,
+                **report,
+                "samples": [{"request_id": r.request_id, "responses": s} for r, s in zip(batch, samples)],
+            },
+        )
+
+
+USER_ERRORS = (
+    ConfigError,
+    InputError,
+    UnknownEntityError,
+    FileNotFoundError,
+    ValidationError,
+    UnsafeCheckpointError,
+    JudgeError,
+)
 
 
 def main() -> None:

@@ -129,6 +129,90 @@ class BaselineConfig(_Section):
     organic_sentences: int = Field(3, ge=1, le=8, description="Organic sentences per answer.")
 
 
+class PolicyModelConfig(_Section):
+    """The tiny causal LM of the `local` profile (a Llama architecture, so vLLM serves it too)."""
+
+    vocab_size: int = Field(1024, ge=300, description="BPE vocabulary trained on the world's text.")
+    hidden_size: int = Field(128, ge=8, description="Width; more: capacity, slower DPO.")
+    intermediate_size: int = Field(256, ge=8, description="MLP width.")
+    num_layers: int = Field(2, ge=1, description="Transformer blocks.")
+    num_heads: int = Field(4, ge=1, description="Attention heads (must divide hidden_size).")
+    max_length: int = Field(512, ge=64, description="Longest prompt + response in tokens.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> PolicyModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError("num_heads must divide hidden_size")
+        return self
+
+
+class WarmStartConfig(_Section):
+    """SFT of pi_0 on bid-blind, relevance-driven responses (a plain LLM's habits)."""
+
+    n_requests: int = Field(
+        3000, ge=1, description="Most training requests, from the stream's start (never the held-out ones)."
+    )
+    epochs: float = Field(5.0, gt=0, description="Passes over the SFT set; fewer: more malformed responses.")
+    learning_rate: float = Field(3e-3, gt=0, description="AdamW learning rate.")
+    batch_size: int = Field(32, ge=1, description="Sequences per optimiser step.")
+    ad_count_probs: tuple[float, ...] = Field(
+        (0.15, 0.35, 0.35, 0.15), description="Probability of inserting 0, 1, 2, ... ads."
+    )
+    relevance_noise: float = Field(0.6, ge=0, description="Gumbel noise scale on text relevance.")
+
+    @field_validator("ad_count_probs")
+    @classmethod
+    def _distribution(cls, probs: tuple[float, ...]) -> tuple[float, ...]:
+        if not probs or any(p < 0 for p in probs) or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
+            raise ValueError("must be non-negative probabilities summing to 1")
+        return probs
+
+
+class GenerationConfig(_Section):
+    """How responses are sampled from the policy."""
+
+    backend: Literal["transformers", "vllm"] = Field("transformers", description="Generation engine.")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature; 1 samples the policy itself.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass; 1 keeps the full policy.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest response in tokens.")
+    batch_size: int = Field(64, ge=1, description="Prompts per generate call (transformers backend).")
+
+
+class LoRAConfig(_Section):
+    """PEFT LoRA adapters trained by DPO each epoch."""
+
+    r: int = Field(8, ge=1, description="Rank; higher: more capacity, more memory.")
+    alpha: int = Field(16, ge=1, description="Scale alpha / r of the update.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: tuple[str, ...] = Field(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        description="Linear layers that get adapters.",
+    )
+
+
+class PolicyConfig(_Section):
+    """The policy LLM: which model, how pi_0 is made, how it samples."""
+
+    base_model_dir: Path | None = Field(
+        None, description="A Hugging Face causal LM directory (cluster); None builds the tiny local model."
+    )
+    model: PolicyModelConfig = PolicyModelConfig()
+    warm_start: WarmStartConfig = WarmStartConfig()
+    generation: GenerationConfig = GenerationConfig()
+    lora: LoRAConfig = LoRAConfig()
+    held_out_requests: int = Field(500, ge=1, description="Requests at the stream's end kept for evaluation.")
+
+
+class TrackingConfig(_Section):
+    """MLflow tracking; `uri: null` logs nothing."""
+
+    uri: str | None = Field(None, description="MLflow tracking URI (sqlite:///..., http://...).")
+    experiment: str = Field("llm-auction", min_length=1, description="MLflow experiment name.")
+    artifact_location: str | None = Field(
+        None, description="Where a new experiment stores artifacts (a folder or s3://...)."
+    )
+
+
 class Settings(BaseModel):
     """The whole configuration; `load_config` builds it from a profile, a file and the env."""
 
@@ -142,6 +226,8 @@ class Settings(BaseModel):
     llm_judge: LLMJudgeConfig = LLMJudgeConfig()
     mechanism: MechanismConfig = MechanismConfig()
     baselines: BaselineConfig = BaselineConfig()
+    policy: PolicyConfig = PolicyConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

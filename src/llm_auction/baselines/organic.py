@@ -19,6 +19,21 @@ def topic_of(query: str) -> catalog.Topic | None:
     return None
 
 
+def text_relevance(query_topic: catalog.Topic | None, ad_text: str) -> float:
+    """How well an ad's words match the query's topic: 1 same topic, 0.5 same category, else 0.
+
+    A reader's judgement from public text, not the simulator's hidden ground truth.
+    """
+    if query_topic is None:
+        return 0.0
+    text = ad_text.lower()
+    if any(product in text for product in query_topic.products):
+        return 1.0
+    category = next(c for c in catalog.CATEGORIES if query_topic in c.topics)
+    siblings = (p for t in category.topics if t is not query_topic for p in t.products)
+    return 0.5 if any(product in text for product in siblings) else 0.0
+
+
 def organic_answer(query: str, n_sentences: int, rng: np.random.Generator) -> list[str]:
     """An answer of `n_sentences` sentences: an opener, then tips on the query's topic."""
     topic = topic_of(query)

@@ -45,8 +45,7 @@ def build_environment(settings: Settings, world_dir: Path | None = None) -> Envi
     if settings.click_model.kind == "llm_judge":
         from llm_auction.simulator.llm_judge import LLMJudgeClickModel
 
-        profiles = dict(zip(world.users["user_id"], world.users["profile_text"]))
-        click_model = LLMJudgeClickModel(settings.llm_judge, profiles)
+        click_model = LLMJudgeClickModel(settings.llm_judge, user_profiles(world))
     return Environment(settings, world, ground_truth, click_model)
 
 
@@ -85,3 +84,18 @@ def evaluate_policy(
         result.requests, result.impressions, m.bootstrap_samples, m.ci_level, np.random.default_rng([seed, 2])
     )
     return result, metrics
+
+
+def split_requests(env: Environment) -> tuple[list[AuctionRequest], list[AuctionRequest]]:
+    """Training requests from the stream's start and held-out ones from its end, never overlapping."""
+    total = len(env.world.requests)
+    policy = env.settings.policy
+    held_out = policy.held_out_requests
+    if held_out >= total:
+        raise InputError(f"policy.held_out_requests: {held_out} leaves no training requests of the {total}")
+    n_train = min(policy.warm_start.n_requests, total - held_out)
+    return env.world.auction_requests(limit=n_train), env.world.auction_requests(offset=total - held_out)
+
+
+def user_profiles(world: World) -> dict[str, str]:
+    return dict(zip(world.users["user_id"], world.users["profile_text"]))

@@ -32,6 +32,7 @@ import openai
 
 from llm_auction.config import LLMJudgeConfig
 from llm_auction.contracts import AuctionRequest
+from llm_auction.errors import JudgeError
 from llm_auction.mechanism.grammar import MARKER_LIKE, VALID_MARKER
 from llm_auction.simulator.base import UnknownEntityError
 
@@ -77,10 +78,6 @@ AD_TEMPLATE = "[Ad: {text}]"
 _RUNS_OF_BLANKS = re.compile(r"[ \t]{2,}")
 _FENCE = re.compile(r"^```[A-Za-z0-9_-]*\s*\n?(.*?)\n?\s*```$", re.DOTALL)
 _EXCERPT_CHARS = 200
-
-
-class JudgeError(RuntimeError):
-    """The judge endpoint failed or replied with something that is not a valid judgment."""
 
 
 def _excerpt(text: str | None, limit: int = _EXCERPT_CHARS) -> str:

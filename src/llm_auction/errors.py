@@ -1,0 +1,9 @@
+"""Errors a user can cause or fix, importable without the heavy libraries (the CLI catches these)."""
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint that could run arbitrary code when loaded (pickle) was refused."""
+
+
+class JudgeError(RuntimeError):
+    """The judge endpoint failed or replied with something that is not a valid judgment."""

@@ -1,0 +1,1 @@
+"""The policy LLM: prompt and response format, model and tokenizer, warm start, generation."""

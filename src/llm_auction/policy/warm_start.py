@@ -1,0 +1,168 @@
+"""pi_0: a tokenizer, a tiny base model and SFT on what a plain pre-trained LLM would write.
+
+The SFT responses are well-formed organic answers with 0-3 ads chosen for textual relevance with
+noise and never for their bids: the distribution shift LLM-Auction starts from, well-formed but far
+from revenue-optimal. IRPO has to teach the policy what bids are for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from trl import SFTConfig, SFTTrainer
+
+from llm_auction.baselines.organic import organic_answer, text_relevance, topic_of
+from llm_auction.config import Settings, WarmStartConfig
+from llm_auction.contracts import AuctionRequest
+from llm_auction.mechanism.diagnostics import bid_sensitivity, format_report
+from llm_auction.mechanism.grammar import render_response
+from llm_auction.policy.allocator import LLMPolicy, prompts_for
+from llm_auction.policy.generation import TransformersGenerator
+from llm_auction.policy.model import build_model, count_parameters, load_policy, save_policy
+from llm_auction.policy.tokenizer import train_tokenizer
+from llm_auction.simulator.experiment import Environment, split_requests, user_profiles
+from llm_auction.tracking.runs import tracked_run
+
+logger = logging.getLogger(__name__)
+
+
+def imitation_response(
+    request: AuctionRequest, cfg: WarmStartConfig, n_sentences: int, max_ads: int, rng: np.random.Generator
+) -> str:
+    """An answer a plain LLM might write: organic text, ads picked by relevance plus noise, bid-blind.
+
+    The chosen ads sit together after one random sentence, in the order the prompt lists them, as
+    a plain model's "sponsored" aside would: a tiny model learns that layout without repeating a
+    marker. Which ads, how many, in what order and where is what IRPO changes later.
+    """
+    sentences = organic_answer(request.query, n_sentences, rng)
+    topic = topic_of(request.query)
+    relevance = np.array([text_relevance(topic, ad.text) for ad in request.ads])
+    n_ads = min(int(rng.choice(len(cfg.ad_count_probs), p=cfg.ad_count_probs)), len(request.ads), max_ads)
+    if request.max_ads is not None:
+        n_ads = min(n_ads, request.max_ads)
+    scores = relevance + cfg.relevance_noise * rng.gumbel(size=len(relevance))
+    chosen = sorted(int(i) for i in np.argsort(-scores, kind="stable")[:n_ads])
+    slot = int(rng.integers(1, len(sentences) + 1))
+    return render_response(sentences, [(slot, i) for i in chosen])
+
+
+def sft_dataset(prompts: Sequence[str], responses: Sequence[str]) -> Dataset:
+    """TRL's prompt-completion format: the loss falls on the completion only."""
+    return Dataset.from_dict({"prompt": list(prompts), "completion": [" " + r for r in responses]})
+
+
+def train_sft(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    settings: Settings,
+    output_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Supervised fine-tuning with TRL's SFTTrainer; returns the training summary."""
+    cfg = settings.policy.warm_start
+    with tempfile.TemporaryDirectory() as scratch:
+        args = SFTConfig(
+            output_dir=str(output_dir or scratch),
+            num_train_epochs=cfg.epochs,
+            per_device_train_batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=0.05,
+            weight_decay=0.0,
+            max_length=settings.policy.model.max_length,
+            logging_steps=10,
+            save_strategy="no",
+            report_to=[],
+            bf16=False,
+            gradient_checkpointing=False,
+            seed=settings.seed,
+            data_seed=settings.seed,
+            dataloader_num_workers=0,
+            dataloader_pin_memory=torch.cuda.is_available(),
+        )
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        start = time.perf_counter()
+        result = trainer.train()
+        seconds = time.perf_counter() - start
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {
+        "steps": int(result.global_step),
+        "seconds": seconds,
+        "train_loss": float(result.training_loss),
+        "first_loss": float(losses[0]) if losses else float("nan"),
+        "last_loss": float(losses[-1]) if losses else float("nan"),
+    }
+
+
+def init_policy(env: Environment, out_dir: Path, n_eval: int | None = None) -> dict[str, Any]:
+    """Tokenizer + base model + SFT -> pi_0 in `out_dir`; returns its card (also saved beside it).
+
+    With `policy.base_model_dir` set (cluster), that model and its tokenizer are fine-tuned instead
+    of building the tiny local one.
+    """
+    settings = env.settings
+    policy_cfg = settings.policy
+    train, held_out = split_requests(env)
+    profiles = user_profiles(env.world)
+    rng = np.random.default_rng([settings.seed, 3])
+    max_ads, n_sentences = settings.mechanism.max_ads, settings.baselines.organic_sentences
+    responses = [imitation_response(r, policy_cfg.warm_start, n_sentences, max_ads, rng) for r in train]
+    prompts = prompts_for(train, profiles)
+    if policy_cfg.base_model_dir is not None:
+        model, tokenizer = load_policy(policy_cfg.base_model_dir)
+    else:
+        tokenizer = train_tokenizer([*prompts, *responses], policy_cfg.model.vocab_size)
+        model = build_model(policy_cfg.model, tokenizer, settings.seed)
+    logger.info("SFT of pi_0: %d requests, %d parameters", len(train), count_parameters(model))
+    sft = train_sft(model, tokenizer, sft_dataset(prompts, responses), settings)
+    model.eval()
+
+    evaluated = held_out[: n_eval or len(held_out)]
+    policy = LLMPolicy(TransformersGenerator(model, tokenizer, policy_cfg.generation), profiles, name="pi_0")
+    start = time.perf_counter()
+    samples = policy.allocate(evaluated, np.random.default_rng([settings.seed, 4]))
+    sample_seconds = time.perf_counter() - start
+    card = {
+        "policy": "pi_0",
+        "parameters": count_parameters(model),
+        "vocab_size": len(tokenizer),
+        "base_model_dir": str(policy_cfg.base_model_dir) if policy_cfg.base_model_dir else None,
+        "sft": {**sft, "requests": len(train)},
+        "held_out": {
+            "requests": len(evaluated),
+            "sample_seconds": sample_seconds,
+            **format_report(evaluated, samples, max_ads),
+            **bid_sensitivity(evaluated, samples),
+        },
+        "training_data": {**format_report(train, responses, max_ads), **bid_sensitivity(train, responses)},
+        "seed": settings.seed,
+    }
+    save_policy(model, tokenizer, out_dir, card)
+    with tracked_run(settings.tracking, "policy-init", {"llm_auction.step": "policy_init"}) as run:
+        if run is not None:
+            run.log_params(
+                {"seed": settings.seed, **policy_cfg.model.model_dump(), **policy_cfg.warm_start.model_dump()}
+            )
+            run.log_metrics(
+                {
+                    "sft_train_loss": sft["train_loss"],
+                    "heldout_well_formed_rate": card["held_out"]["well_formed_rate"],
+                    "heldout_bid_selection_corr": card["held_out"]["bid_selection_corr"],
+                    "heldout_mean_ads": card["held_out"]["mean_ads"],
+                }
+            )
+            run.log_artifacts(out_dir, "policy")
+            card["mlflow_run_id"] = run.run_id
+            (out_dir / "policy_card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
+    return card

@@ -1,0 +1,82 @@
+"""MLflow runs through an explicit client (no process-global tracking state)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llm_auction.config import TrackingConfig
+
+logger = logging.getLogger(__name__)
+
+
+def _prepare_local_store(uri: str) -> None:
+    """Sqlite needs its folder to exist before MLflow opens the file."""
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+
+@dataclass
+class TrackedRun:
+    """One MLflow run; every call goes to the same tracking server through `client`."""
+
+    client: Any
+    run_id: str
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        for key, value in params.items():
+            self.client.log_param(self.run_id, key, str(value)[:6000])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        for key, value in metrics.items():
+            if value is not None and math.isfinite(float(value)):
+                self.client.log_metric(self.run_id, key, float(value), step=step or 0)
+
+    def log_artifacts(self, directory: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+
+@contextmanager
+def tracked_run(
+    cfg: TrackingConfig,
+    run_name: str,
+    tags: Mapping[str, Any] | None = None,
+    parent_run_id: str | None = None,
+) -> Iterator[TrackedRun | None]:
+    """An MLflow run that ends FINISHED, or FAILED when the body raises; None when tracking is off."""
+    if cfg.uri is None:
+        yield None
+        return
+    from mlflow.tracking import MlflowClient
+
+    _prepare_local_store(cfg.uri)
+    client = MlflowClient(tracking_uri=cfg.uri)
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    if experiment is None:
+        location = cfg.artifact_location
+        if location and "://" not in location:
+            location = Path(location).resolve().as_uri()
+        experiment_id = client.create_experiment(cfg.experiment, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    all_tags = {k: str(v) for k, v in (tags or {}).items()}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    tracked = TrackedRun(client, run.info.run_id)
+    try:
+        yield tracked
+    except BaseException:
+        client.set_terminated(run.info.run_id, status="FAILED")
+        raise
+    client.set_terminated(run.info.run_id, status="FINISHED")
+    logger.info("MLflow run %s (%s) finished at %s", run.info.run_id, run_name, cfg.uri)

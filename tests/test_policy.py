@@ -1,0 +1,241 @@
+"""The policy LLM: tokenizer, model files, pi_0's warm start, sampling and LoRA adapters."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llm_auction.config import load_config
+from llm_auction.errors import UnsafeCheckpointError
+from llm_auction.mechanism.diagnostics import bid_sensitivity, format_report
+from llm_auction.mechanism.grammar import marker, parse_response
+from llm_auction.policy.allocator import LLMPolicy, prompts_for
+from llm_auction.policy.generation import TransformersGenerator, VLLMGenerator
+from llm_auction.policy.lora import attach_lora, load_adapter, merge_adapter, save_adapter
+from llm_auction.policy.model import load_policy
+from llm_auction.policy.prompt import build_prompt
+from llm_auction.policy.tokenizer import train_tokenizer
+from llm_auction.policy.warm_start import imitation_response
+from llm_auction.simulator.experiment import Environment, split_requests, user_profiles
+
+
+def test_prompt_holds_profile_query_and_numbered_ads_with_bids(env: Environment):
+    request = env.world.auction_requests(limit=1)[0]
+    prompt = build_prompt(request, "likes travel")
+    assert prompt.startswith("profile: likes travel\nquery: " + request.query)
+    for k, ad in enumerate(request.ads, start=1):
+        assert f"[AD {k}] {ad.text} | bid {ad.bid:.2f}" in prompt
+    assert prompt.endswith("answer:")
+
+
+def test_tokenizer_round_trips_and_markers_are_single_tokens():
+    texts = [
+        "profile: likes travel\nquery: best cheap flights\nanswer:",
+        "Here is what helps. [AD 2] Book early.",
+    ]
+    tokenizer = train_tokenizer(texts * 20, vocab_size=400)
+    sample = "answer: Good question 12.50 [AD 3] zebra \u00e9t\u00e9 [AD 64]"
+    ids = tokenizer(sample)["input_ids"]
+    # byte-level: exact, except that the space before a marker is part of the marker token
+    assert tokenizer.decode(ids) == sample.replace(" [AD", "[AD")
+    assert parse_response(tokenizer.decode(ids), 64).allocation == (2, 63)
+    for k in (1, 17, 64):
+        assert len(tokenizer(marker(k), add_special_tokens=False)["input_ids"]) == 1
+    assert "1" in tokenizer.convert_ids_to_tokens(tokenizer("12")["input_ids"])
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id and tokenizer.padding_side == "left"
+
+
+def test_imitation_responses_are_well_formed_and_bid_blind(env: Environment):
+    train, _ = split_requests(env)
+    rng = np.random.default_rng(0)
+    cfg = env.settings.policy.warm_start
+    responses = [imitation_response(r, cfg, 3, 3, rng) for r in train[:400]]
+    report = format_report(train[:400], responses, 3)
+    assert report["well_formed_rate"] == 1.0
+    assert 0.8 < report["mean_ads"] < 2.2
+    # the same requests with every bid reversed get the same ads: the choice never reads bids
+    flipped = [
+        r.model_copy(
+            update={"ads": tuple(a.model_copy(update={"bid": b}) for a, b in zip(r.ads, reversed(r.bids)))}
+        )
+        for r in train[:400]
+    ]
+    again = [imitation_response(r, cfg, 3, 3, np.random.default_rng(0)) for r in flipped[:1]]
+    assert again[0] == imitation_response(train[0], cfg, 3, 3, np.random.default_rng(0))
+    assert abs(bid_sensitivity(train[:400], responses)["bid_selection_corr"]) < 0.1
+
+
+def test_pi0_is_well_formed_on_held_out_requests_and_bid_blind(pi0: tuple[Path, dict]):
+    directory, card = pi0
+    held = card["held_out"]
+    assert held["requests"] >= 200
+    assert held["well_formed_rate"] >= 0.95, held
+    assert abs(held["bid_selection_corr"]) < 0.15, held
+    assert 0.5 < held["mean_ads"] < 3.0
+    assert card["sft"]["last_loss"] < card["sft"]["first_loss"] / 3
+    assert json.loads((directory / "policy_card.json").read_text())["parameters"] == card["parameters"]
+    assert (directory / "model.safetensors").is_file() and (directory / "tokenizer.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def loaded(pi0):
+    return load_policy(pi0[0])
+
+
+def test_sampling_is_seeded_and_batched(loaded, policy_env: Environment):
+    env = policy_env
+    model, tokenizer = loaded
+    _, held_out = split_requests(env)
+    prompts = prompts_for(held_out[:256], user_profiles(env.world))
+    generator = TransformersGenerator(model, tokenizer, env.settings.policy.generation)
+    first = generator.generate(prompts, n=4, seed=11)
+    assert len(first) == 256 and all(len(group) == 4 for group in first)
+    assert generator.generate(prompts[:64], n=4, seed=11) == first[:64]
+    assert generator.generate(prompts[:64], n=4, seed=12) != first[:64]
+    flat = [s for group in first for s in group]
+    assert format_report([r for r in held_out[:256] for _ in range(4)], flat, 3)["well_formed_rate"] >= 0.9
+    assert len({s for group in first for s in group}) > 256  # samples differ within a prompt
+
+
+def test_policy_is_an_allocator(loaded, policy_env: Environment):
+    env = policy_env
+    model, tokenizer = loaded
+    policy = LLMPolicy(
+        TransformersGenerator(model, tokenizer, env.settings.policy.generation), user_profiles(env.world)
+    )
+    _, held_out = split_requests(env)
+    responses = policy.allocate(held_out[:8], np.random.default_rng(0))
+    assert responses == policy.allocate(held_out[:8], np.random.default_rng(0))
+    assert all(isinstance(parse_response(r, 6).allocation, tuple) for r in responses)
+
+
+def test_pickle_checkpoints_are_refused(tmp_path: Path, loaded):
+    model, _ = loaded
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(UnsafeCheckpointError, match="refusing pickle"):
+        load_policy(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UnsafeCheckpointError, match="no \\*.safetensors"):
+        load_policy(empty)
+
+
+def test_lora_save_load_merge_preserve_the_function(tmp_path: Path, pi0, env: Environment):
+    base, tokenizer = load_policy(pi0[0])
+    peft_model = attach_lora(base, env.settings.policy.lora)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    inputs = tokenizer(["profile: x\nquery: best running shoes\nanswer:"], return_tensors="pt")
+    with torch.no_grad():
+        adapted = peft_model(**inputs).logits
+    save_adapter(peft_model, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    reloaded = load_adapter(load_policy(pi0[0])[0], tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**inputs).logits, adapted, atol=1e-5)
+        merged = merge_adapter(reloaded)
+        assert torch.allclose(merged(**inputs).logits, adapted, atol=1e-4)
+        plain = load_policy(pi0[0])[0](**inputs).logits
+    assert not torch.allclose(plain, adapted, atol=1e-3)
+
+
+def test_vllm_backend(pi0, policy_env: Environment):
+    env = policy_env
+    pytest.importorskip("vllm", reason="vllm is a GPU-only extra (pip install '.[gpu]')")
+    if not torch.cuda.is_available():
+        pytest.skip("vLLM needs a CUDA GPU")
+    generator = VLLMGenerator(pi0[0], env.settings.policy.generation)
+    _, held_out = split_requests(env)
+    samples = generator.generate(prompts_for(held_out[:16], user_profiles(env.world)), n=4, seed=1)
+    assert len(samples) == 16 and all(len(s) == 4 for s in samples)
+
+
+def test_vllm_backend_without_vllm_says_what_to_do(tmp_path: Path):
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="backend=transformers"):
+            VLLMGenerator(tmp_path, load_config(environ={}).policy.generation)
+    else:
+        pytest.skip("vllm is installed here")
+
+
+def test_policy_cli_init_logs_to_mlflow_and_sample_writes_json(tmp_path: Path, pi0):
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    cli = str(Path(sys.executable).parent / "llm-auction")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    small = [
+        "--set",
+        "world.n_requests=500",
+        "--set",
+        "policy.held_out_requests=60",
+        "--set",
+        "policy.warm_start.epochs=1",
+        "--set",
+        f"tracking.uri={uri}",
+        "--set",
+        f"tracking.artifact_location={tmp_path}/artifacts",
+    ]
+    result = subprocess.run(
+        [cli, "policy", "init", "--out", str(tmp_path / "p"), *small],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "held-out well-formed rate" in result.stdout and "bid-selection correlation" in result.stdout
+    card = json.loads((tmp_path / "p" / "policy_card.json").read_text())
+    run = MlflowClient(tracking_uri=uri).get_run(card["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["heldout_well_formed_rate"] == pytest.approx(card["held_out"]["well_formed_rate"])
+    assert run.data.params["hidden_size"] == "128"
+    artifacts = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(run.info.run_id, "policy")}
+    assert "policy/model.safetensors" in artifacts and "policy/tokenizer.json" in artifacts
+
+    out = tmp_path / "samples.json"
+    sets = ["--set", "world.n_requests=2600", "--set", "policy.held_out_requests=300"]
+    result = subprocess.run(
+        [
+            cli,
+            "policy",
+            "sample",
+            "--model",
+            str(pi0[0]),
+            "--requests",
+            "8",
+            "--m",
+            "3",
+            "--json",
+            str(out),
+            "--seed",
+            "7",
+            *sets,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    payload = json.loads(out.read_text())
+    assert payload["m"] == 3 and len(payload["samples"]) == 8
+    assert all(len(s["responses"]) == 3 for s in payload["samples"])
+    assert 0.0 <= payload["well_formed_rate"] <= 1.0
+
+    torch.save({}, tmp_path / "pytorch_model.bin")
+    result = subprocess.run(
+        [cli, "policy", "sample", "--model", str(tmp_path), "--requests", "2", *sets],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "refusing pickle" in result.stderr and "Traceback" not in result.stderr
