@@ -239,3 +239,26 @@ def test_policy_cli_init_logs_to_mlflow_and_sample_writes_json(tmp_path: Path, p
         timeout=300,
     )
     assert result.returncode == 2 and "refusing pickle" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_init_fine_tunes_a_model_directory_when_one_is_configured(tmp_path: Path, pi0):
+    """The cluster path: any causal LM directory with its own tokenizer is the starting point."""
+    from llm_auction.policy.warm_start import init_policy
+    from llm_auction.simulator.experiment import build_environment
+
+    settings = load_config(
+        environ={},
+        overrides={
+            "world": {"n_requests": 400},
+            "policy": {
+                "base_model_dir": str(pi0[0]),
+                "held_out_requests": 40,
+                "warm_start": {"n_requests": 64, "epochs": 1},
+            },
+            "tracking": {"uri": None},
+        },
+    )
+    card = init_policy(build_environment(settings), tmp_path / "tuned")
+    assert card["base_model_dir"] == str(pi0[0])
+    assert card["vocab_size"] == pi0[1]["vocab_size"] and card["parameters"] == pi0[1]["parameters"]
+    assert card["sft"]["steps"] == 2
