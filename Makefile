@@ -5,8 +5,11 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/local
+OVERLAY ?= dev
+IMAGE_REGISTRY ?= ghcr.io/llm-auction
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
 
-.PHONY: setup run test test-fast lint bench clean
+.PHONY: setup run test test-fast lint bench images deploy clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,11 +31,17 @@ test-fast: $(STAMP) ## the test suite without the slow end-to-end tests
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 bench: $(STAMP) ## performance tables (measured side by side in one run)
 	$(BIN)/python -m benchmarks.run
+
+images: ## build the container images (needs a running Docker daemon; fails clearly without one)
+	IMAGE_REGISTRY=$(IMAGE_REGISTRY) IMAGE_TAG=$(IMAGE_TAG) bash infra/build-images.sh
+
+deploy: $(STAMP) ## validate deploy/overlays/$(OVERLAY) offline, create its Secrets, apply it with kubectl
+	VENV_PYTHON=$(BIN)/python bash infra/deploy.sh $(OVERLAY)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
