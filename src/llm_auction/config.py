@@ -203,6 +203,21 @@ class PolicyConfig(_Section):
     held_out_requests: int = Field(500, ge=1, description="Requests at the stream's end kept for evaluation.")
 
 
+class FeaturesConfig(_Section):
+    """The Feast feature store: where it lives and how feedback statistics are computed."""
+
+    repo_dir: Path = Field(Path("feature_repo"), description="The Feast repository (definitions).")
+    data_dir: str = Field("data/features", description="Offline store: a folder or s3:// prefix (parquet).")
+    registry_uri: str | None = Field(
+        None, description="SQL registry URI (cluster: postgresql+psycopg://...); None: a file registry."
+    )
+    redis_url: str | None = Field(None, description="Redis online store (host:port); None: sqlite.")
+    quarantine_dir: Path = Field(Path("data/quarantine"), description="Rejected feedback rows, with reasons.")
+    stats_windows_days: tuple[int, ...] = Field((1, 7), description="Click-history windows in days.")
+    ctr_prior_clicks: float = Field(1.0, ge=0, description="Smoothing: prior clicks added to every CTR.")
+    ctr_prior_impressions: float = Field(20.0, gt=0, description="Smoothing: prior impressions.")
+
+
 class TrackingConfig(_Section):
     """MLflow tracking; `uri: null` logs nothing."""
 
@@ -227,6 +242,7 @@ class Settings(BaseModel):
     mechanism: MechanismConfig = MechanismConfig()
     baselines: BaselineConfig = BaselineConfig()
     policy: PolicyConfig = PolicyConfig()
+    features: FeaturesConfig = FeaturesConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")

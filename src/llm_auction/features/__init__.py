@@ -1,0 +1,1 @@
+"""Feast feature store: feedback ingest, point-in-time training sets, online profiles."""
