@@ -218,6 +218,31 @@ class FeaturesConfig(_Section):
     ctr_prior_impressions: float = Field(20.0, gt=0, description="Smoothing: prior impressions.")
 
 
+class PCTRConfig(_Section):
+    """The pCTR reward model psi (Eq. 3) and its BCE training (Eq. 4)."""
+
+    text_dim: int = Field(32, ge=1, description="Projection of the 384-d text embeddings.")
+    id_dim: int = Field(16, ge=1, description="Learnable user and ad embeddings e_h, e_a.")
+    hidden: tuple[int, ...] = Field((64,), description="MLP widths; more: capacity, overfitting.")
+    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout between MLP layers.")
+    max_position: int = Field(8, ge=1, description="Positions with their own embedding; later ones share.")
+    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    batch_size: int = Field(256, ge=1, description="Impressions per step.")
+    max_epochs: int = Field(40, ge=1, description="Upper bound on passes over the training split.")
+    patience: int = Field(4, ge=1, description="Epochs without validation improvement before stopping.")
+    validation_fraction: float = Field(0.15, gt=0, lt=0.5, description="Requests held for early stopping.")
+    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Requests held for the reported metrics.")
+    calibration_bins: int = Field(10, ge=2, description="Bins of the expected calibration error.")
+    registered_model: str = Field("llm-auction-pctr", description="MLflow registered model name.")
+
+
+class RewardConfig(_Section):
+    """The reward R (Eq. 5) and its optional page-level term (PageLLM)."""
+
+    lambda_page: float = Field(0.0, ge=0, description="Weight of the page-level term; 0 turns it off.")
+
+
 class TrackingConfig(_Section):
     """MLflow tracking; `uri: null` logs nothing."""
 
@@ -243,6 +268,8 @@ class Settings(BaseModel):
     baselines: BaselineConfig = BaselineConfig()
     policy: PolicyConfig = PolicyConfig()
     features: FeaturesConfig = FeaturesConfig()
+    pctr: PCTRConfig = PCTRConfig()
+    reward: RewardConfig = RewardConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")

@@ -34,6 +34,24 @@ def text_relevance(query_topic: catalog.Topic | None, ad_text: str) -> float:
     return 0.5 if any(product in text for product in siblings) else 0.0
 
 
+def profile_match(profile: str, ad_text: str) -> float:
+    """How strongly a profile text names an interest in the ad's category: 1 first, 0.5 later, else 0."""
+    topic = next(
+        (t for c in catalog.CATEGORIES for t in c.topics if any(p in ad_text.lower() for p in t.products)),
+        None,
+    )
+    if topic is None:
+        return 0.0
+    category = next(c for c in catalog.CATEGORIES if topic in c.topics)
+    found = profile.lower().find(category.interest)
+    if found < 0:
+        return 0.0
+    first = min(
+        (i for c in catalog.CATEGORIES if (i := profile.lower().find(c.interest)) >= 0), default=found
+    )
+    return 1.0 if found == first else 0.5
+
+
 def organic_answer(query: str, n_sentences: int, rng: np.random.Generator) -> list[str]:
     """An answer of `n_sentences` sentences: an opener, then tips on the query's topic."""
     topic = topic_of(query)

@@ -1,0 +1,1 @@
+"""The pCTR reward model and the reward R."""

@@ -1,0 +1,329 @@
+"""The pCTR reward model psi (LLM-Auction Eq. 3) and its BCE training (Eq. 4).
+
+    z = W phi(.)  (one learned projection)
+    p_i = sigmoid(MLP([z_x; z_y; z_h; z_a; z_x*z_a; z_h*z_a; cosines; e_h; e_{a_i}; e_pos; numeric]))
+
+phi is the frozen sentence encoder (query x, response y, profile text h, ad text a_i); e_h and
+e_{a_i} are learnable user and ad embeddings, with index 0 for users and ads never seen (and ids
+dropped to 0 at random during training, so that new ads and users are not blind: their text
+still speaks). Position and the other ads shown (how many, how many of the same category) let the
+model learn position bias and externalities. A Platt scaling fitted on the validation split keeps
+the probabilities calibrated, which the reward R = sum b_i p_i needs.
+
+An input frame has one row per ad impression with the columns `INPUT_COLUMNS`, plus either the
+embeddings `profile_embedding`/`ad_embedding` or the texts `profile_text`/`ad_text`, plus any
+click-history statistics named like `user_ctr_7d` or `ad_impressions_1d` (found by name).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from llm_auction.baselines.organic import profile_match, text_relevance, topic_of
+from llm_auction.config import PCTRConfig
+from llm_auction.features.encoder import EMBEDDING_DIM, TextEncoder
+from llm_auction.reward.metrics import auc, calibration_by, expected_calibration_error, log_loss
+
+logger = logging.getLogger(__name__)
+
+INPUT_COLUMNS = ("query", "response", "user_id", "ad_id", "position", "n_ads", "n_same_category")
+CONTEXT_NUMERIC = ("n_ads", "n_same_category")
+STAT_PATTERN = re.compile(r"^(user|ad)_(ctr|clicks|impressions)_\d+d$")
+WEIGHTS, CONFIG = "model.safetensors", "pctr_config.json"
+N_SIMILARITIES = 6
+
+
+class PCTRNet(nn.Module):
+    def __init__(self, n_users: int, n_ads: int, n_numeric: int, cfg: PCTRConfig) -> None:
+        super().__init__()
+        # One projection of phi shared by query, response, profile and ad: few parameters to fit
+        # from a few thousand clicks, and the products below compare texts in the same space.
+        self.project = nn.Linear(EMBEDDING_DIM, cfg.text_dim)
+        self.user = nn.Embedding(n_users + 1, cfg.id_dim)
+        self.ad = nn.Embedding(n_ads + 1, cfg.id_dim)
+        self.position = nn.Embedding(cfg.max_position + 1, 8)
+        layers: list[nn.Module] = []
+        width = 6 * cfg.text_dim + N_SIMILARITIES + 2 * cfg.id_dim + 8 + n_numeric
+        for hidden in cfg.hidden:
+            layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(cfg.dropout)]
+            width = hidden
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(
+        self,
+        text: torch.Tensor,
+        similarities: torch.Tensor,
+        user: torch.Tensor,
+        ad: torch.Tensor,
+        position: torch.Tensor,
+        numeric: torch.Tensor,
+    ) -> torch.Tensor:
+        query, response, profile, ad_text = self.project(text).unbind(dim=1)
+        x = torch.cat(
+            [query, response, profile, ad_text, query * ad_text, profile * ad_text, similarities,
+             self.user(user), self.ad(ad), self.position(position), numeric],
+            dim=-1,
+        )  # fmt: skip
+        return self.mlp(x).squeeze(-1)
+
+
+@dataclass
+class Batch:
+    text: torch.Tensor
+    similarities: torch.Tensor
+    user: torch.Tensor
+    ad: torch.Tensor
+    position: torch.Tensor
+    numeric: torch.Tensor
+
+    def take(self, index: np.ndarray | slice) -> Batch:
+        fields = (self.text, self.similarities, self.user, self.ad, self.position, self.numeric)
+        return Batch(*(t[index] for t in fields))
+
+
+def _embeddings(frame: pd.DataFrame, column: str, text_column: str, encoder: TextEncoder) -> np.ndarray:
+    if column in frame.columns:
+        return np.stack(frame[column].map(lambda v: np.asarray(v, dtype=np.float32)).to_numpy())
+    if text_column in frame.columns:
+        return encoder.encode(frame[text_column].astype(str).tolist())
+    raise KeyError(f"pCTR input needs `{column}` or `{text_column}`")
+
+
+def keyword_matches(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Query-ad and profile-ad keyword matches on the ad taxonomy's public terms (the classic
+    match features of ad ranking); zeros where the texts are not in the frame.
+    """
+    if "ad_text" not in frame.columns:
+        return np.zeros(len(frame)), np.zeros(len(frame))
+    ads = frame["ad_text"].astype(str).tolist()
+    query = [text_relevance(topic_of(q), a) for q, a in zip(frame["query"].astype(str), ads)]
+    profiles = frame["profile_text"].astype(str) if "profile_text" in frame.columns else [""] * len(frame)
+    interest = [profile_match(p, a) for p, a in zip(profiles, ads)]
+    return np.asarray(query, dtype=float), np.asarray(interest, dtype=float)
+
+
+@dataclass
+class PCTRModel:
+    """psi with everything needed to score a frame: vocabularies, feature spec and calibration."""
+
+    net: PCTRNet
+    cfg: PCTRConfig
+    users: list[str]
+    ads: list[str]
+    numeric_columns: list[str]
+    numeric_mean: list[float]
+    numeric_std: list[float]
+    calibration: tuple[float, float] = (1.0, 0.0)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._user_index = {u: i + 1 for i, u in enumerate(self.users)}
+        self._ad_index = {a: i + 1 for i, a in enumerate(self.ads)}
+
+    def batch(self, frame: pd.DataFrame, encoder: TextEncoder) -> Batch:
+        missing = [c for c in INPUT_COLUMNS if c not in frame.columns]
+        if missing:
+            raise KeyError(f"pCTR input lacks columns {missing}")
+        query = encoder.encode(frame["query"].astype(str).tolist())
+        response = encoder.encode(frame["response"].astype(str).tolist())
+        profile = _embeddings(frame, "profile_embedding", "profile_text", encoder)
+        ad = _embeddings(frame, "ad_embedding", "ad_text", encoder)
+        # Relevance and interest are similarities: give the MLP the products and cosines directly
+        # (phi is L2-normalised), instead of asking it to learn them from a few thousand clicks.
+        similarities = np.stack(
+            [
+                (query * ad).sum(1),
+                (profile * ad).sum(1),
+                (response * ad).sum(1),
+                (query * profile).sum(1),
+                *keyword_matches(frame),
+            ],
+            axis=1,
+        )
+        text = np.stack([query, response, profile, ad], axis=1)
+        numeric = (
+            np.stack(
+                [
+                    frame[c].astype(float).fillna(0.0).to_numpy() if c in frame else np.zeros(len(frame))
+                    for c in self.numeric_columns
+                ],
+                axis=1,
+            )
+            if self.numeric_columns
+            else np.zeros((len(frame), 0))
+        )
+        numeric = (numeric - np.asarray(self.numeric_mean)) / np.asarray(self.numeric_std)
+        return Batch(
+            text=torch.from_numpy(text.astype(np.float32)),
+            similarities=torch.from_numpy(similarities.astype(np.float32)),
+            user=torch.tensor([self._user_index.get(u, 0) for u in frame["user_id"]], dtype=torch.long),
+            ad=torch.tensor([self._ad_index.get(a, 0) for a in frame["ad_id"]], dtype=torch.long),
+            position=torch.from_numpy(np.clip(frame["position"].to_numpy(int), 0, self.cfg.max_position)),
+            numeric=torch.from_numpy(numeric.astype(np.float32)),
+        )
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        return self.net(batch.text, batch.similarities, batch.user, batch.ad, batch.position, batch.numeric)
+
+    @torch.inference_mode()
+    def predict(self, frame: pd.DataFrame, encoder: TextEncoder) -> np.ndarray:
+        """Calibrated click probability of every row."""
+        if len(frame) == 0:
+            return np.zeros(0)
+        self.net.eval()
+        a, b = self.calibration
+        return torch.sigmoid(a * self.logits(self.batch(frame, encoder)) + b).numpy().astype(float)
+
+    def save(self, directory: Path) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self.net.state_dict(), str(directory / WEIGHTS))
+        spec = {
+            "config": self.cfg.model_dump(mode="json"),
+            "users": self.users,
+            "ads": self.ads,
+            "numeric_columns": self.numeric_columns,
+            "numeric_mean": self.numeric_mean,
+            "numeric_std": self.numeric_std,
+            "calibration": list(self.calibration),
+            "metrics": self.metrics,
+        }
+        (directory / CONFIG).write_text(json.dumps(spec, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: Path) -> PCTRModel:
+        """Load weights (safetensors only) and the spec saved beside them."""
+        from llm_auction.policy.model import check_safetensors
+
+        check_safetensors(directory)
+        spec = json.loads((directory / CONFIG).read_text())
+        cfg = PCTRConfig.model_validate(spec["config"])
+        net = PCTRNet(len(spec["users"]), len(spec["ads"]), len(spec["numeric_columns"]), cfg)
+        net.load_state_dict(load_file(str(directory / WEIGHTS)))
+        net.eval()
+        return cls(
+            net, cfg, spec["users"], spec["ads"], spec["numeric_columns"], spec["numeric_mean"],
+            spec["numeric_std"], tuple(spec["calibration"]), spec["metrics"],
+        )  # fmt: skip
+
+
+def split_by_request(request_ids: pd.Series, cfg: PCTRConfig) -> np.ndarray:
+    """'train' / 'validation' / 'test' per row; a request's ads stay together (they interact)."""
+    bucket = request_ids.map(lambda r: zlib.crc32(str(r).encode()) % 10_000 / 10_000).to_numpy()
+    return np.where(
+        bucket < cfg.test_fraction,
+        "test",
+        np.where(bucket < cfg.test_fraction + cfg.validation_fraction, "validation", "train"),
+    )
+
+
+def _fit_platt(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """sigmoid(a * logit + b) minimising validation log loss: calibration without touching ranking."""
+    a = torch.ones(1, requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([a, b], lr=0.5, max_iter=100)
+    loss_fn = nn.BCEWithLogitsLoss()
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = loss_fn(a * logits + b, labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(a.item()), float(b.item())
+
+
+def evaluate(model: PCTRModel, frame: pd.DataFrame, encoder: TextEncoder) -> dict[str, Any]:
+    """AUC, log loss, ECE and calibration by position on `frame` (which holds `clicked`)."""
+    probs = model.predict(frame, encoder)
+    labels = frame["clicked"].to_numpy(float)
+    return {
+        "auc": auc(labels, probs),
+        "log_loss": log_loss(labels, probs),
+        "ece": expected_calibration_error(labels, probs, model.cfg.calibration_bins),
+        "base_rate": float(labels.mean()) if len(labels) else float("nan"),
+        "mean_prediction": float(probs.mean()) if len(probs) else float("nan"),
+        "n": int(len(frame)),
+        "calibration_by_position": calibration_by(frame["position"].to_numpy(), labels, probs),
+    }
+
+
+def train_pctr(
+    frame: pd.DataFrame, encoder: TextEncoder, cfg: PCTRConfig, seed: int, id_dropout: float = 0.1
+) -> PCTRModel:
+    """BCE training with early stopping on the validation split, then Platt scaling on it."""
+    if frame.empty or frame["clicked"].nunique() < 2:
+        raise ValueError("pctr: training needs impressions with both clicks and non-clicks")
+    torch.manual_seed(seed)
+    split = split_by_request(frame["request_id"], cfg)
+    train = frame[split == "train"]
+    numeric_columns = list(CONTEXT_NUMERIC) + sorted(c for c in frame.columns if STAT_PATTERN.match(c))
+    stats = train[numeric_columns].astype(float).fillna(0.0)
+    model = PCTRModel(
+        net=PCTRNet(train["user_id"].nunique(), train["ad_id"].nunique(), len(numeric_columns), cfg),
+        cfg=cfg,
+        users=sorted(train["user_id"].unique()),
+        ads=sorted(train["ad_id"].unique()),
+        numeric_columns=numeric_columns,
+        numeric_mean=stats.mean().tolist(),
+        numeric_std=stats.std().replace(0, 1.0).fillna(1.0).tolist(),
+    )
+    data = {name: model.batch(frame[split == name], encoder) for name in ("train", "validation")}
+    labels = {
+        name: torch.tensor(frame.loc[split == name, "clicked"].to_numpy(float), dtype=torch.float32)
+        for name in ("train", "validation")
+    }
+    optimizer = torch.optim.AdamW(model.net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    loss_fn = nn.BCEWithLogitsLoss()
+    rng = np.random.default_rng(seed)
+    best = (float("inf"), None, 0)
+    history = []
+    for epoch in range(cfg.max_epochs):
+        model.net.train()
+        order = rng.permutation(len(labels["train"]))
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            batch = data["train"].take(idx)
+            drop = torch.from_numpy(rng.random((2, len(idx))) < id_dropout)
+            batch.user = batch.user.masked_fill(drop[0], 0)
+            batch.ad = batch.ad.masked_fill(drop[1], 0)
+            loss = loss_fn(model.logits(batch), labels["train"][idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.net.eval()
+        with torch.no_grad():
+            val_loss = float(loss_fn(model.logits(data["validation"]), labels["validation"]))
+        history.append(val_loss)
+        logger.info("pctr epoch %d: validation log loss %.4f", epoch + 1, val_loss)
+        if val_loss < best[0] - 1e-5:
+            best = (val_loss, {k: v.clone() for k, v in model.net.state_dict().items()}, epoch + 1)
+        elif epoch + 1 - best[2] >= cfg.patience:
+            break
+    model.net.load_state_dict(best[1])
+    model.net.eval()
+    with torch.no_grad():
+        model.calibration = _fit_platt(model.logits(data["validation"]), labels["validation"])
+    model.metrics = {
+        "epochs": len(history),
+        "best_epoch": best[2],
+        "validation_log_loss_curve": history,
+        "n_train": int(len(train)),
+        "n_validation": int((split == "validation").sum()),
+        "test": evaluate(model, frame[split == "test"], encoder),
+    }
+    return model

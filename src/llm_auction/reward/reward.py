@@ -1,0 +1,111 @@
+"""The reward R (LLM-Auction Eq. 5): expected first-price revenue of a response under the pCTR model.
+
+    R(x, h, a, b, y) = sum over ads i inserted in y of b_i * pCTR_i  +  lambda_page * page_score(y)
+
+page_score is PageLLM's page-level term, here 1 for a well-formed page and 0 otherwise, so that a
+positive lambda_page rewards responses a user can read without broken markers (0 by default).
+One call scores a whole batch: every inserted ad of every response becomes one row for the pCTR
+model, so the encoder and the network run once per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from llm_auction.contracts import AuctionRequest
+from llm_auction.features.encoder import TextEncoder
+from llm_auction.mechanism.grammar import parse_response
+from llm_auction.reward.pctr import PCTRModel
+
+AdFeatures = Callable[[Sequence[str]], pd.DataFrame]
+"""ad_id -> one row per id with `ad_id`, `ad_text`, `category` and any ad_* statistics (online store)."""
+UserFeatures = Callable[[Sequence[str]], pd.DataFrame]
+"""user_id -> one row per id with `user_id`, `profile_text` and any user_* statistics (online store)."""
+
+
+@dataclass(frozen=True)
+class ScoredResponses:
+    """Rewards per response, and per inserted ad the pCTR behind them."""
+
+    rewards: np.ndarray
+    ads: pd.DataFrame
+
+
+def impression_rows(
+    requests: Sequence[AuctionRequest], responses: Sequence[str], max_ads: int | None
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """One row per inserted ad (the pCTR input's context columns), and which responses are well formed."""
+    rows, well_formed = [], []
+    for number, (request, response) in enumerate(zip(requests, responses, strict=True)):
+        parsed = parse_response(
+            response, len(request.ads), request.max_ads if request.max_ads is not None else max_ads
+        )
+        well_formed.append(parsed.well_formed)
+        for position, index in enumerate(parsed.allocation, start=1):
+            ad = request.ads[index]
+            rows.append(
+                {
+                    "response_number": number,
+                    "request_id": request.request_id,
+                    "user_id": request.user_id,
+                    "ad_id": ad.ad_id,
+                    "bid": ad.bid,
+                    "query": request.query,
+                    "response": response,
+                    "position": position,
+                    "n_ads": len(parsed.allocation),
+                }
+            )
+    columns = [
+        "response_number",
+        "request_id",
+        "user_id",
+        "ad_id",
+        "bid",
+        "query",
+        "response",
+        "position",
+        "n_ads",
+    ]
+    return pd.DataFrame(rows, columns=columns), np.asarray(well_formed, dtype=bool)
+
+
+def score_responses(
+    pctr: PCTRModel,
+    encoder: TextEncoder,
+    requests: Sequence[AuctionRequest],
+    responses: Sequence[str],
+    user_features: UserFeatures,
+    ad_features: AdFeatures,
+    lambda_page: float = 0.0,
+    max_ads: int | None = None,
+) -> ScoredResponses:
+    """R for each (request, response) pair; requests may repeat (M samples of one prompt)."""
+    rows, well_formed = impression_rows(requests, responses, max_ads)
+    if not rows.empty:
+        rows = rows.merge(ad_features(rows["ad_id"].unique().tolist()), on="ad_id", how="left")
+        rows = rows.merge(user_features(rows["user_id"].unique().tolist()), on="user_id", how="left")
+        rows["n_same_category"] = (
+            rows.groupby(["response_number", "category"])["ad_id"].transform("count") - 1
+        )
+        rows["pctr"] = pctr.predict(rows, encoder)
+        revenue = (rows["bid"] * rows["pctr"]).groupby(rows["response_number"]).sum()
+    else:
+        rows["pctr"] = pd.Series(dtype=float)
+        revenue = pd.Series(dtype=float)
+    rewards = revenue.reindex(range(len(responses)), fill_value=0.0).to_numpy(float)
+    return ScoredResponses(rewards + lambda_page * well_formed.astype(float), rows)
+
+
+def table_lookup(table: pd.DataFrame, key: str) -> Callable[[Sequence[str]], pd.DataFrame]:
+    """A feature lookup backed by an in-memory table (tests, offline evaluation on a world)."""
+    indexed = table.set_index(key)
+
+    def lookup(ids: Sequence[str]) -> pd.DataFrame:
+        return indexed.reindex(list(ids)).reset_index()
+
+    return lookup

@@ -1,0 +1,163 @@
+"""The pCTR reward model (Eq. 3-4) and the reward R (Eq. 5), trained on simulated feedback."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from llm_auction.baselines import make_baseline
+from llm_auction.config import load_config
+from llm_auction.contracts import AdCandidate, AuctionRequest
+from llm_auction.errors import UnsafeCheckpointError
+from llm_auction.features.encoder import TextEncoder
+from llm_auction.reward.metrics import auc, expected_calibration_error, log_loss
+from llm_auction.reward.pctr import PCTRModel, train_pctr
+from llm_auction.reward.reward import score_responses, table_lookup
+from llm_auction.simulator.experiment import build_environment, evaluate_policy
+from llm_auction.simulator.feedback import feedback_logs
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory) -> TextEncoder:
+    return TextEncoder(cache_path=tmp_path_factory.mktemp("enc") / "cache.parquet")
+
+
+@pytest.fixture(scope="module")
+def logged():
+    """Random-insertion traffic on a world: explores positions and ads, like a logging policy should."""
+    settings = load_config(environ={}, overrides={"world": {"n_requests": 5000}, "tracking": {"uri": None}})
+    env = build_environment(settings)
+    requests = env.world.auction_requests()
+    rollout, _ = evaluate_policy(env, make_baseline("random", settings, env.ground_truth), requests, seed=1)
+    timestamps = env.world.requests.set_index("request_id")["timestamp"]
+    impressions, clicks = feedback_logs(rollout, requests, timestamps, "random", np.random.default_rng(0))
+    ads = env.world.ads.set_index("ad_id")
+    frame = impressions.assign(
+        clicked=impressions["event_id"]
+        .str.replace("imp:", "clk:", regex=False)
+        .isin(set(clicks["event_id"])),
+        ad_text=impressions["ad_id"].map(ads["text"]),
+        category=impressions["ad_id"].map(ads["category"]),
+        profile_text=impressions["user_id"].map(env.world.users.set_index("user_id")["profile_text"]),
+    )
+    frame["clicked"] = frame["clicked"].astype(int)
+    frame["n_same_category"] = frame.groupby(["response_id", "category"])["ad_id"].transform("count") - 1
+    return env, frame, rollout
+
+
+@pytest.fixture(scope="module")
+def model(logged, encoder) -> PCTRModel:
+    env, frame, _ = logged
+    return train_pctr(frame, encoder, env.settings.pctr, seed=0)
+
+
+def test_metrics_on_hand_computed_cases():
+    assert auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.75)
+    assert auc(np.array([0, 1]), np.array([0.5, 0.5])) == pytest.approx(0.5)
+    assert log_loss(np.array([1, 0]), np.array([0.5, 0.5])) == pytest.approx(np.log(2))
+    assert expected_calibration_error(
+        np.array([1, 0, 1, 0]), np.array([0.5, 0.5, 0.5, 0.5])
+    ) == pytest.approx(0)
+    assert expected_calibration_error(np.array([1, 1]), np.array([0.25, 0.25]), n_bins=4) == pytest.approx(
+        0.75
+    )
+
+
+def test_pctr_learns_and_is_calibrated(model: PCTRModel, logged):
+    _, frame, rollout = logged
+    test = model.metrics["test"]
+    assert model.metrics["best_epoch"] >= 1 and test["n"] > 300
+    assert test["auc"] > 0.6, test
+    assert test["ece"] < 0.05, test
+    positions = test["calibration_by_position"]
+    assert positions["1"]["predicted"] > positions["2"]["predicted"]
+
+
+def test_pctr_orders_positions_and_relevance_like_the_simulator(model: PCTRModel, logged, encoder):
+    env, frame, _ = logged
+    rows = frame.sample(400, random_state=0)
+    by_position = [model.predict(rows.assign(position=p), encoder).mean() for p in (1, 2, 3)]
+    assert by_position[0] > by_position[1] > by_position[2]
+    # the same users and queries, with an ad of the query's own category against one of another
+    queries = env.world.queries.set_index("text")
+    ads = env.world.ads
+    on, off = [], []
+    for row in rows.itertuples(index=False):
+        category = queries.at[row.query, "category"]
+        on.append(ads[ads["category"] == category].iloc[0])
+        off.append(ads[ads["category"] != category].iloc[0])
+    relevant = model.predict(rows.assign(ad_id=[a.ad_id for a in on], ad_text=[a.text for a in on]), encoder)
+    other = model.predict(rows.assign(ad_id=[a.ad_id for a in off], ad_text=[a.text for a in off]), encoder)
+    assert relevant.mean() > other.mean() * 1.2
+    assert (relevant > other).mean() > 0.6
+
+
+def test_pctr_round_trips_through_safetensors(model: PCTRModel, logged, encoder, tmp_path: Path):
+    _, frame, _ = logged
+    model.save(tmp_path / "pctr")
+    loaded = PCTRModel.load(tmp_path / "pctr")
+    rows = frame.head(50)
+    assert np.allclose(loaded.predict(rows, encoder), model.predict(rows, encoder), atol=1e-6)
+    (tmp_path / "pctr" / "model.bin").write_bytes(b"pickle")
+    with pytest.raises(UnsafeCheckpointError):
+        PCTRModel.load(tmp_path / "pctr")
+
+
+def test_unseen_users_and_ads_still_get_text_based_scores(model: PCTRModel, logged, encoder):
+    _, frame, _ = logged
+    rows = frame.head(200)
+    cold = model.predict(rows.assign(user_id="new-user", ad_id="new-ad"), encoder)
+    assert np.all((cold > 0) & (cold < 1)) and cold.std() > 0
+
+
+def test_reward_is_bid_weighted_pctr_plus_page_term(model: PCTRModel, logged, encoder):
+    env, _, _ = logged
+    ads = env.world.ads
+    users = env.world.users[["user_id", "profile_text"]]
+    request = env.world.auction_requests(limit=1)[0]
+    ad_lookup = table_lookup(
+        ads[["ad_id", "ad_text" if "ad_text" in ads else "text", "category"]].rename(
+            columns={"text": "ad_text"}
+        ),
+        "ad_id",
+    )
+    responses = ["No ads here.", "Good. [AD 1] Tips. [AD 2]", "Good. [AD 1] [AD 1] [ad 9]"]
+    scored = score_responses(
+        model, encoder, [request] * 3, responses, table_lookup(users, "user_id"), ad_lookup
+    )
+    assert scored.rewards[0] == 0.0
+    rows = scored.ads[scored.ads["response_number"] == 1]
+    assert list(rows["position"]) == [1, 2]
+    assert scored.rewards[1] == pytest.approx(float((rows["bid"] * rows["pctr"]).sum()))
+    assert set(scored.ads["response_number"]) == {1, 2}
+    paged = score_responses(
+        model, encoder, [request] * 3, responses, table_lookup(users, "user_id"), ad_lookup, lambda_page=0.5
+    )
+    assert np.allclose(paged.rewards - scored.rewards, [0.5, 0.5, 0.0])  # the third one is malformed
+
+
+def test_reward_rises_with_the_bid(model: PCTRModel, logged, encoder):
+    env, _, _ = logged
+    request = env.world.auction_requests(limit=1)[0]
+    richer = AuctionRequest(
+        **{
+            **request.model_dump(),
+            "ads": [
+                AdCandidate(**{**a.model_dump(), "bid": a.bid * (3 if i == 0 else 1)})
+                for i, a in enumerate(request.ads)
+            ],
+        }
+    )
+    ads = env.world.ads.rename(columns={"text": "ad_text"})[["ad_id", "ad_text", "category"]]
+    users = env.world.users[["user_id", "profile_text"]]
+    scored = score_responses(
+        model,
+        encoder,
+        [request, richer],
+        ["Hi. [AD 1]", "Hi. [AD 1]"],
+        table_lookup(users, "user_id"),
+        table_lookup(ads, "ad_id"),
+    )
+    assert scored.rewards[1] == pytest.approx(3 * scored.rewards[0])
+    assert isinstance(scored.ads, pd.DataFrame)
