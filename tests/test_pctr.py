@@ -161,3 +161,35 @@ def test_reward_rises_with_the_bid(model: PCTRModel, logged, encoder):
     )
     assert scored.rewards[1] == pytest.approx(3 * scored.rewards[0])
     assert isinstance(scored.ads, pd.DataFrame)
+
+
+def test_train_and_register_logs_the_model_to_mlflow(logged, encoder, tmp_path: Path):
+    from mlflow.tracking import MlflowClient
+
+    from llm_auction.reward.training import train_and_register
+
+    env, frame, _ = logged
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    settings = env.settings.model_copy(
+        update={
+            "tracking": env.settings.tracking.model_copy(
+                update={"uri": uri, "artifact_location": str(tmp_path / "artifacts")}
+            )
+        }
+    )
+    model, card = train_and_register(
+        settings, frame, encoder, tmp_path / "pctr", lineage={"window": "w1", "epoch": 0}
+    )
+    client = MlflowClient(tracking_uri=uri)
+    version = client.get_model_version("llm-auction-pctr", card["registered_version"])
+    assert version.tags["lineage.window"] == "w1" and float(version.tags["test_auc"]) == pytest.approx(
+        card["test_auc"], abs=1e-4
+    )
+    assert "test AUC" in version.description
+    run = client.get_run(card["mlflow_run_id"])
+    assert run.data.metrics["test_ece"] == pytest.approx(card["test_ece"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "pctr")} >= {
+        "pctr/model.safetensors",
+        "pctr/pctr_config.json",
+    }
+    assert PCTRModel.load(tmp_path / "pctr").users == model.users
