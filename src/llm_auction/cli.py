@@ -45,6 +45,8 @@ policy_app = typer.Typer(help="The policy LLM: build pi_0, sample from a policy.
 app.add_typer(world_app, name="world")
 app.add_typer(audit_app, name="audit")
 app.add_typer(policy_app, name="policy")
+logs_app = typer.Typer(help="Feedback event logs (impressions and clicks).", no_args_is_help=True)
+app.add_typer(logs_app, name="logs")
 
 # Wide enough for the metric table when the output is a file or a CI log (rich assumes 80 there).
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -90,10 +92,18 @@ def _settings(
 
 
 def _policy(spec: str, env: Environment) -> Allocator:
+    """`baseline:NAME` or `model:DIR` (a policy LLM directory, sampled with the configured backend)."""
     kind, _, name = spec.partition(":")
+    if kind == "model" and name:
+        from llm_auction.policy.allocator import LLMPolicy
+        from llm_auction.policy.generation import make_generator
+        from llm_auction.simulator.experiment import user_profiles
+
+        generator = make_generator(env.settings.policy.generation, Path(name))
+        return LLMPolicy(generator, user_profiles(env.world), name=spec)
     if kind != "baseline" or not name:
         raise InputError(
-            f"policy: {spec!r} is not a known policy; use baseline:NAME ({', '.join(BASELINES)})"
+            f"policy: {spec!r} is not a known policy; use baseline:NAME ({', '.join(BASELINES)}) or model:DIR"
         )
     try:
         return make_baseline(name, env.settings, env.ground_truth)
@@ -264,6 +274,45 @@ def audit_ir_cmd(
     )
     if not report.holds:
         raise typer.Exit(1)
+
+
+@logs_app.command("simulate")
+def logs_simulate(
+    policy: Annotated[str, typer.Option("--policy", help="baseline:NAME or model:DIR")],
+    out: Annotated[Path, typer.Option("--out", help="Feedback store folder (impressions/, clicks/).")],
+    requests: RequestsOption = 1000,
+    offset: Annotated[int, typer.Option("--offset", min=0, help="First request of the stream to serve.")] = 0,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Batch name (default: the request range).")
+    ] = None,
+    seed: SeedOption = None,
+    world: WorldOption = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    sets: SetOption = None,
+) -> None:
+    """Serve requests with a policy to simulated users and log the impression and click events."""
+    from llm_auction.simulator.feedback import feedback_logs, write_feedback
+
+    settings = _settings(config, profile, sets, seed)
+    env = build_environment(settings, world)
+    available = len(env.world.requests) - offset
+    if requests > available:
+        raise InputError(f"requests: {requests} from offset {offset} exceeds the {available} requests left")
+    batch = env.world.auction_requests(limit=requests, offset=offset)
+    allocator = _policy(policy, env)
+    result, metrics = evaluate_policy(env, allocator, batch, settings.seed + offset)
+    timestamps = env.world.requests.set_index("request_id")["timestamp"]
+    impressions, clicks = feedback_logs(
+        result, batch, timestamps, policy, np.random.default_rng([settings.seed, offset, 5])
+    )
+    paths = write_feedback(out, name or f"r{offset:07d}-{offset + requests:07d}", impressions, clicks)
+    console.print(
+        f"{policy}: {len(batch)} requests, {len(impressions)} impressions, {len(clicks)} clicks "
+        f"({timestamps[batch[0].request_id]} .. {timestamps[batch[-1].request_id]}) -> "
+        + ", ".join(str(p) for p in paths)
+    )
+    console.print(_table("oracle metrics of this traffic", {policy: metrics}))
 
 
 @policy_app.command("init")
