@@ -31,8 +31,8 @@ test-fast: $(STAMP) ## the test suite without the slow end-to-end tests
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks feature_repo
+	$(BIN)/ruff format --check src tests benchmarks feature_repo
 
 bench: $(STAMP) ## performance tables (measured side by side in one run)
 	$(BIN)/python -m benchmarks.run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -47,6 +48,8 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(policy_app, name="policy")
 logs_app = typer.Typer(help="Feedback event logs (impressions and clicks).", no_args_is_help=True)
 app.add_typer(logs_app, name="logs")
+pctr_app = typer.Typer(help="The pCTR reward model.", no_args_is_help=True)
+app.add_typer(pctr_app, name="pctr")
 
 # Wide enough for the metric table when the output is a file or a CI log (rich assumes 80 there).
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -313,6 +316,117 @@ def logs_simulate(
         + ", ".join(str(p) for p in paths)
     )
     console.print(_table("oracle metrics of this traffic", {policy: metrics}))
+
+
+WINDOW_EXAMPLE = "2026-01-01T00:00/2026-01-01T01:00"
+
+
+def _window(window: str) -> tuple[Any, Any]:
+    from llm_auction.features.ingest import to_utc
+
+    try:
+        start, end = (to_utc(part) for part in window.split("/"))
+    except ValueError:
+        raise InputError(f"--window {window!r}: expected START/END, e.g. {WINDOW_EXAMPLE}") from None
+    if not start < end:
+        raise InputError(f"--window {window!r}: START must be before END")
+    return start, end
+
+
+@app.command()
+def ingest(
+    window: Annotated[
+        str,
+        typer.Option(
+            "--window", help=f"START/END in ISO 8601, UTC when no zone is given, e.g. {WINDOW_EXAMPLE}."
+        ),
+    ],
+    feedback: Annotated[
+        Path, typer.Option("--feedback", help="Feedback store folder (impressions/, clicks/).")
+    ],
+    world: WorldOption = None,
+    json_path: JsonOption = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    sets: SetOption = None,
+) -> None:
+    """Ingest one feedback window into Feast: validate, label, upsert entities, update stats, materialize."""
+    from llm_auction.features.encoder import TextEncoder
+    from llm_auction.features.ingest import ingest_window
+    from llm_auction.features.store import open_store
+    from llm_auction.world import World
+
+    start, end = _window(window)
+    if not feedback.is_dir():
+        raise InputError(f"--feedback {feedback}: not a folder")
+    settings = _settings(config, profile, sets, None)
+    tables = World.load(world) if world is not None else generate_world(settings.world, settings.seed)
+    encoder = TextEncoder(cache_path=settings.data_dir / "encoder-cache.parquet")
+    report = ingest_window(
+        open_store(settings), settings, feedback, tables.users, tables.ads, start, end, encoder
+    )
+    table = Table(title=f"ingest {report.window}", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("field")
+    table.add_column("value", justify="right")
+    for name, value in dataclasses.asdict(report).items():
+        table.add_row(name, str(value))
+    console.print(table)
+    if json_path is not None:
+        _write_json(json_path, json.loads(json.dumps(dataclasses.asdict(report), default=str)))
+
+
+@pctr_app.command("train")
+def pctr_train(
+    out: Annotated[Path, typer.Option("--out", help="Directory for the pCTR model (safetensors + config).")],
+    window: Annotated[
+        str | None, typer.Option("--window", help="Train on impressions in START/END only (default: all).")
+    ] = None,
+    json_path: JsonOption = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    sets: SetOption = None,
+) -> None:
+    """Train psi on the point-in-time training set of the ingested feedback; log and register it."""
+    from llm_auction.features.encoder import TextEncoder
+    from llm_auction.features.ingest import labeled_impressions
+    from llm_auction.features.retrieval import training_frame
+    from llm_auction.features.store import open_store
+    from llm_auction.reward.training import pctr_inputs, train_and_register
+
+    settings = _settings(config, profile, sets, None)
+    start, end = _window(window) if window else (None, None)
+    labeled = labeled_impressions(settings, start, end)
+    if labeled.empty:
+        raise InputError("window: no labeled impressions; run `llm-auction ingest` first")
+    frame = pctr_inputs(training_frame(open_store(settings), labeled, settings.features))
+    encoder = TextEncoder(cache_path=settings.data_dir / "encoder-cache.parquet")
+    lineage = {"window": window or "all", "rows": len(frame)}
+    _, card = train_and_register(settings, frame, encoder, out, lineage)
+    table = Table(title=f"pCTR -> {out}", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in (
+        "rows",
+        "click_rate",
+        "epochs",
+        "best_epoch",
+        "test_n",
+        "test_auc",
+        "test_log_loss",
+        "test_ece",
+    ):
+        value = card[key]
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    for position, calibration in card["calibration_by_position"].items():
+        table.add_row(
+            f"position {position}: predicted / observed (n)",
+            f"{calibration['predicted']:.3f} / {calibration['observed']:.3f} ({calibration['n']})",
+        )
+    if "registered_version" in card:
+        table.add_row("registered", f"{settings.pctr.registered_model} v{card['registered_version']}")
+    console.print(table)
+    if json_path is not None:
+        _write_json(json_path, card)
 
 
 @policy_app.command("init")

@@ -35,7 +35,9 @@ class TextEncoder:
         self._cache: dict[str, np.ndarray] = {}
         if cache_path is not None and cache_path.is_file():
             frame = pd.read_parquet(cache_path)
-            self._cache = {k: np.asarray(v, dtype=np.float32) for k, v in zip(frame["key"], frame["embedding"])}
+            self._cache = {
+                k: np.asarray(v, dtype=np.float32) for k, v in zip(frame["key"], frame["embedding"])
+            }
         self.n_encoded = 0
 
     def _load(self):
@@ -73,5 +75,7 @@ class TextEncoder:
         if self.cache_path is None:
             return
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        frame = pd.DataFrame({"key": list(self._cache), "embedding": [v.tolist() for v in self._cache.values()]})
+        frame = pd.DataFrame(
+            {"key": list(self._cache), "embedding": [v.tolist() for v in self._cache.values()]}
+        )
         frame.to_parquet(self.cache_path, index=False)

@@ -1,0 +1,144 @@
+"""Features for the pCTR: point-in-time training frames offline, the same columns online.
+
+Both paths read the feature service `pctr_v1` with full feature names (`<view>__<feature>`, e.g.
+`user_stats_fv__ctr_7d`): the user and ad views carry the same statistic names, and one naming
+for training and serving keeps the two from drifting apart.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from feast import FeatureService, FeatureStore
+
+from llm_auction.config import FeaturesConfig
+
+logger = logging.getLogger(__name__)
+
+FEATURE_SERVICE = "pctr_v1"
+EMBEDDING_COLUMNS = ("user_profile_fv__profile_embedding", "ad_fv__ad_embedding")
+STATS_VIEWS = ("user_stats_fv", "ad_stats_fv")
+
+
+def _as_float32(value: object) -> np.ndarray | None:
+    if value is None or (np.isscalar(value) and pd.isna(value)):
+        return None
+    return np.asarray(value, dtype=np.float32)
+
+
+def _embeddings_as_float32(frame: pd.DataFrame) -> pd.DataFrame:
+    """Embedding cells as float32 vectors (Feast returns lists or float64 arrays); None stays None."""
+    for column in EMBEDDING_COLUMNS:
+        if column in frame:
+            frame[column] = [_as_float32(v) for v in frame[column]]
+    return frame
+
+
+def fill_missing_stats(frame: pd.DataFrame, features: FeaturesConfig) -> pd.DataFrame:
+    """Statistics of entities with no history: zero counts and the prior CTR.
+
+    A user or ad appears in the stats views only after a window in which it was shown has been
+    ingested, so the first impressions of anyone have no statistics; training and serving must
+    fill them the same way.
+    """
+    prior = features.ctr_prior_clicks / features.ctr_prior_impressions
+    for view in STATS_VIEWS:
+        for days in features.stats_windows_days:
+            for name, value in (("impressions", 0), ("clicks", 0), ("ctr", prior)):
+                column = f"{view}__{name}_{days}d"
+                if column in frame:
+                    frame[column] = frame[column].fillna(value)
+                    if name != "ctr":
+                        frame[column] = frame[column].astype("int64")
+    return frame
+
+
+def _view_requests(store: FeatureStore, service: FeatureService) -> list[tuple[list[str], list[str]]]:
+    """(join keys, feature references) of each feature view of the service."""
+    requests = []
+    for projection in service.feature_view_projections:
+        view = store.get_feature_view(projection.name)
+        keys = sorted(column.name for column in view.entity_columns)
+        requests.append((keys, [f"{projection.name_to_use()}:{f.name}" for f in projection.features]))
+    return requests
+
+
+def training_frame(
+    store: FeatureStore, labeled: pd.DataFrame, features: FeaturesConfig | None = None
+) -> pd.DataFrame:
+    """The labeled impressions joined point-in-time with the `pctr_v1` features.
+
+    Each row gets the feature values valid at its `event_timestamp` (never later ones), so a
+    statistic that counts an impression's own click cannot leak into its features.
+
+    Feast is asked once per feature view for the distinct (join keys, timestamp) pairs, and the
+    answers are merged back: Feast 0.67's file (dask) offline store collapses entity rows that
+    share a join key and timestamp (feast-dev/feast#6787; every ad of one response shares its
+    user and time), and drops an entity row whose rows in one view are all later than it instead
+    of returning it without that view's features (so one view's gap would erase the others).
+
+    Args:
+        store: The feature store (`open_store`).
+        labeled: Entity frame: `event_timestamp`, `user_id`, `ad_id` and any other columns
+            (e.g. from `labeled_impressions`), which are kept.
+        features: If given, missing statistics are filled with zeros and the prior CTR
+            (`fill_missing_stats`); if None they stay NaN.
+
+    Returns:
+        `labeled` in its own row order, plus one column per feature.
+    """
+    if labeled.empty:
+        raise ValueError("labeled: no impressions to build a training frame from")
+    frame = labeled.reset_index(drop=True)
+    frame["event_timestamp"] = pd.to_datetime(frame["event_timestamp"], utc=True)
+    for keys, refs in _view_requests(store, store.get_feature_service(FEATURE_SERVICE)):
+        on = [*keys, "event_timestamp"]
+        entity_df = frame[on].drop_duplicates().reset_index(drop=True)
+        joined = store.get_historical_features(
+            entity_df=entity_df, features=refs, full_feature_names=True
+        ).to_df()
+        joined["event_timestamp"] = pd.to_datetime(joined["event_timestamp"], utc=True).astype(
+            frame["event_timestamp"].dtype
+        )
+        frame = frame.merge(joined, on=on, how="left", validate="many_to_one")
+    frame = _embeddings_as_float32(frame)
+    logger.info("training frame: %d rows, %d columns", len(frame), frame.shape[1])
+    return frame if features is None else fill_missing_stats(frame, features)
+
+
+def online_profile(store: FeatureStore, user_ids: Sequence[str]) -> dict[str, str]:
+    """Profile text h of each known user, as the auction request needs it; unknown users are left out."""
+    response = store.get_online_features(
+        features=["user_profile_fv:profile_text"], entity_rows=[{"user_id": u} for u in user_ids]
+    ).to_dict()
+    return {u: text for u, text in zip(response["user_id"], response["profile_text"]) if text is not None}
+
+
+def online_features(
+    store: FeatureStore,
+    user_ids: Sequence[str],
+    ad_ids: Sequence[str],
+    features: FeaturesConfig | None = None,
+) -> pd.DataFrame:
+    """The `pctr_v1` features of (user, ad) pairs, `user_ids[i]` with `ad_ids[i]`, for serving.
+
+    Columns are those `training_frame` adds, so the reward model sees the same inputs online.
+
+    Args:
+        store: The feature store (`open_store`).
+        user_ids: User of each pair.
+        ad_ids: Ad of each pair (same length as `user_ids`).
+        features: If given, missing statistics are filled as in training (`fill_missing_stats`).
+    """
+    if len(user_ids) != len(ad_ids):
+        raise ValueError(f"ad_ids: {len(ad_ids)} ads for {len(user_ids)} users; pass one ad per user")
+    frame = store.get_online_features(
+        features=store.get_feature_service(FEATURE_SERVICE),
+        entity_rows=[{"user_id": u, "ad_id": a} for u, a in zip(user_ids, ad_ids)],
+        full_feature_names=True,
+    ).to_df()
+    frame = _embeddings_as_float32(frame)
+    return frame if features is None else fill_missing_stats(frame, features)
