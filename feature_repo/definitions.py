@@ -122,9 +122,9 @@ ad_stats_fv = FeatureView(
 pctr_v1 = FeatureService(
     name="pctr_v1",
     features=[
-        user_profile_fv[["profile_embedding"]],
+        user_profile_fv[["profile_text", "profile_embedding"]],
         user_stats_fv,
-        ad_fv[["ad_embedding", "advertiser_id", "category"]],
+        ad_fv[["ad_text", "ad_embedding", "advertiser_id", "category"]],
         ad_stats_fv,
     ],
     description="Features of the pCTR reward model psi (join on user_id, ad_id at the impression time).",

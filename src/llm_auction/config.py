@@ -36,7 +36,7 @@ class WorldConfig(_Section):
     ads_per_advertiser: int = Field(3, ge=1, description="Ads per advertiser, all in its category.")
     n_users: int = Field(400, ge=1, description="Users with interests over categories.")
     n_queries: int = Field(300, ge=1, description="Distinct query texts.")
-    n_requests: int = Field(4000, ge=1, le=2_000_000, description="Requests in the generated stream.")
+    n_requests: int = Field(12000, ge=1, le=2_000_000, description="Requests in the generated stream.")
     k_candidates: int = Field(6, ge=1, le=64, description="Candidate ads K retrieved per request.")
     retrieval_noise: float = Field(
         0.25, ge=0.0, le=1.0, description="Share of candidates retrieved from other categories."
