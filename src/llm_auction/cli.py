@@ -139,6 +139,16 @@ def _table(title: str, rows: dict[str, dict[str, Estimate]]) -> Table:
     return table
 
 
+def _print_fields(title: str, rows: list[tuple[str, str]]) -> None:
+    """A two-column summary table (what, value)."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for what, value in rows:
+        table.add_row(what, value)
+    console.print(table)
+
+
 def _write_json(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
@@ -157,12 +167,8 @@ def world_generate(
     settings = _settings(config, profile, sets, seed)
     world = generate_world(settings.world, settings.seed)
     paths = world.save(out)
-    table = Table(title=f"world seed={settings.seed} -> {out}", title_justify="left")
-    table.add_column("table")
-    table.add_column("rows", justify="right")
-    for path in paths:
-        table.add_row(path.stem, str(len(getattr(world, path.stem))))
-    console.print(table)
+    rows = [(f"{path.stem} rows", f"{len(getattr(world, path.stem)):,}") for path in paths]
+    _print_fields(f"world seed={settings.seed} -> {out}", rows)
 
 
 @app.command()
@@ -365,12 +371,7 @@ def ingest(
     report = ingest_window(
         open_store(settings), settings, feedback, tables.users, tables.ads, start, end, encoder
     )
-    table = Table(title=f"ingest {report.window}", title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("field")
-    table.add_column("value", justify="right")
-    for name, value in dataclasses.asdict(report).items():
-        table.add_row(name, str(value))
-    console.print(table)
+    _print_fields(f"ingest {report.window}", [(k, str(v)) for k, v in dataclasses.asdict(report).items()])
     if json_path is not None:
         _write_json(json_path, json.loads(json.dumps(dataclasses.asdict(report), default=str)))
 
@@ -402,29 +403,18 @@ def pctr_train(
     encoder = TextEncoder(cache_path=settings.data_dir / "encoder-cache.parquet")
     lineage = {"window": window or "all", "rows": len(frame)}
     _, card = train_and_register(settings, frame, encoder, out, lineage)
-    table = Table(title=f"pCTR -> {out}", title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key in (
-        "rows",
-        "click_rate",
-        "epochs",
-        "best_epoch",
-        "test_n",
-        "test_auc",
-        "test_log_loss",
-        "test_ece",
-    ):
-        value = card[key]
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    for position, calibration in card["calibration_by_position"].items():
-        table.add_row(
+    keys = ("rows", "click_rate", "epochs", "best_epoch", "test_n", "test_auc", "test_log_loss", "test_ece")
+    rows = [(k, f"{card[k]:.4f}" if isinstance(card[k], float) else str(card[k])) for k in keys]
+    rows += [
+        (
             f"position {position}: predicted / observed (n)",
-            f"{calibration['predicted']:.3f} / {calibration['observed']:.3f} ({calibration['n']})",
+            f"{c['predicted']:.3f} / {c['observed']:.3f} ({c['n']})",
         )
+        for position, c in card["calibration_by_position"].items()
+    ]
     if "registered_version" in card:
-        table.add_row("registered", f"{settings.pctr.registered_model} v{card['registered_version']}")
-    console.print(table)
+        rows.append(("registered", f"{settings.pctr.registered_model} v{card['registered_version']}"))
+    _print_fields(f"pCTR -> {out}", rows)
     if json_path is not None:
         _write_json(json_path, card)
 
@@ -444,9 +434,6 @@ def policy_init(
     settings = _settings(config, profile, sets, seed)
     card = init_policy(build_environment(settings, world), out)
     held, sft = card["held_out"], card["sft"]
-    table = Table(title=f"pi_0 -> {out}", title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("what")
-    table.add_column("value", justify="right")
     rows = [
         ("parameters", f"{card['parameters']:,}"),
         ("vocabulary", f"{card['vocab_size']:,}"),
@@ -460,9 +447,7 @@ def policy_init(
         ("bid-selection correlation (0 = bid-blind)", f"{held['bid_selection_corr']:+.3f}"),
         ("selected / candidate mean bid (1 = bid-blind)", f"{held['selected_bid_ratio']:.3f}"),
     ]
-    for what, value in rows:
-        table.add_row(what, value)
-    console.print(table)
+    _print_fields(f"pi_0 -> {out}", rows)
 
 
 @policy_app.command("sample")
