@@ -193,3 +193,13 @@ def test_train_and_register_logs_the_model_to_mlflow(logged, encoder, tmp_path: 
         "pctr/pctr_config.json",
     }
     assert PCTRModel.load(tmp_path / "pctr").users == model.users
+
+
+def test_encoder_disk_cache_is_written_on_flush_and_reused(tmp_path: Path):
+    path = tmp_path / "cache.parquet"
+    first = TextEncoder(cache_path=path)
+    vectors = first.encode(["best running shoes this year", "cheap flights", "best running shoes this year"])
+    assert first.n_encoded == 2 and not path.exists()
+    first.flush()
+    second = TextEncoder(cache_path=path)
+    assert np.allclose(second.encode(["cheap flights"]), vectors[1:2]) and second.n_encoded == 0

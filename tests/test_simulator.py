@@ -82,9 +82,10 @@ def test_empty_allocation_and_unknown_entities(env: Environment):
 
 def test_clicks_are_seeded_bernoulli_draws():
     ctr = np.array([0.1, 0.5, 0.9])
-    a = np.array([sample_clicks(ctr, np.random.default_rng(1)) for _ in range(1)])
-    b = np.array([sample_clicks(ctr, np.random.default_rng(1)) for _ in range(1)])
-    assert (a == b).all()
+    first = [sample_clicks(ctr, np.random.default_rng(s)) for s in range(20)]
+    again = [sample_clicks(ctr, np.random.default_rng(s)) for s in range(20)]
+    assert all((a == b).all() for a, b in zip(first, again))
+    assert len({tuple(a) for a in first}) > 1
     rng = np.random.default_rng(0)
     draws = np.array([sample_clicks(ctr, rng) for _ in range(4000)])
     assert np.allclose(draws.mean(axis=0), ctr, atol=0.03)

@@ -403,6 +403,7 @@ def pctr_train(
     encoder = TextEncoder(cache_path=settings.data_dir / "encoder-cache.parquet")
     lineage = {"window": window or "all", "rows": len(frame)}
     _, card = train_and_register(settings, frame, encoder, out, lineage)
+    encoder.flush()
     keys = ("rows", "click_rate", "epochs", "best_epoch", "test_n", "test_auc", "test_log_loss", "test_ece")
     rows = [(k, f"{card[k]:.4f}" if isinstance(card[k], float) else str(card[k])) for k in keys]
     rows += [

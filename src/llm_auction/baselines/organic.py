@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from llm_auction.world import catalog
@@ -9,6 +11,7 @@ from llm_auction.world import catalog
 _GENERIC_TIPS = ("compare a few options", "read honest reviews", "start small and adjust")
 
 
+@functools.cache
 def topic_of(query: str) -> catalog.Topic | None:
     """The catalog topic a query is about, read from its words (public text only)."""
     text = query.lower()
@@ -19,6 +22,7 @@ def topic_of(query: str) -> catalog.Topic | None:
     return None
 
 
+@functools.cache
 def text_relevance(query_topic: catalog.Topic | None, ad_text: str) -> float:
     """How well an ad's words match the query's topic: 1 same topic, 0.5 same category, else 0.
 
@@ -34,6 +38,7 @@ def text_relevance(query_topic: catalog.Topic | None, ad_text: str) -> float:
     return 0.5 if any(product in text for product in siblings) else 0.0
 
 
+@functools.cache
 def profile_match(profile: str, ad_text: str) -> float:
     """How strongly a profile text names an interest in the ad's category: 1 first, 0.5 later, else 0."""
     topic = next(

