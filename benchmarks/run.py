@@ -2,8 +2,9 @@
 
 Rows: parser throughput, simulation throughput per baseline, the oracle's exact subset search
 against its greedy fallback (speed and revenue it gives up), and policy sampling batched against
-one prompt at a time on the same model (`BENCH_POLICY=DIR` picks the model; by default a pi_0 is
-trained on a small world first).
+one prompt at a time on the same model, and DPO tokens/s with achieved FLOP/s as a share of a
+matrix-multiply peak measured in the same run (`BENCH_POLICY=DIR` picks the model; by default a
+pi_0 is trained on a small world first).
 """
 
 from __future__ import annotations
@@ -42,11 +43,8 @@ def _best_of(fn: Callable[[], object], repeats: int = 3) -> float:
     return min(times)
 
 
-def bench_sampling(settings: Settings, env: Environment, rows: list[dict[str, object]]) -> dict[str, float]:
-    """Responses/s of batched sampling vs one prompt at a time, same model, prompts and seed."""
-    from llm_auction.policy.allocator import prompts_for
-    from llm_auction.policy.generation import TransformersGenerator
-    from llm_auction.policy.model import load_policy
+def bench_policy(settings: Settings, env: Environment) -> Path:
+    """`BENCH_POLICY`, or a pi_0 trained once on the bench world and kept in runs/bench."""
     from llm_auction.policy.warm_start import init_policy
 
     directory = Path(os.environ.get("BENCH_POLICY", OUT / "pi_0"))
@@ -55,6 +53,17 @@ def bench_sampling(settings: Settings, env: Environment, rows: list[dict[str, ob
             update={"policy": settings.policy.model_copy(update={"held_out_requests": 200})}
         )
         init_policy(Environment(small, env.world, env.ground_truth, env.click_model), directory, n_eval=50)
+    return directory
+
+
+def bench_sampling(
+    settings: Settings, env: Environment, directory: Path, rows: list[dict[str, object]]
+) -> dict[str, float]:
+    """Responses/s of batched sampling vs one prompt at a time, same model, prompts and seed."""
+    from llm_auction.policy.allocator import prompts_for
+    from llm_auction.policy.generation import TransformersGenerator
+    from llm_auction.policy.model import load_policy
+
     model, tokenizer = load_policy(directory)
     _, held_out = split_requests(env)
     prompts = prompts_for(held_out[:64], user_profiles(env.world))
@@ -75,6 +84,67 @@ def bench_sampling(settings: Settings, env: Environment, rows: list[dict[str, ob
             }
         )
     return {"batched_vs_one_at_a_time": results["batched"] / results["one at a time"]}
+
+
+def matmul_peak_flops(n: int = 1024, repeats: int = 20) -> float:
+    """FLOP/s of a float32 n x n matrix multiply on this machine now: the ceiling DPO is measured against."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up
+    seconds = _best_of(lambda: [torch.mm(a, b) for _ in range(repeats)])
+    return 2 * n**3 * repeats / seconds
+
+
+def bench_dpo(settings: Settings, env: Environment, directory: Path, rows: list[dict[str, object]]) -> dict:
+    """DPO tokens/s and achieved FLOP/s as a share of the matmul peak measured in the same run.
+
+    Model FLOPs per token = 6 * N, N = parameters in matrix multiplies (all but the input
+    embedding): forward 2N and activation-gradient backward 2N of the policy, forward 2N of the
+    reference; LoRA's own weight gradients are negligible at rank 8. Attention-score FLOPs are left
+    out, so this understates the work slightly.
+    """
+    import tempfile
+
+    from llm_auction.irpo.dpo import train_dpo
+    from llm_auction.irpo.pairs import build_pairs
+    from llm_auction.policy.allocator import prompts_for
+    from llm_auction.policy.generation import make_generator
+    from llm_auction.policy.model import load_policy
+
+    requests = env.world.auction_requests(limit=128)
+    prompts = prompts_for(requests, user_profiles(env.world))
+    samples = make_generator(settings.policy.generation, directory).generate(prompts, 4, seed=0)
+    rewards = [
+        [sum(r.ads[i].bid for i in parse_response(s, len(r.ads), 3).allocation) for s in group]
+        for r, group in zip(requests, samples)
+    ]
+    pairs = build_pairs([r.request_id for r in requests], prompts, samples, rewards, delta_th=0.0)
+    steps = 30
+    peak = matmul_peak_flops()
+    with tempfile.TemporaryDirectory() as scratch:
+        summary = train_dpo(settings, directory, pairs, Path(scratch) / "pi_1", max_steps=steps)
+    model, _ = load_policy(directory)
+    n_matmul = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    tokens = max(entry.get("num_tokens", 0.0) for entry in summary["history"])
+    tokens_per_s = tokens / summary["seconds"]
+    achieved = 6 * n_matmul * tokens_per_s
+    rows.append(
+        {
+            "what": "DPO (TRL + LoRA)",
+            "n": int(tokens),
+            "seconds": summary["seconds"],
+            "per_s": tokens_per_s,
+            "note": f"tokens/s; {steps} steps of {settings.irpo.dpo.batch_size} pairs, 1 process",
+        }
+    )
+    return {
+        "tokens_per_s": tokens_per_s,
+        "model_flops_per_token": 6 * n_matmul,
+        "achieved_flops": achieved,
+        "matmul_peak_flops": peak,
+        "share_of_peak": achieved / peak,
+    }
 
 
 def main() -> None:
@@ -133,7 +203,9 @@ def main() -> None:
     exact, greedy = rows[-2], rows[-1]
     ratio_speed = float(greedy["per_s"]) / float(exact["per_s"])
     ratio_value = values["greedy"] / values["exact"]
-    sampling = bench_sampling(settings, env, rows)
+    directory = bench_policy(settings, env)
+    sampling = bench_sampling(settings, env, directory, rows)
+    dpo = bench_dpo(settings, env, directory, rows)
 
     table = Table(title="llm-auction benchmarks (this machine, this run)", title_justify="left")
     for column in ("what", "n", "seconds", "per second", "note"):
@@ -147,8 +219,13 @@ def main() -> None:
     console.print(
         f"policy sampling, batched vs one prompt at a time: {sampling['batched_vs_one_at_a_time']:.1f}x"
     )
+    console.print(
+        f"DPO: {dpo['achieved_flops'] / 1e9:.2f} GFLOP/s achieved vs "
+        f"{dpo['matmul_peak_flops'] / 1e9:.1f} GFLOP/s float32 matmul peak = {dpo['share_of_peak']:.1%}"
+    )
     OUT.mkdir(parents=True, exist_ok=True)
     summary = {
+        "dpo": dpo,
         "rows": rows,
         "oracle_greedy_vs_exact": {"speed": ratio_speed, "revenue": ratio_value},
         "sampling": sampling,

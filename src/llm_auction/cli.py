@@ -21,7 +21,7 @@ from rich.table import Table
 from llm_auction.baselines import BASELINES, make_baseline
 from llm_auction.config import ConfigError, Settings, describe_validation_error, load_config
 from llm_auction.contracts import Allocator, AuctionRequest
-from llm_auction.errors import JudgeError, UnsafeCheckpointError
+from llm_auction.errors import JudgeError, LaunchError, UnsafeCheckpointError
 from llm_auction.mechanism.audits import audit_individual_rationality, audit_monotonicity
 from llm_auction.mechanism.metrics import METRICS, Estimate
 from llm_auction.simulator.base import UnknownEntityError
@@ -50,6 +50,8 @@ logs_app = typer.Typer(help="Feedback event logs (impressions and clicks).", no_
 app.add_typer(logs_app, name="logs")
 pctr_app = typer.Typer(help="The pCTR reward model.", no_args_is_help=True)
 app.add_typer(pctr_app, name="pctr")
+irpo_app = typer.Typer(help="IRPO: preference pairs and DPO of the policy.", no_args_is_help=True)
+app.add_typer(irpo_app, name="irpo")
 
 # Wide enough for the metric table when the output is a file or a CI log (rich assumes 80 there).
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -129,13 +131,13 @@ def _fmt(estimate: Estimate) -> str:
     return f"{estimate.mean:.3f} [{estimate.ci[0]:.3f}, {estimate.ci[1]:.3f}]"
 
 
-def _table(title: str, rows: dict[str, dict[str, Estimate]]) -> Table:
+def _table(title: str, rows: dict[str, dict[str, Estimate]], columns: tuple[str, ...] = METRICS) -> Table:
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("policy", style="bold", no_wrap=True)
-    for metric in METRICS:
+    for metric in columns:
         table.add_column(metric, justify="right", no_wrap=True)
     for policy, metrics in rows.items():
-        table.add_row(policy, *(_fmt(metrics[m]) for m in METRICS))
+        table.add_row(policy, *(_fmt(metrics[m]) for m in columns))
     return table
 
 
@@ -502,6 +504,171 @@ def policy_sample(
         )
 
 
+def _reward_scorer(settings: Settings, pctr: Path):
+    """R under the pCTR model in `pctr`, with features from Feast's online store."""
+    from llm_auction.features.encoder import TextEncoder
+    from llm_auction.features.retrieval import online_lookups
+    from llm_auction.features.store import open_store
+    from llm_auction.irpo.sampling import reward_scorer
+    from llm_auction.reward.pctr import PCTRModel
+
+    encoder = TextEncoder(cache_path=settings.data_dir / "encoder-cache.parquet")
+    users, ads = online_lookups(open_store(settings), settings.features)
+    model = PCTRModel.load(pctr)
+    return reward_scorer(model, encoder, users, ads, settings.reward.lambda_page, settings.mechanism.max_ads)
+
+
+@app.command()
+def evaluate(
+    policies: Annotated[
+        list[str], typer.Option("--policy", help="baseline:NAME or model:DIR; repeat to compare.")
+    ],
+    pctr: Annotated[
+        Path | None, typer.Option("--pctr", help="pCTR model: adds R, the reward model's estimate.")
+    ] = None,
+    requests: Annotated[
+        int | None, typer.Option("--requests", min=1, help="Held-out requests (all).")
+    ] = None,
+    seed: SeedOption = None,
+    json_path: JsonOption = None,
+    world: WorldOption = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    sets: SetOption = None,
+) -> None:
+    """Policies on the held-out requests: R under the reward model beside the simulator's oracle metrics."""
+    from llm_auction.evaluation.offline import evaluate_allocator
+    from llm_auction.simulator.experiment import split_requests
+
+    settings = _settings(config, profile, sets, seed)
+    env = build_environment(settings, world)
+    held_out = split_requests(env)[1][:requests]
+    scorer = _reward_scorer(settings, pctr) if pctr is not None else None
+    rows = {}
+    for spec in policies:
+        _, rows[spec] = evaluate_allocator(env, _policy(spec, env), held_out, settings.seed, scorer)
+    columns = (("reward",) if scorer else ()) + METRICS
+    console.print(_table(f"{len(held_out)} held-out requests (seed {settings.seed})", rows, columns))
+    if json_path is not None:
+        payload = {name: {m: metrics[m].to_dict() for m in columns} for name, metrics in rows.items()}
+        _write_json(json_path, {"requests": len(held_out), "seed": settings.seed, "policies": payload})
+
+
+EpochOption = Annotated[int, typer.Option("--epoch", min=1, help="IRPO epoch t (lineage tags).")]
+
+
+def _online_request_ids(feedback: Path | None) -> list[str]:
+    if feedback is None:
+        return []
+    from llm_auction.simulator.feedback import read_feedback
+
+    if not feedback.is_dir():
+        raise InputError(f"--feedback {feedback}: not a folder")
+    impressions, _ = read_feedback(feedback)
+    return impressions["request_id"].astype(str).tolist()
+
+
+@irpo_app.command("pairs")
+def irpo_pairs(
+    policy: Annotated[Path, typer.Option("--policy", help="pi_{t-1}: the policy directory to sample.")],
+    pctr: Annotated[Path, typer.Option("--pctr", help="psi_t: the pCTR model directory behind R.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for pairs.parquet, samples.parquet, stats.")],
+    feedback: Annotated[
+        Path | None, typer.Option("--feedback", help="Feedback store: its requests are the online prompts.")
+    ] = None,
+    prompts: Annotated[int | None, typer.Option("--prompts", min=1, help="Prompts (irpo.n_prompts).")] = None,
+    m: Annotated[int | None, typer.Option("--m", min=1, max=64, help="Samples M (irpo.m_samples).")] = None,
+    delta_th: Annotated[
+        float | None, typer.Option("--delta-th", min=0.0, help="Reward gap of a loser (irpo.delta_th).")
+    ] = None,
+    epoch: EpochOption = 1,
+    json_path: JsonOption = None,
+    seed: SeedOption = None,
+    world: WorldOption = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    sets: SetOption = None,
+) -> None:
+    """Sample M responses per prompt from pi_{t-1}, score them with R, keep winner/loser pairs."""
+    from llm_auction.irpo.steps import pairs_step
+
+    settings = _settings(
+        config, profile, sets, seed, irpo__n_prompts=prompts, irpo__m_samples=m, irpo__delta_th=delta_th
+    )
+    stats = pairs_step(
+        build_environment(settings, world), policy, pctr, out, _online_request_ids(feedback), {"epoch": epoch}
+    )
+    keys = (
+        "prompts", "pairs", "prompts_with_pairs", "share_prompts_without_pair", "pairs_per_prompt_mean",
+        "gap_p10", "gap_p50", "gap_p90", "reward_sampled_mean", "reward_chosen_mean", "reward_rejected_mean",
+    )  # fmt: skip
+    _print_fields(f"preference pairs -> {out}", [(k, f"{stats[k]:.4g}") for k in keys])
+    if json_path is not None:
+        _write_json(json_path, stats)
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """`argv` less one `--name VALUE` / `--name=VALUE` option (to relaunch a command under torchrun)."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == name:
+            skip = True
+        elif not item.startswith(f"{name}="):
+            out.append(item)
+    return out
+
+
+@irpo_app.command("dpo")
+def irpo_dpo(
+    policy: Annotated[Path, typer.Option("--policy", help="pi_{t-1}: policy to improve, and the reference.")],
+    pairs: Annotated[Path, typer.Option("--pairs", help="Pair set: `irpo pairs` folder or parquet.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for pi_t (merged) and its LoRA adapter.")],
+    nproc: Annotated[
+        int | None,
+        typer.Option("--nproc", min=1, help="Processes under torchrun (irpo.distributed.nproc_per_node)."),
+    ] = None,
+    epoch: EpochOption = 1,
+    pctr_version: Annotated[str | None, typer.Option("--pctr-version", help="psi_t version.")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop after N steps.")] = None,
+    json_path: JsonOption = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    sets: SetOption = None,
+) -> None:
+    """DPO (Eq. 6) with TRL and LoRA; one process, or N under torchrun (gloo on CPU, NCCL on GPUs)."""
+    from llm_auction.irpo.launch import run_torchrun
+    from llm_auction.irpo.steps import dpo_step, is_main_process
+
+    settings = _settings(config, profile, sets, None)
+    n = nproc or settings.irpo.distributed.nproc_per_node
+    if n > 1 and "LOCAL_RANK" not in os.environ:
+        err_console.print(f"launching {n} processes with torchrun")
+        run_torchrun(n, _without_option(sys.argv[1:], "--nproc"))
+        return
+    lineage = {"epoch": epoch, **({"pctr_version": pctr_version} if pctr_version else {})}
+    summary = dpo_step(settings, policy, pairs, out, lineage, max_steps)
+    if not is_main_process():
+        return
+    keys = (
+        "pairs",
+        "prompts",
+        "steps",
+        "world_size",
+        "trainable_parameters",
+        "seconds",
+        "first_loss",
+        "last_loss",
+    )
+    rows = [(k, f"{summary[k]:.4g}" if isinstance(summary[k], float) else str(summary[k])) for k in keys]
+    if "registered_version" in summary:
+        rows.append(("registered", f"{settings.irpo.registered_model} v{summary['registered_version']}"))
+    _print_fields(f"DPO -> {out}", rows)
+    if json_path is not None:
+        _write_json(json_path, summary)
+
+
 USER_ERRORS = (
     ConfigError,
     InputError,
@@ -510,6 +677,7 @@ USER_ERRORS = (
     ValidationError,
     UnsafeCheckpointError,
     JudgeError,
+    LaunchError,
 )
 
 

@@ -243,6 +243,57 @@ class RewardConfig(_Section):
     lambda_page: float = Field(0.0, ge=0, description="Weight of the page-level term; 0 turns it off.")
 
 
+class DPOConfig(_Section):
+    """DPO (Eq. 6) with TRL and PEFT LoRA (`policy.lora`): the improvement step of one IRPO epoch."""
+
+    beta: float = Field(0.1, gt=0, description="KL strength of DPO: lower moves further from pi_ref.")
+    learning_rate: float = Field(
+        5e-4, gt=0, description="AdamW learning rate of the adapters; too high and the policy degrades."
+    )
+    epochs: float = Field(1.0, gt=0, description="Passes over the pair set; more can overfit R's noise.")
+    batch_size: int = Field(16, ge=1, description="Pairs per device per optimiser step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with a rising learning rate.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
+    logging_steps: int = Field(5, ge=1, description="Optimiser steps between logged losses.")
+
+
+class DistributedConfig(_Section):
+    """How DPO is launched: one process, torchrun on one node, or a Kubeflow Trainer TrainJob."""
+
+    nproc_per_node: int = Field(1, ge=1, description="Processes per node (GPUs; CPU: gloo processes).")
+    num_nodes: int = Field(1, ge=1, description="Nodes; above 1: a Kubeflow Trainer TrainJob.")
+    strategy: Literal["ddp", "zero2", "zero3", "fsdp"] = Field(
+        "ddp", description="Data parallel, DeepSpeed ZeRO-2/3 or FSDP (the last three need GPUs)."
+    )
+    runtime: str = Field("torch-distributed", description="Kubeflow Trainer ClusterTrainingRuntime.")
+    image: str = Field(
+        "ghcr.io/llm-auction/trainer:0.1.0", description="Trainer image of the TrainJob's nodes."
+    )
+    gpus_per_node: int = Field(0, ge=0, description="GPUs requested per TrainJob node (0: CPU).")
+    namespace: str = Field("llm-auction", description="Namespace of the TrainJob.")
+    workspace_pvc: str = Field(
+        "llm-auction-workspace", description="PVC of policies and pair sets, at /mnt/llm-auction."
+    )
+
+
+class IRPOConfig(_Section):
+    """One IRPO epoch: sample M responses per prompt from pi_{t-1}, pair them by R, improve by DPO."""
+
+    m_samples: int = Field(8, ge=1, le=64, description="Responses M sampled per prompt.")
+    delta_th: float = Field(
+        0.05, ge=0, description="Reward gap r_w - r_l a loser must exceed; higher: fewer, cleaner pairs."
+    )
+    n_prompts: int = Field(2000, ge=1, description="Prompts per epoch.")
+    prompt_source: Literal["online", "synthetic", "mixed"] = Field(
+        "mixed",
+        description="online: requests from the feedback window; synthetic: the world's stream; mixed: both.",
+    )
+    registered_model: str = Field("llm-auction-policy", description="MLflow registered model name.")
+    dpo: DPOConfig = DPOConfig()
+    distributed: DistributedConfig = DistributedConfig()
+
+
 class TrackingConfig(_Section):
     """MLflow tracking; `uri: null` logs nothing."""
 
@@ -270,6 +321,7 @@ class Settings(BaseModel):
     features: FeaturesConfig = FeaturesConfig()
     pctr: PCTRConfig = PCTRConfig()
     reward: RewardConfig = RewardConfig()
+    irpo: IRPOConfig = IRPOConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")

@@ -7,3 +7,7 @@ class UnsafeCheckpointError(ValueError):
 
 class JudgeError(RuntimeError):
     """The judge endpoint failed or replied with something that is not a valid judgment."""
+
+
+class LaunchError(RuntimeError):
+    """A distributed run that cannot start or that failed; the message says which and why."""

@@ -8,7 +8,7 @@ for training and serving keeps the two from drifting apart.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -142,3 +142,30 @@ def online_features(
     ).to_df()
     frame = _embeddings_as_float32(frame)
     return frame if features is None else fill_missing_stats(frame, features)
+
+
+def online_lookups(
+    store: FeatureStore, features: FeaturesConfig
+) -> tuple[Callable[[Sequence[str]], pd.DataFrame], Callable[[Sequence[str]], pd.DataFrame]]:
+    """(user lookup, ad lookup) over the online store, in the shape `reward.score_responses` takes.
+
+    Each reads only the views of its own entity, so scoring M responses of one prompt asks for a
+    user once and for each distinct ad once, not for every (user, ad) pair.
+    """
+    from llm_auction.reward.training import pctr_inputs
+
+    views: dict[str, list[str]] = {}
+    for keys, refs in _view_requests(store, store.get_feature_service(FEATURE_SERVICE)):
+        if len(keys) == 1:
+            views.setdefault(keys[0], []).extend(refs)
+
+    def lookup(key: str) -> Callable[[Sequence[str]], pd.DataFrame]:
+        def read(ids: Sequence[str]) -> pd.DataFrame:
+            frame = store.get_online_features(
+                features=views[key], entity_rows=[{key: i} for i in ids], full_feature_names=True
+            ).to_df()
+            return pctr_inputs(fill_missing_stats(_embeddings_as_float32(frame), features))
+
+        return read
+
+    return lookup("user_id"), lookup("ad_id")

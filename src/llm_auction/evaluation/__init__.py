@@ -1,0 +1,1 @@
+"""Offline evaluation of policies and the promotion gate."""

@@ -1,0 +1,1 @@
+"""IRPO: sampling, preference pairs, DPO training, distributed launch."""
