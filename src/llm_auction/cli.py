@@ -21,7 +21,7 @@ from rich.table import Table
 from llm_auction.baselines import BASELINES, make_baseline
 from llm_auction.config import ConfigError, Settings, describe_validation_error, load_config
 from llm_auction.contracts import Allocator, AuctionRequest
-from llm_auction.errors import JudgeError, LaunchError, UnsafeCheckpointError
+from llm_auction.errors import JudgeError, LaunchError, RegistryError, UnsafeCheckpointError
 from llm_auction.mechanism.audits import audit_individual_rationality, audit_monotonicity
 from llm_auction.mechanism.metrics import METRICS, Estimate
 from llm_auction.simulator.base import UnknownEntityError
@@ -50,8 +50,12 @@ logs_app = typer.Typer(help="Feedback event logs (impressions and clicks).", no_
 app.add_typer(logs_app, name="logs")
 pctr_app = typer.Typer(help="The pCTR reward model.", no_args_is_help=True)
 app.add_typer(pctr_app, name="pctr")
-irpo_app = typer.Typer(help="IRPO: preference pairs and DPO of the policy.", no_args_is_help=True)
+irpo_app = typer.Typer(help="IRPO: pairs, DPO, evaluation and the gate.", no_args_is_help=True)
 app.add_typer(irpo_app, name="irpo")
+registry_app = typer.Typer(
+    help="The MLflow model registry: review, approve, promote, roll back.", no_args_is_help=True
+)
+app.add_typer(registry_app, name="registry")
 
 # Wide enough for the metric table when the output is a file or a CI log (rich assumes 80 there).
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -504,20 +508,6 @@ def policy_sample(
         )
 
 
-def _reward_scorer(settings: Settings, pctr: Path):
-    """R under the pCTR model in `pctr`, with features from Feast's online store."""
-    from llm_auction.features.encoder import TextEncoder
-    from llm_auction.features.retrieval import online_lookups
-    from llm_auction.features.store import open_store
-    from llm_auction.irpo.sampling import reward_scorer
-    from llm_auction.reward.pctr import PCTRModel
-
-    encoder = TextEncoder(cache_path=settings.data_dir / "encoder-cache.parquet")
-    users, ads = online_lookups(open_store(settings), settings.features)
-    model = PCTRModel.load(pctr)
-    return reward_scorer(model, encoder, users, ads, settings.reward.lambda_page, settings.mechanism.max_ads)
-
-
 @app.command()
 def evaluate(
     policies: Annotated[
@@ -538,12 +528,13 @@ def evaluate(
 ) -> None:
     """Policies on the held-out requests: R under the reward model beside the simulator's oracle metrics."""
     from llm_auction.evaluation.offline import evaluate_allocator
+    from llm_auction.irpo.sampling import feast_reward_scorer
     from llm_auction.simulator.experiment import split_requests
 
     settings = _settings(config, profile, sets, seed)
     env = build_environment(settings, world)
     held_out = split_requests(env)[1][:requests]
-    scorer = _reward_scorer(settings, pctr) if pctr is not None else None
+    scorer = feast_reward_scorer(settings, pctr) if pctr is not None else None
     rows = {}
     for spec in policies:
         _, rows[spec] = evaluate_allocator(env, _policy(spec, env), held_out, settings.seed, scorer)
@@ -669,6 +660,157 @@ def irpo_dpo(
         _write_json(json_path, summary)
 
 
+@irpo_app.command("evaluate")
+def irpo_evaluate(
+    candidate: Annotated[Path, typer.Option("--candidate", help="pi_t: the policy directory to evaluate.")],
+    champion: Annotated[Path, typer.Option("--champion", help="The serving champion's policy directory.")],
+    pctr: Annotated[Path, typer.Option("--pctr", help="psi_t: the reward model the gain is measured with.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for evaluation.json, plots and report.html.")],
+    reference: Annotated[
+        Path | None, typer.Option("--reference", help="pi_{t-1} for the drift KL (default: the champion).")
+    ] = None,
+    epoch: EpochOption = 1,
+    json_path: JsonOption = None,
+    world: WorldOption = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    sets: SetOption = None,
+) -> None:
+    """Candidate vs champion vs baselines on held-out requests, audits, drift and the gate's verdict."""
+    from llm_auction.evaluation.steps import evaluate_step
+
+    settings = _settings(config, profile, sets, None)
+    env = build_environment(settings, world)
+    summary = evaluate_step(env, candidate, champion, reference or champion, pctr, out, {"epoch": epoch})
+    _print_gate(summary["gate"])
+    if json_path is not None:
+        _write_json(json_path, summary)
+
+
+def _print_gate(gate: dict[str, Any]) -> None:
+    table = Table(title=f"gate ({gate['mode']}): {gate['reason']}", title_justify="left", box=box.SIMPLE_HEAD)
+    for column in ("check", "value", "bound", "result"):
+        table.add_column(column, justify="left" if column == "check" else "right")
+    for c in gate["checks"]:
+        table.add_row(
+            c["name"], f"{c['value']:.4g}", f"{c['op']} {c['bound']:.4g}", "pass" if c["passed"] else "FAIL"
+        )
+    console.print(table)
+
+
+@irpo_app.command("gate")
+def irpo_gate(
+    evaluation: Annotated[Path, typer.Option("--evaluation", help="The folder `irpo evaluate` wrote.")],
+    version: Annotated[str, typer.Option("--version", help="The candidate's version in the registry.")],
+    by: Annotated[str, typer.Option("--by", help="Who promotes (recorded in the tags).")] = "irpo-pipeline",
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    sets: SetOption = None,
+) -> None:
+    """Write the review card and tags onto the version; promote it to champion when the gate passes."""
+    from llm_auction.evaluation.steps import EVALUATION_FILE, gate_step
+
+    path = evaluation / EVALUATION_FILE
+    if not path.is_file():
+        raise InputError(
+            f"--evaluation {evaluation}: no {EVALUATION_FILE}; run `llm-auction irpo evaluate` first"
+        )
+    decision = gate_step(_settings(config, profile, sets, None), json.loads(path.read_text()), version, by)
+    _print_gate(decision.to_dict())
+    if not decision.promote:
+        raise typer.Exit(3)
+
+
+ModelOption = Annotated[
+    str | None, typer.Option("--model", help="Registered model (default: irpo.registered_model).")
+]
+ByOption = Annotated[str, typer.Option("--by", help="Who does this (recorded in the version's tags).")]
+
+
+@registry_app.command("show")
+def registry_show(
+    model: ModelOption = None,
+    json_path: JsonOption = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    sets: SetOption = None,
+) -> None:
+    """Versions with their aliases, lineage and gate tags."""
+    from llm_auction.tracking import registry
+
+    settings = _settings(config, profile, sets, None)
+    info = registry.show(settings.tracking, model or settings.irpo.registered_model)
+    table = Table(
+        title=f"{info['name']} (champion history {info['champion_history'] or '-'})", box=box.SIMPLE_HEAD
+    )
+    for column in ("version", "aliases", "epoch", "gate", "created", "run"):
+        table.add_column(column)
+    for v in info["versions"]:
+        tags = v["tags"]
+        table.add_row(
+            v["version"], ",".join(v["aliases"]), tags.get("lineage.epoch", ""),
+            tags.get("gate.promote", ""), v["created"], v["run_id"] or "",
+        )  # fmt: skip
+    console.print(table)
+    if json_path is not None:
+        _write_json(json_path, info)
+
+
+@registry_app.command("approve")
+def registry_approve(
+    version: Annotated[str, typer.Option("--version", help="The version to approve.")],
+    by: ByOption,
+    model: ModelOption = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    sets: SetOption = None,
+) -> None:
+    """Manual gate: tag the version approved=true (the next gate run may then promote it)."""
+    from llm_auction.tracking import registry
+
+    settings = _settings(config, profile, sets, None)
+    name = model or settings.irpo.registered_model
+    registry.approve(settings.tracking, name, version, by)
+    console.print(f"{name} v{version}: approved by {by}")
+
+
+@registry_app.command("promote")
+def registry_promote(
+    version: Annotated[str, typer.Option("--version", help="The version to make champion.")],
+    by: ByOption,
+    reason: Annotated[str, typer.Option("--reason", help="Why (recorded in the tags).")],
+    model: ModelOption = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    sets: SetOption = None,
+) -> None:
+    """Move the `champion` alias to a version by hand (the gate does this in the pipeline)."""
+    from llm_auction.tracking import registry
+
+    settings = _settings(config, profile, sets, None)
+    name = model or settings.irpo.registered_model
+    previous = registry.promote(settings.tracking, name, version, by, reason)
+    console.print(f"{name}: champion v{previous or '-'} -> v{version}")
+
+
+@registry_app.command("rollback")
+def registry_rollback(
+    by: ByOption,
+    reason: Annotated[str, typer.Option("--reason", help="Why (recorded in the tags).")],
+    model: ModelOption = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    sets: SetOption = None,
+) -> None:
+    """Move `champion` back to the version promoted before the current one."""
+    from llm_auction.tracking import registry
+
+    settings = _settings(config, profile, sets, None)
+    name = model or settings.irpo.registered_model
+    current, target = registry.rollback(settings.tracking, name, by, reason)
+    console.print(f"{name}: champion v{current} -> v{target} (rolled back by {by}: {reason})")
+
+
 USER_ERRORS = (
     ConfigError,
     InputError,
@@ -678,6 +820,7 @@ USER_ERRORS = (
     UnsafeCheckpointError,
     JudgeError,
     LaunchError,
+    RegistryError,
 )
 
 

@@ -294,6 +294,29 @@ class IRPOConfig(_Section):
     distributed: DistributedConfig = DistributedConfig()
 
 
+class GateConfig(_Section):
+    """When a candidate policy may replace the champion (ARCHITECTURE.md, "Evaluation and gate")."""
+
+    mode: Literal["auto", "manual"] = Field(
+        "auto", description="manual: promotion also waits for the registry tag approved=true."
+    )
+    gain_metric: Literal["reward", "revenue"] = Field(
+        "reward",
+        description="reward: R under psi (what production has); revenue: the simulator's oracle revenue.",
+    )
+    min_gain: float = Field(0.0, description="The gain's lower confidence bound must exceed this.")
+    itctr_margin: float = Field(
+        0.2, ge=0, lt=1, description="Largest ITCTR drop below the champion's, as a share."
+    )
+    max_ad_load: float = Field(3.0, gt=0, description="Most ads per response on average.")
+    max_format_error_rate: float = Field(0.08, ge=0, le=1, description="Most malformed responses.")
+    max_kl: float = Field(5.0, gt=0, description="Most KL(candidate || reference) in nats per response.")
+    max_monotonicity_violation_rate: float = Field(
+        0.05, ge=0, le=1, description="Most share of (request, ad, bid raise) checks that lower clicks."
+    )
+    audit_requests: int = Field(10, ge=1, description="Requests whose bids the monotonicity audit raises.")
+
+
 class TrackingConfig(_Section):
     """MLflow tracking; `uri: null` logs nothing."""
 
@@ -322,6 +345,7 @@ class Settings(BaseModel):
     pctr: PCTRConfig = PCTRConfig()
     reward: RewardConfig = RewardConfig()
     irpo: IRPOConfig = IRPOConfig()
+    gate: GateConfig = GateConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")

@@ -11,3 +11,7 @@ class JudgeError(RuntimeError):
 
 class LaunchError(RuntimeError):
     """A distributed run that cannot start or that failed; the message says which and why."""
+
+
+class RegistryError(ValueError):
+    """A registry action that cannot be done (no such version, nothing to roll back to)."""

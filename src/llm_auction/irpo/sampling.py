@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from llm_auction.config import IRPOConfig
+from llm_auction.config import IRPOConfig, Settings
 from llm_auction.contracts import AuctionRequest
 from llm_auction.features.encoder import TextEncoder
 from llm_auction.irpo.pairs import build_pairs, pair_statistics
@@ -22,22 +23,43 @@ Scorer = Callable[[Sequence[AuctionRequest], Sequence[str]], np.ndarray]
 """(requests, responses) -> R of each response; requests may repeat."""
 
 
-def reward_scorer(
-    pctr: PCTRModel,
-    encoder: TextEncoder,
-    user_features: UserFeatures,
-    ad_features: AdFeatures,
-    lambda_page: float,
-    max_ads: int,
-) -> Scorer:
-    """R (Eq. 5) under one pCTR model and one pair of feature lookups."""
+@dataclass
+class RewardScorer:
+    """R (Eq. 5) under one pCTR model and one pair of feature lookups; a `Scorer`."""
 
-    def score(requests: Sequence[AuctionRequest], responses: Sequence[str]) -> np.ndarray:
+    pctr: PCTRModel
+    encoder: TextEncoder
+    user_features: UserFeatures
+    ad_features: AdFeatures
+    lambda_page: float
+    max_ads: int
+
+    def __call__(self, requests: Sequence[AuctionRequest], responses: Sequence[str]) -> np.ndarray:
         return score_responses(
-            pctr, encoder, requests, responses, user_features, ad_features, lambda_page, max_ads
+            self.pctr,
+            self.encoder,
+            requests,
+            responses,
+            self.user_features,
+            self.ad_features,
+            self.lambda_page,
+            self.max_ads,
         ).rewards
 
-    return score
+    def flush(self) -> None:
+        """Keep the text embeddings computed so far (the next step reuses them)."""
+        self.encoder.flush()
+
+
+def feast_reward_scorer(settings: Settings, pctr_dir: Path) -> RewardScorer:
+    """R under the pCTR model in `pctr_dir`, user and ad features from Feast's online store."""
+    from llm_auction.features.retrieval import online_lookups
+    from llm_auction.features.store import open_store
+
+    encoder = TextEncoder(cache_path=settings.data_dir / "encoder-cache.parquet")
+    users, ads = online_lookups(open_store(settings), settings.features)
+    pctr = PCTRModel.load(pctr_dir)
+    return RewardScorer(pctr, encoder, users, ads, settings.reward.lambda_page, settings.mechanism.max_ads)
 
 
 def prompt_requests(

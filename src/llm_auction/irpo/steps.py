@@ -15,7 +15,7 @@ import pandas as pd
 
 from llm_auction.config import Settings
 from llm_auction.irpo.dpo import file_digest, train_dpo
-from llm_auction.irpo.sampling import build_preference_set, prompt_requests, reward_scorer
+from llm_auction.irpo.sampling import build_preference_set, feast_reward_scorer, prompt_requests
 from llm_auction.simulator.experiment import Environment, split_requests, user_profiles
 from llm_auction.tracking.registry import register_version
 from llm_auction.tracking.runs import tracked_run
@@ -55,26 +55,18 @@ def pairs_step(
 
     The user and ad features come from Feast's online store, as they would for a live request.
     """
-    from llm_auction.features.encoder import TextEncoder
-    from llm_auction.features.retrieval import online_lookups
-    from llm_auction.features.store import open_store
     from llm_auction.policy.generation import make_generator
-    from llm_auction.reward.pctr import PCTRModel
 
     settings = env.settings
     cfg = settings.irpo
-    encoder = TextEncoder(cache_path=settings.data_dir / "encoder-cache.parquet")
-    users, ads = online_lookups(open_store(settings), settings.features)
-    scorer = reward_scorer(
-        PCTRModel.load(pctr_dir), encoder, users, ads, settings.reward.lambda_page, settings.mechanism.max_ads
-    )
+    scorer = feast_reward_scorer(settings, pctr_dir)
     rng = np.random.default_rng([settings.seed, 11, int((lineage or {}).get("epoch", 0))])
     requests = prompt_requests(learnable_requests(env), online_request_ids, cfg, rng)
     generator = make_generator(settings.policy.generation, policy_dir)
     result = build_preference_set(
         generator, scorer, requests, user_profiles(env.world), cfg, int(rng.integers(2**31))
     )
-    encoder.flush()
+    scorer.flush()
     out_dir.mkdir(parents=True, exist_ok=True)
     result.pairs.to_parquet(out_dir / PAIRS_FILE, index=False)
     result.samples.to_parquet(out_dir / SAMPLES_FILE, index=False)

@@ -105,6 +105,34 @@ def train_sft(
     }
 
 
+def register_bootstrap_policy(settings: Settings, run_id: str, card: dict[str, Any]) -> str:
+    """pi_0 is version 1 of the policy's lineage, and the champion until IRPO promotes a better one."""
+    from llm_auction.tracking import registry
+
+    name = settings.irpo.registered_model
+    held = card["held_out"]
+    version = registry.register_version(
+        settings.tracking,
+        name,
+        run_id,
+        "policy",
+        tags={
+            "lineage.epoch": 0,
+            "llm_auction.step": "policy_init",
+            "metric.well_formed_rate": held["well_formed_rate"],
+        },
+        description=(
+            f"pi_0: SFT warm start ({card['sft']['requests']} requests, {card['sft']['steps']} steps); "
+            f"{held['well_formed_rate']:.1%} well-formed on {held['requests']} held-out requests"
+        ),
+    )
+    if registry.alias_version(settings.tracking, name, registry.CHAMPION) is None:
+        registry.promote(
+            settings.tracking, name, version, "policy-init", "bootstrap: pi_0 starts as champion"
+        )
+    return version
+
+
 def init_policy(env: Environment, out_dir: Path, n_eval: int | None = None) -> dict[str, Any]:
     """Tokenizer + base model + SFT -> pi_0 in `out_dir`; returns its card (also saved beside it).
 
@@ -164,5 +192,6 @@ def init_policy(env: Environment, out_dir: Path, n_eval: int | None = None) -> d
             )
             run.log_artifacts(out_dir, "policy")
             card["mlflow_run_id"] = run.run_id
+            card["registered_version"] = register_bootstrap_policy(settings, run.run_id, card)
             (out_dir / "policy_card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
     return card

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from llm_auction.config import TrackingConfig
+from llm_auction.errors import RegistryError
 
 
 def register_version(
@@ -34,3 +36,139 @@ def register_version(
         description=description,
     )
     return str(version.version)
+
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+HISTORY_TAG = "llm_auction.champion_history"
+
+
+def _client(cfg: TrackingConfig):  # noqa: ANN202
+    from mlflow.tracking import MlflowClient
+
+    if cfg.uri is None:
+        raise RegistryError("tracking.uri: the registry needs an MLflow tracking URI")
+    return MlflowClient(tracking_uri=cfg.uri)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def alias_version(cfg: TrackingConfig, name: str, alias: str) -> str | None:
+    """The version an alias points at, or None when it points nowhere (or the model does not exist)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(_client(cfg).get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def _version(client: Any, name: str, version: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, version)
+    except MlflowException:
+        raise RegistryError(f"version: {name} has no version {version!r}") from None
+
+
+def annotate_version(
+    cfg: TrackingConfig, name: str, version: str, tags: Mapping[str, Any], description: str | None = None
+) -> None:
+    """Add tags (and replace the description: the review card) of one version."""
+    client = _client(cfg)
+    _version(client, name, version)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    if description is not None:
+        client.update_model_version(name, version, description=description)
+
+
+def set_alias(cfg: TrackingConfig, name: str, alias: str, version: str) -> None:
+    client = _client(cfg)
+    _version(client, name, version)
+    client.set_registered_model_alias(name, alias, version)
+
+
+def approve(cfg: TrackingConfig, name: str, version: str, who: str) -> None:
+    """The manual gate's approval: `approved=true` on the version, with who and when."""
+    annotate_version(cfg, name, version, {"approved": "true", "approved_by": who, "approved_at": _now()})
+
+
+def is_approved(cfg: TrackingConfig, name: str, version: str) -> bool:
+    return _version(_client(cfg), name, version).tags.get("approved") == "true"
+
+
+def promote(cfg: TrackingConfig, name: str, version: str, who: str, reason: str) -> str | None:
+    """Move `champion` to `version`; returns the previous champion. The history makes rollback possible."""
+    client = _client(cfg)
+    _version(client, name, version)
+    previous = alias_version(cfg, name, CHAMPION)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    history = client.get_registered_model(name).tags.get(HISTORY_TAG, "")
+    client.set_registered_model_tag(name, HISTORY_TAG, ",".join([*filter(None, history.split(",")), version]))
+    tags = {
+        "promoted_by": who,
+        "promoted_at": _now(),
+        "promoted_reason": reason,
+        "previous_champion": previous,
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    if alias_version(cfg, name, CHALLENGER) == version:
+        client.delete_registered_model_alias(name, CHALLENGER)
+    return previous
+
+
+def rollback(cfg: TrackingConfig, name: str, who: str, reason: str) -> tuple[str, str]:
+    """Move `champion` back to the version promoted before the current one; returns (from, to)."""
+    client = _client(cfg)
+    current = alias_version(cfg, name, CHAMPION)
+    history = [v for v in client.get_registered_model(name).tags.get(HISTORY_TAG, "").split(",") if v]
+    if current is None or len(history) < 2 or history[-1] != current:
+        raise RegistryError(f"{name}: no earlier champion to roll back to (history {history or 'empty'})")
+    target = history[-2]
+    client.set_registered_model_alias(name, CHAMPION, target)
+    client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history[:-1]))
+    at = _now()
+    for key, value in {"rolled_back_by": who, "rolled_back_reason": reason, "rolled_back_at": at}.items():
+        client.set_model_version_tag(name, current, key, value)
+    for key, value in {"restored_by": who, "restored_reason": reason, "restored_at": at}.items():
+        client.set_model_version_tag(name, target, key, value)
+    return current, target
+
+
+def show(cfg: TrackingConfig, name: str) -> dict[str, Any]:
+    """Versions (newest first) with their aliases and tags: what a reviewer looks at."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(cfg)
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        raise RegistryError(f"model: no registered model {name!r}") from None
+    aliases: dict[str, list[str]] = {}
+    for alias, version in (model.aliases or {}).items():
+        aliases.setdefault(str(version), []).append(alias)
+    versions = sorted(
+        client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version), reverse=True
+    )
+    return {
+        "name": name,
+        "aliases": dict(model.aliases or {}),
+        "champion_history": model.tags.get(HISTORY_TAG, ""),
+        "versions": [
+            {
+                "version": str(v.version),
+                "aliases": aliases.get(str(v.version), []),
+                "run_id": v.run_id,
+                "created": datetime.fromtimestamp(v.creation_timestamp / 1000, UTC).isoformat(
+                    timespec="seconds"
+                ),
+                "tags": dict(v.tags),
+                "description": v.description or "",
+            }
+            for v in versions
+        ],
+    }

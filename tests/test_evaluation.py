@@ -1,0 +1,120 @@
+"""Candidate evaluation and the gate step on a real policy, registry on sqlite."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from llm_auction.config import load_config
+from llm_auction.evaluation.steps import evaluate_candidate, gate_step, review_card, write_evaluation_report
+from llm_auction.mechanism.grammar import parse_response
+from llm_auction.simulator.experiment import Environment
+from llm_auction.tracking import registry
+from llm_auction.tracking.runs import tracked_run
+
+pytestmark = pytest.mark.slow
+
+
+def bid_sum_scorer(requests, responses):
+    """A stand-in for R with no trained pCTR: the bids of the ads a response inserts."""
+    return np.array(
+        [
+            sum(q.ads[i].bid for i in parse_response(y, len(q.ads), 3).allocation)
+            for q, y in zip(requests, responses)
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def summary(pi0, policy_env):
+    env = Environment(
+        policy_env.settings.model_copy(
+            update={
+                "policy": policy_env.settings.policy.model_copy(update={"held_out_requests": 120}),
+                "gate": policy_env.settings.gate.model_copy(update={"audit_requests": 2}),
+            }
+        ),
+        policy_env.world,
+        policy_env.ground_truth,
+        policy_env.click_model,
+    )
+    directory = pi0[0]
+    return evaluate_candidate(env, directory, directory, directory, bid_sum_scorer)
+
+
+def test_a_candidate_identical_to_the_champion_is_held(summary):
+    # Same model, same seed: the same responses, so the paired gain is exactly zero and KL is zero.
+    assert summary["gain"]["reward"]["mean"] == 0 and summary["gain"]["reward"]["ci"] == [0, 0]
+    assert abs(summary["kl"]) < 1e-4
+    gate = summary["gate"]
+    assert not gate["promoted"]
+    assert [c["name"] for c in gate["checks"] if not c["passed"]] == ["reward gain lower bound"]
+    assert set(summary["policies"]) == {"candidate", "champion", "pre_generation", "post_generation"}
+    assert summary["monotonicity"]["n_checks"] > 0 and summary["ir"]["holds"]
+
+
+def test_the_report_and_the_review_card(summary, tmp_path):
+    paths = write_evaluation_report(summary, tmp_path)
+    assert [p.name for p in paths] == ["evaluation.json", "comparison.png", "report.html"]
+    html = (tmp_path / "report.html").read_text()
+    assert "reward gain lower bound" in html and 'class="fail"' in html
+    card = review_card(summary, "llm-auction-policy v2", {"report": "runs:/abc/evaluation/report.html"})
+    assert card.startswith("## llm-auction-policy v2") and "**Gate (auto): HOLD**" in card
+    assert "| candidate |" in card and "[report](runs:/abc/evaluation/report.html)" in card
+
+
+def clear_summary() -> dict:
+    """An evaluation whose every check clears (the shape `evaluate_candidate` returns)."""
+    est = {"mean": 0.3, "ci": [0.28, 0.32]}
+    inputs = {
+        "gain_mean": 0.05, "gain_ci": [0.01, 0.09], "candidate_itctr": 0.18, "champion_itctr": 0.19,
+        "ad_load": 1.8, "format_error_rate": 0.02, "kl": 0.7, "monotonicity_violation_rate": 0.0,
+    }  # fmt: skip
+    return {
+        "requests": 500,
+        "policies": {"candidate": {"revenue": est, "itctr": est}, "champion": {"revenue": est, "itctr": est}},
+        "gain": {"reward": {"metric": "reward", "mean": 0.05, "ci": [0.01, 0.09]}, "revenue": est},
+        "kl": 0.7,
+        "monotonicity": {"n_checks": 40, "violations": 0, "violation_rate": 0.0},
+        "ir": {"holds": True},
+        "gate_inputs": inputs,
+        "lineage": {"epoch": 1},
+    }
+
+
+def test_gate_step_tags_the_version_and_waits_for_approval_in_manual_mode(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking = {"uri": uri, "artifact_location": str(tmp_path / "artifacts")}
+    settings = load_config(environ={}, overrides={"tracking": tracking, "gate": {"mode": "manual"}})
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "card.json").write_text("{}")
+    name = settings.irpo.registered_model
+    versions = []
+    for _ in range(2):
+        with tracked_run(settings.tracking, "dpo") as run:
+            run.log_artifacts(tmp_path / "m", "policy")
+            versions.append(registry.register_version(settings.tracking, name, run.run_id, "policy"))
+    registry.promote(settings.tracking, name, versions[0], "bootstrap", "pi_0")
+
+    waiting = gate_step(settings, clear_summary(), versions[1])
+    client = MlflowClient(tracking_uri=uri)
+    assert not waiting.promote and "approved=true" in waiting.reason
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == versions[1]
+    version = client.get_model_version(name, versions[1])
+    assert version.tags["gate.promote"] == "false" and version.tags["lineage.epoch"] == "1"
+    assert version.tags["gate.failed"] == "none" and version.tags["metric.gain_reward"] == "0.05"
+    assert version.description.startswith(f"## {name} v{versions[1]}")
+
+    registry.approve(settings.tracking, name, versions[1], "carol")
+    promoted = gate_step(settings, clear_summary(), versions[1])
+    assert promoted.promote and promoted.approved is True
+    assert str(client.get_model_version_by_alias(name, "champion").version) == versions[1]
+    assert client.get_model_version(name, versions[1]).tags["previous_champion"] == versions[0]
+    assert json.loads(json.dumps(promoted.to_dict()))["promoted"] is True
+    failing = clear_summary()
+    failing["gate_inputs"]["format_error_rate"] = 0.5
+    assert not gate_step(settings, failing, versions[1]).promote  # approval never overrides a guardrail
