@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from llm_auction.config import load_config
-from llm_auction.evaluation.steps import evaluate_candidate, gate_step, review_card, write_evaluation_report
+from llm_auction.evaluation.steps import (
+    epoch_history,
+    evaluate_candidate,
+    gate_step,
+    review_card,
+    write_evaluation_report,
+)
 from llm_auction.mechanism.grammar import parse_response
 from llm_auction.simulator.experiment import Environment
 from llm_auction.tracking import registry
@@ -56,8 +62,10 @@ def test_a_candidate_identical_to_the_champion_is_held(summary):
 
 
 def test_the_report_and_the_review_card(summary, tmp_path):
-    paths = write_evaluation_report(summary, tmp_path)
-    assert [p.name for p in paths] == ["evaluation.json", "comparison.png", "report.html"]
+    history = epoch_history(load_config(environ={}, overrides={"tracking": {"uri": None}}), summary)
+    assert [h["epoch"] for h in history] == [0, 1]
+    paths = write_evaluation_report(summary, tmp_path, history)
+    assert [p.name for p in paths] == ["evaluation.json", "comparison.png", "epochs.png", "report.html"]
     html = (tmp_path / "report.html").read_text()
     assert "reward gain lower bound" in html and 'class="fail"' in html
     card = review_card(summary, "llm-auction-policy v2", {"report": "runs:/abc/evaluation/report.html"})

@@ -13,6 +13,7 @@ import numpy as np
 
 from llm_auction.baselines import make_baseline
 from llm_auction.config import Settings
+from llm_auction.errors import RegistryError
 from llm_auction.evaluation.gate import GateDecision, GateInputs, decide
 from llm_auction.evaluation.offline import evaluate_allocator
 from llm_auction.irpo.sampling import Scorer, feast_reward_scorer
@@ -183,13 +184,68 @@ def review_card(summary: Mapping[str, Any], title: str, links: Mapping[str, str]
     return "\n".join(lines) + "\n"
 
 
-def write_evaluation_report(summary: Mapping[str, Any], out_dir: Path) -> list[Path]:
-    """evaluation.json, comparison.png and report.html in `out_dir`."""
-    from llm_auction.evaluation.report import plot_comparison, write_report
+def epoch_history(settings: Settings, summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Metrics by IRPO epoch: earlier gated versions from the registry's tags, then this candidate.
+
+    The champion stands for the epoch before when the registry has no gated version yet.
+    """
+    name = settings.irpo.registered_model
+    epoch = int(summary.get("lineage", {}).get("epoch", 1))
+    policies = summary["policies"]
+    baselines = {b: policies[b] for b in BASELINES if b in policies}
+    versions = []
+    if settings.tracking.uri is not None:
+        try:
+            versions = registry.show(settings.tracking, name)["versions"]
+        except RegistryError:
+            versions = []
+    history = []
+    for version in reversed(versions):
+        tags = version["tags"]
+        if "gate.promote" in tags and int(tags.get("lineage.epoch", epoch)) < epoch:
+            metrics = {
+                k.removeprefix("metric."): float(v) for k, v in tags.items() if k.startswith("metric.")
+            }
+            history.append(
+                {
+                    "epoch": int(tags["lineage.epoch"]),
+                    "policy_version": version["version"],
+                    "policy": {k: {"mean": v, "ci": [None, None]} for k, v in metrics.items()},
+                    "baselines": {},
+                }
+            )
+    if not history:
+        history.append(
+            {
+                "epoch": epoch - 1,
+                "policy_version": "champion",
+                "policy": policies["champion"],
+                "baselines": {},
+            }
+        )
+    return [
+        *history,
+        {
+            "epoch": epoch,
+            "policy_version": "candidate",
+            "policy": policies["candidate"],
+            "baselines": baselines,
+        },
+    ]
+
+
+def write_evaluation_report(
+    summary: Mapping[str, Any], out_dir: Path, history: Sequence[Mapping[str, Any]] = ()
+) -> list[Path]:
+    """evaluation.json, comparison.png, epochs.png (with a history) and report.html in `out_dir`."""
+    from llm_auction.evaluation.report import plot_comparison, plot_epoch_curves, write_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / EVALUATION_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     image = plot_comparison(summary["policies"], out_dir / "comparison.png")
+    images = [image]
+    if history:
+        images.append(plot_epoch_curves(list(history), out_dir / "epochs.png"))
     header = ["policy", *CARD_METRICS]
     table = [[label, *(_fmt(m.get(k, {})) for k in CARD_METRICS)] for label, m in summary["policies"].items()]
     checks = [
@@ -207,9 +263,9 @@ def write_evaluation_report(summary: Mapping[str, Any], out_dir: Path) -> list[P
             "gate": summary["gate"]["reason"],
         },
         {"policies": (header, table), "gate checks": (["check", "value", "bound", "result"], checks)},
-        [image],
+        images,
     )
-    return [out_dir / EVALUATION_FILE, image, report]
+    return [out_dir / EVALUATION_FILE, *images, report]
 
 
 def evaluate_step(
@@ -225,7 +281,7 @@ def evaluate_step(
     scorer = feast_reward_scorer(env.settings, pctr_dir)
     summary = evaluate_candidate(env, candidate_dir, champion_dir, reference_dir, scorer)
     summary["lineage"] = dict(lineage or {})
-    write_evaluation_report(summary, out_dir)
+    write_evaluation_report(summary, out_dir, epoch_history(env.settings, summary))
     tags = {"llm_auction.step": "evaluate", **{f"lineage.{k}": v for k, v in (lineage or {}).items()}}
     with tracked_run(env.settings.tracking, "evaluate", tags) as run:
         if run is not None:
