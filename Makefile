@@ -9,7 +9,7 @@ OVERLAY ?= dev
 IMAGE_REGISTRY ?= ghcr.io/llm-auction
 IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
 
-.PHONY: setup run test test-fast lint bench images deploy clean
+.PHONY: setup run test test-fast lint bench compile schedule images deploy clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,15 @@ test-fast: $(STAMP) ## the test suite without the slow end-to-end tests
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks feature_repo
-	$(BIN)/ruff format --check src tests benchmarks feature_repo
+	$(BIN)/ruff check src tests benchmarks feature_repo components pipelines
+	$(BIN)/ruff format --check src tests benchmarks feature_repo components pipelines
+
+compile: $(STAMP) ## write pipelines/irpo_epoch.yaml from pipelines/irpo_epoch.py (a test fails when it is stale)
+	$(BIN)/python -m pipelines.irpo_epoch
+
+schedule: $(STAMP) ## create or update the recurring irpo-epoch run: make schedule KFP_HOST=http://...
+	@test -n "$(KFP_HOST)" || { echo "set KFP_HOST to the KFP API, e.g. make schedule KFP_HOST=http://ml-pipeline.kubeflow:8888"; exit 2; }
+	$(BIN)/python -m pipelines.schedule --host $(KFP_HOST)
 
 bench: $(STAMP) ## performance tables (measured side by side in one run)
 	$(BIN)/python -m benchmarks.run

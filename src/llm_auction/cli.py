@@ -52,6 +52,8 @@ pctr_app = typer.Typer(help="The pCTR reward model.", no_args_is_help=True)
 app.add_typer(pctr_app, name="pctr")
 irpo_app = typer.Typer(help="IRPO: pairs, DPO, evaluation and the gate.", no_args_is_help=True)
 app.add_typer(irpo_app, name="irpo")
+pipeline_app = typer.Typer(help="The irpo-epoch pipeline (kfp.local on this machine).", no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
 registry_app = typer.Typer(
     help="The MLflow model registry: review, approve, promote, roll back.", no_args_is_help=True
 )
@@ -623,6 +625,13 @@ def irpo_dpo(
     epoch: EpochOption = 1,
     pctr_version: Annotated[str | None, typer.Option("--pctr-version", help="psi_t version.")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop after N steps.")] = None,
+    settings_json: Annotated[
+        Path | None,
+        typer.Option("--settings-json", help="Resolved settings (what a pipeline step passes on)."),
+    ] = None,
+    parent_run_id: Annotated[
+        str | None, typer.Option("--parent-run-id", help="The epoch's MLflow run.")
+    ] = None,
     json_path: JsonOption = None,
     config: ConfigOption = None,
     profile: ProfileOption = None,
@@ -632,13 +641,20 @@ def irpo_dpo(
     from llm_auction.irpo.launch import run_torchrun
     from llm_auction.irpo.steps import dpo_step, is_main_process
 
-    settings = _settings(config, profile, sets, None)
+    if settings_json is not None:
+        settings = Settings.model_validate_json(settings_json.read_text())
+    else:
+        settings = _settings(config, profile, sets, None)
     n = nproc or settings.irpo.distributed.nproc_per_node
     if n > 1 and "LOCAL_RANK" not in os.environ:
         err_console.print(f"launching {n} processes with torchrun")
         run_torchrun(n, _without_option(sys.argv[1:], "--nproc"))
         return
-    lineage = {"epoch": epoch, **({"pctr_version": pctr_version} if pctr_version else {})}
+    lineage = {
+        "epoch": epoch,
+        **({"pctr_version": pctr_version} if pctr_version else {}),
+        **({"parent_run_id": parent_run_id} if parent_run_id else {}),
+    }
     summary = dpo_step(settings, policy, pairs, out, lineage, max_steps)
     if not is_main_process():
         return
@@ -719,6 +735,46 @@ def irpo_gate(
     _print_gate(decision.to_dict())
     if not decision.promote:
         raise typer.Exit(3)
+
+
+@pipeline_app.command("run")
+def pipeline_run(
+    epoch: EpochOption,
+    window: Annotated[
+        str, typer.Option("--window", help=f"The feedback window START/END, e.g. {WINDOW_EXAMPLE}.")
+    ],
+    feedback: Annotated[
+        Path, typer.Option("--feedback", help="Feedback store folder (impressions/, clicks/).")
+    ],
+    policy: Annotated[
+        str, typer.Option("--policy", help="pi_{t-1}: models:/NAME@champion (default) or a policy directory.")
+    ] = "",
+    root: Annotated[Path, typer.Option("--root", help="kfp.local pipeline root (step outputs).")] = Path(
+        "runs/local/pipeline"
+    ),
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    sets: SetOption = None,
+) -> None:
+    """One IRPO epoch through kfp.local.SubprocessRunner(use_venv=False): the cluster's pipeline."""
+    from llm_auction.pipeline.local import run_local
+
+    start, end = _window(window)
+    if not feedback.is_dir():
+        raise InputError(f"--feedback {feedback}: not a folder")
+    settings = _settings(config, profile, sets, None)
+    run_local(
+        root.resolve(),
+        epoch=epoch,
+        window_start=start.isoformat(),
+        window_end=end.isoformat(),
+        feedback_dir=str(feedback.resolve()),
+        policy_uri=policy or f"models:/{settings.irpo.registered_model}@champion",
+        profile=settings.profile,
+        config_path=str(config.resolve()) if config else "",
+        overrides=yaml.safe_dump(_parse_sets(sets)) if sets else "",
+    )
+    console.print(f"epoch {epoch}: pipeline finished; step outputs under {root}")
 
 
 ModelOption = Annotated[

@@ -213,6 +213,7 @@ class FeaturesConfig(_Section):
     )
     redis_url: str | None = Field(None, description="Redis online store (host:port); None: sqlite.")
     quarantine_dir: Path = Field(Path("data/quarantine"), description="Rejected feedback rows, with reasons.")
+    window_hours: float = Field(6.0, gt=0, description="A scheduled epoch's feedback window (its period).")
     stats_windows_days: tuple[int, ...] = Field((1, 7), description="Click-history windows in days.")
     ctr_prior_clicks: float = Field(1.0, ge=0, description="Smoothing: prior clicks added to every CTR.")
     ctr_prior_impressions: float = Field(20.0, gt=0, description="Smoothing: prior impressions.")
@@ -272,6 +273,7 @@ class DistributedConfig(_Section):
     )
     gpus_per_node: int = Field(0, ge=0, description="GPUs requested per TrainJob node (0: CPU).")
     namespace: str = Field("llm-auction", description="Namespace of the TrainJob.")
+    workspace_mount: str = Field("/mnt/llm-auction", description="Where the workspace PVC is mounted.")
     workspace_pvc: str = Field(
         "llm-auction-workspace", description="PVC of policies and pair sets, at /mnt/llm-auction."
     )

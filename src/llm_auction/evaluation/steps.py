@@ -283,7 +283,8 @@ def evaluate_step(
     summary["lineage"] = dict(lineage or {})
     write_evaluation_report(summary, out_dir, epoch_history(env.settings, summary))
     tags = {"llm_auction.step": "evaluate", **{f"lineage.{k}": v for k, v in (lineage or {}).items()}}
-    with tracked_run(env.settings.tracking, "evaluate", tags) as run:
+    parent = (lineage or {}).get("parent_run_id")
+    with tracked_run(env.settings.tracking, "evaluate", tags, parent_run_id=parent) as run:
         if run is not None:
             metrics: dict[str, float] = {
                 "kl": summary["kl"],

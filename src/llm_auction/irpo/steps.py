@@ -79,7 +79,8 @@ def pairs_step(
     }
     (out_dir / STATS_FILE).write_text(json.dumps(stats, indent=2, default=str) + "\n")
     tags = lineage_tags("build_preferences", lineage or {})
-    with tracked_run(settings.tracking, "irpo-pairs", tags) as run:
+    parent = (lineage or {}).get("parent_run_id")
+    with tracked_run(settings.tracking, "irpo-pairs", tags, parent_run_id=parent) as run:
         if run is not None:
             params = cfg.model_dump(exclude={"dpo", "distributed"})
             run.log_params({"policy": policy_dir, "pctr": pctr_dir, **params})
@@ -120,7 +121,12 @@ def dpo_step(
     }
     tags = lineage_tags("train_dpo", lineage)
     main = is_main_process()
-    run_context = tracked_run(settings.tracking, "irpo-dpo", tags) if main else contextlib.nullcontext()
+    parent = lineage.get("parent_run_id")
+    run_context = (
+        tracked_run(settings.tracking, "irpo-dpo", tags, parent_run_id=parent)
+        if main
+        else contextlib.nullcontext()
+    )
     with run_context as run:
         log = (lambda metrics, step: run.log_metrics(metrics, step=step)) if run is not None else None
         summary = train_dpo(settings, policy_dir, pairs, out_dir, log, max_steps)

@@ -60,7 +60,8 @@ def train_and_register(
         "lineage": dict(lineage or {}),
     }
     tags = {"llm_auction.step": "train_pctr", **{f"lineage.{k}": v for k, v in (lineage or {}).items()}}
-    with tracked_run(settings.tracking, "train-pctr", tags) as run:
+    parent = (lineage or {}).get("parent_run_id")
+    with tracked_run(settings.tracking, "train-pctr", tags, parent_run_id=parent) as run:
         if run is not None:
             run.log_params({"seed": settings.seed, "rows": len(frame), **settings.pctr.model_dump()})
             run.log_metrics({f"test_{k}": test[k] for k in ("auc", "log_loss", "ece")})

@@ -85,6 +85,11 @@ def annotate_version(
         client.update_model_version(name, version, description=description)
 
 
+def version_source(cfg: TrackingConfig, name: str, version: str) -> str:
+    """Where the version's files are (an artifact URI: a folder locally, s3://... on the cluster)."""
+    return str(_version(_client(cfg), name, version).source)
+
+
 def set_alias(cfg: TrackingConfig, name: str, alias: str, version: str) -> None:
     client = _client(cfg)
     _version(client, name, version)

@@ -1,0 +1,8 @@
+"""KFP Lightweight Python Components of the irpo-epoch pipeline, one per step.
+
+Each is a thin wrapper over `llm_auction.pipeline.steps`: on the cluster it runs in the project's
+component image (which has the package installed, hence `install_kfp_package=False`); locally
+`kfp.local.SubprocessRunner(use_venv=False)` runs the same function in this virtual environment.
+"""
+
+COMPONENT_IMAGE = "ghcr.io/llm-auction/component:0.1.0"

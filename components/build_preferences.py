@@ -1,0 +1,27 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components import COMPONENT_IMAGE
+
+
+@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def build_preferences(
+    settings_json: str,
+    parent_run_id: str,
+    policy_uri: str,
+    pctr: Input[Model],
+    feedback_dir: str,
+    epoch: int,
+    pairs: Output[Dataset],
+    metrics: Output[Metrics],
+):
+    """Step 3: M samples per prompt from pi_{t-1}, scored by R, winner/loser pairs."""
+    from llm_auction.pipeline import steps
+
+    with steps.failing_epoch(settings_json, parent_run_id):
+        stats = steps.build_preferences(
+            settings_json, policy_uri, pctr.path, feedback_dir, pairs.path, epoch, parent_run_id
+        )
+    for key, value in stats.items():
+        if isinstance(value, float):
+            metrics.log_metric(key, value)

@@ -1,0 +1,13 @@
+from kfp import dsl
+
+from components import COMPONENT_IMAGE
+
+
+@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def deploy(settings_json: str, version: str) -> str:
+    """Roll serving to the new champion (local pointer file, or the InferenceService canary)."""
+    import json
+
+    from llm_auction.pipeline import steps
+
+    return json.dumps(steps.deploy(settings_json, version))

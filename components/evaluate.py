@@ -1,0 +1,41 @@
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+
+from components import COMPONENT_IMAGE
+
+
+@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def evaluate(
+    settings_json: str,
+    parent_run_id: str,
+    candidate: Input[Model],
+    champion_uri: str,
+    pctr: Input[Model],
+    epoch: int,
+    version: str,
+    evaluation: Output[Dataset],
+    report: Output[HTML],
+    metrics: Output[Metrics],
+) -> bool:
+    """Step 5: candidate vs champion vs baselines; True when every gate check clears."""
+    import shutil
+    from pathlib import Path
+
+    from llm_auction.pipeline import steps
+
+    with steps.failing_epoch(settings_json, parent_run_id):
+        summary = steps.evaluate(
+            settings_json,
+            candidate.path,
+            champion_uri,
+            pctr.path,
+            evaluation.path,
+            epoch,
+            version,
+            parent_run_id,
+        )
+    shutil.copyfile(Path(evaluation.path) / "report.html", report.path)
+    metrics.log_metric("kl", summary["kl"])
+    for name, gain in summary["gain"].items():
+        metrics.log_metric(f"gain_{name}", gain["mean"])
+    return all(check["passed"] for check in summary["gate"]["checks"])

@@ -1,0 +1,23 @@
+from kfp import dsl
+from kfp.dsl import Metrics, Output
+
+from components import COMPONENT_IMAGE
+
+
+@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def ingest(
+    settings_json: str,
+    parent_run_id: str,
+    feedback_dir: str,
+    window_start: str,
+    window_end: str,
+    report: Output[Metrics],
+):
+    """Step 1: the feedback window into Feast."""
+    from llm_auction.pipeline import steps
+
+    with steps.failing_epoch(settings_json, parent_run_id):
+        summary = steps.ingest(settings_json, feedback_dir, window_start, window_end, parent_run_id)
+    for key, value in summary.items():
+        if isinstance(value, int | float):
+            report.log_metric(key, value)

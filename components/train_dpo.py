@@ -1,0 +1,29 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components import COMPONENT_IMAGE
+
+
+@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def train_dpo(
+    settings_json: str,
+    parent_run_id: str,
+    policy_uri: str,
+    pairs: Input[Dataset],
+    epoch: int,
+    pctr_version: str,
+    policy: Output[Model],
+    metrics: Output[Metrics],
+) -> str:
+    """Step 4: DPO of pi_{t-1} (one process, torchrun, or a TrainJob); returns the new registry version."""
+    from llm_auction.pipeline import steps
+
+    with steps.failing_epoch(settings_json, parent_run_id):
+        result = steps.train_dpo(
+            settings_json, policy_uri, pairs.path, policy.path, epoch, pctr_version, parent_run_id
+        )
+    for key in ("steps", "seconds", "first_loss", "last_loss", "pairs"):
+        if key in result["dpo"]:
+            metrics.log_metric(key, result["dpo"][key])
+    policy.metadata["registered_version"] = result["registered_version"]
+    return result["registered_version"]

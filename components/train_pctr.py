@@ -1,0 +1,25 @@
+from kfp import dsl
+from kfp.dsl import Metrics, Model, Output
+
+from components import COMPONENT_IMAGE
+
+
+@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def train_pctr(
+    settings_json: str,
+    parent_run_id: str,
+    window_start: str,
+    window_end: str,
+    epoch: int,
+    pctr: Output[Model],
+    metrics: Output[Metrics],
+) -> str:
+    """Step 2: psi_t on the point-in-time training set; returns its registry version."""
+    from llm_auction.pipeline import steps
+
+    with steps.failing_epoch(settings_json, parent_run_id):
+        card = steps.train_pctr(settings_json, pctr.path, window_start, window_end, epoch, parent_run_id)
+    for key in ("test_auc", "test_ece", "test_log_loss", "rows"):
+        metrics.log_metric(key, card[key])
+    pctr.metadata["registered_version"] = card.get("registered_version", "")
+    return str(card.get("registered_version", ""))

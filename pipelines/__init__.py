@@ -1,0 +1,1 @@
+"""Pipeline definitions: the irpo-epoch DAG and its recurring run."""

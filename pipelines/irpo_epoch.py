@@ -1,0 +1,152 @@
+"""The `irpo-epoch` pipeline: one IRPO epoch, one run (ARCHITECTURE.md, "One IRPO epoch").
+
+    configure -> ingest -> train_pctr -> build_preferences -> train_dpo -> evaluate
+              -> dsl.If(gate clears): promote -> deploy   dsl.Else: promote (records the hold)
+
+Parameters map onto the configuration: `profile` and `config_path` pick it, the named parameters
+override single keys, and `overrides` (YAML) any others. `python -m pipelines.irpo_epoch` (`make
+compile`) writes `pipelines/irpo_epoch.yaml`; a test fails when that file is stale.
+"""
+
+import sys
+from pathlib import Path
+
+from kfp import compiler, dsl, kubernetes
+
+from components.build_preferences import build_preferences
+from components.configure import configure
+from components.deploy import deploy
+from components.evaluate import evaluate
+from components.ingest import ingest
+from components.promote import promote
+from components.train_dpo import train_dpo
+from components.train_pctr import train_pctr
+
+COMPILED = Path(__file__).with_suffix(".yaml")
+WORKSPACE_PVC, WORKSPACE_MOUNT = "llm-auction-workspace", "/mnt/llm-auction"
+SECRETS = {
+    "llm-auction-s3": {
+        k: k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL")
+    },
+    "llm-auction-postgres": {"FEAST_REGISTRY_URI": "FEAST_REGISTRY_URI"},
+}
+DPO_GPUS = 8  # one node of the cluster profile (irpo.distributed.gpus_per_node)
+GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")
+
+
+def _on_cluster(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """Workspace volume and store credentials (kfp.local ignores them); no caching: side effects."""
+    kubernetes.mount_pvc(task, pvc_name=WORKSPACE_PVC, mount_path=WORKSPACE_MOUNT)
+    for secret, keys in SECRETS.items():
+        kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=keys)
+    task.set_caching_options(False)
+    return task
+
+
+def _on_gpus(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(DPO_GPUS)
+    task.set_cpu_limit("64").set_memory_limit("512G")
+    kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
+    kubernetes.add_node_selector(task, label_key=GPU_NODE_LABEL[0], label_value=GPU_NODE_LABEL[1])
+    return task
+
+
+@dsl.pipeline(
+    name="irpo-epoch", description="One IRPO epoch: ingest, pCTR, pairs, DPO, evaluation, gate, rollout."
+)
+def irpo_epoch(
+    epoch: int = 1,
+    window_start: str = "",
+    window_end: str = "",
+    feedback_dir: str = "/mnt/llm-auction/feedback",
+    policy_uri: str = "models:/llm-auction-policy@champion",
+    profile: str = "cluster",
+    config_path: str = "",
+    overrides: str = "",
+) -> None:
+    config = _on_cluster(
+        configure(profile=profile, config_path=config_path, overrides=overrides, epoch=epoch)
+    )
+    config.set_display_name("configure")
+    settings, parent = config.outputs["settings_json"], config.outputs["parent_run_id"]
+    ingested = _on_cluster(
+        ingest(
+            settings_json=settings,
+            parent_run_id=parent,
+            feedback_dir=feedback_dir,
+            window_start=window_start,
+            window_end=window_end,
+        )
+    )
+    pctr = _on_cluster(
+        train_pctr(
+            settings_json=settings,
+            parent_run_id=parent,
+            window_start=window_start,
+            window_end=window_end,
+            epoch=epoch,
+        )
+    ).after(ingested)
+    pairs = _on_cluster(
+        build_preferences(
+            settings_json=settings,
+            parent_run_id=parent,
+            policy_uri=policy_uri,
+            pctr=pctr.outputs["pctr"],
+            feedback_dir=feedback_dir,
+            epoch=epoch,
+        )
+    )
+    dpo = _on_gpus(
+        _on_cluster(
+            train_dpo(
+                settings_json=settings,
+                parent_run_id=parent,
+                policy_uri=policy_uri,
+                pairs=pairs.outputs["pairs"],
+                epoch=epoch,
+                pctr_version=pctr.outputs["Output"],
+            )
+        )
+    )
+    evaluated = _on_cluster(
+        evaluate(
+            settings_json=settings,
+            parent_run_id=parent,
+            candidate=dpo.outputs["policy"],
+            champion_uri=policy_uri,
+            pctr=pctr.outputs["pctr"],
+            epoch=epoch,
+            version=dpo.outputs["Output"],
+        )
+    )
+    with dsl.If(evaluated.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition)
+        promoted = _on_cluster(
+            promote(
+                settings_json=settings,
+                parent_run_id=parent,
+                evaluation=evaluated.outputs["evaluation"],
+                version=dpo.outputs["Output"],
+            )
+        )
+        promoted.set_display_name("promote")
+        _on_cluster(deploy(settings_json=settings, version=dpo.outputs["Output"])).after(promoted)
+    with dsl.Else(name="gate-held"):
+        held = _on_cluster(
+            promote(
+                settings_json=settings,
+                parent_run_id=parent,
+                evaluation=evaluated.outputs["evaluation"],
+                version=dpo.outputs["Output"],
+            )
+        )
+        held.set_display_name("hold")
+
+
+def compile_pipeline(path: Path = COMPILED) -> Path:
+    compiler.Compiler().compile(irpo_epoch, str(path))
+    return path
+
+
+if __name__ == "__main__":
+    print(compile_pipeline(Path(sys.argv[1]) if len(sys.argv) > 1 else COMPILED))

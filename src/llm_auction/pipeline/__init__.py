@@ -1,0 +1,1 @@
+"""The irpo-epoch pipeline's steps as plain functions (what the KFP components call)."""

@@ -1,0 +1,1 @@
+"""Serving: the KServe model, the transformer, the feedback collector and rollouts."""
