@@ -22,6 +22,5 @@ def build_preferences(
         stats = steps.build_preferences(
             settings_json, policy_uri, pctr.path, feedback_dir, pairs.path, epoch, parent_run_id
         )
-    for key, value in stats.items():
-        if isinstance(value, float):
-            metrics.log_metric(key, value)
+    for key, value in steps.finite_metrics(stats).items():
+        metrics.log_metric(key, value)

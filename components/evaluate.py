@@ -35,7 +35,7 @@ def evaluate(
             parent_run_id,
         )
     shutil.copyfile(Path(evaluation.path) / "report.html", report.path)
-    metrics.log_metric("kl", summary["kl"])
-    for name, gain in summary["gain"].items():
-        metrics.log_metric(f"gain_{name}", gain["mean"])
+    values = {"kl": summary["kl"], **{f"gain_{k}": g["mean"] for k, g in summary["gain"].items()}}
+    for key, value in steps.finite_metrics(values).items():
+        metrics.log_metric(key, value)
     return all(check["passed"] for check in summary["gate"]["checks"])

@@ -18,6 +18,5 @@ def ingest(
 
     with steps.failing_epoch(settings_json, parent_run_id):
         summary = steps.ingest(settings_json, feedback_dir, window_start, window_end, parent_run_id)
-    for key, value in summary.items():
-        if isinstance(value, int | float):
-            report.log_metric(key, value)
+    for key, value in steps.finite_metrics(summary).items():
+        report.log_metric(key, value)

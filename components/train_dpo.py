@@ -22,8 +22,8 @@ def train_dpo(
         result = steps.train_dpo(
             settings_json, policy_uri, pairs.path, policy.path, epoch, pctr_version, parent_run_id
         )
-    for key in ("steps", "seconds", "first_loss", "last_loss", "pairs"):
-        if key in result["dpo"]:
-            metrics.log_metric(key, result["dpo"][key])
+    keys = ("steps", "seconds", "train_loss", "first_loss", "last_loss", "pairs")
+    for key, value in steps.finite_metrics(result["dpo"], keys).items():
+        metrics.log_metric(key, value)
     policy.metadata["registered_version"] = result["registered_version"]
     return result["registered_version"]

@@ -19,7 +19,7 @@ def train_pctr(
 
     with steps.failing_epoch(settings_json, parent_run_id):
         card = steps.train_pctr(settings_json, pctr.path, window_start, window_end, epoch, parent_run_id)
-    for key in ("test_auc", "test_ece", "test_log_loss", "rows"):
-        metrics.log_metric(key, card[key])
+    for key, value in steps.finite_metrics(card, ("test_auc", "test_ece", "test_log_loss", "rows")).items():
+        metrics.log_metric(key, value)
     pctr.metadata["registered_version"] = card.get("registered_version", "")
     return str(card.get("registered_version", ""))

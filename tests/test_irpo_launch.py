@@ -86,3 +86,50 @@ def test_torchrun_runs_the_same_entry_point():
     command = torchrun_command(2, ["irpo", "dpo", "--out", "x"])
     assert command[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
     assert command[-6:] == ["-m", "llm_auction", "irpo", "dpo", "--out", "x"]
+
+
+class FakeTrainerAPI:
+    """Stands in for the Kubernetes API (none runs here); what it is sent is checked against the real CRD."""
+
+    def __init__(self, template: dict, states: list[dict]) -> None:
+        self.template, self.states, self.created = template, states, []
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        assert (group, version, plural) == ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
+        if name == "irpo-dpo-template":
+            return self.template
+        return {**self.created[-1], "status": self.states.pop(0)}
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+        self.created.append(body)
+
+
+def _condition(kind: str, message: str = "") -> dict:
+    return {
+        "conditions": [
+            {"type": "Created", "status": "True"},
+            {"type": kind, "status": "True", "message": message},
+        ]
+    }
+
+
+def test_a_multi_node_dpo_creates_a_valid_trainjob_and_waits_for_it(template):
+    from llm_auction.irpo.trainjob import run_trainjob
+
+    api = FakeTrainerAPI(template, [{}, _condition("Complete")])
+    run_trainjob(multi_node_settings(), "irpo-dpo-epoch-2", ["--policy", "/mnt/p"], api=api, poll_s=0)
+    (job,) = api.created
+    assert validate_documents([job]) == []
+    assert job["metadata"]["name"] == "irpo-dpo-epoch-2" and job["spec"]["trainer"]["numNodes"] == 4
+
+
+def test_a_failed_trainjob_fails_the_step_with_the_controllers_message(template):
+    from llm_auction.irpo.trainjob import run_trainjob
+
+    api = FakeTrainerAPI(template, [{}, _condition("Failed", "node-1: OOMKilled")])
+    with pytest.raises(LaunchError, match="irpo-dpo-epoch-2 failed: node-1: OOMKilled"):
+        run_trainjob(multi_node_settings(), "irpo-dpo-epoch-2", [], api=api, poll_s=0)
+    with pytest.raises(LaunchError, match="did not finish"):
+        run_trainjob(
+            multi_node_settings(), "late", [], api=FakeTrainerAPI(template, [{}] * 3), poll_s=0, timeout_s=0
+        )

@@ -126,3 +126,17 @@ def test_schedule_replaces_an_existing_recurring_run_and_never_overlaps():
     assert created["max_concurrency"] == 1 and created["no_catchup"] is True
     assert created["params"]["window_end"] == "[[ScheduledTime]]"
     assert Path(created["pipeline_package_path"]) == COMPILED
+
+
+def test_the_canary_patch_keeps_the_inferenceservice_valid():
+    from llm_auction.deploy import validate_documents
+    from llm_auction.deploy.policies import deep_merge
+    from llm_auction.serving.rollout import canary_patch
+
+    docs = list(yaml.safe_load_all((REPO / "deploy" / "base" / "inferenceservice.yaml").read_text()))
+    isvc = next(d for d in docs if d and d.get("kind") == "InferenceService")
+    patched = deep_merge(isvc, canary_patch("s3://llm-auction-mlflow/artifacts/1/abc/artifacts/policy", 10))
+    assert patched["spec"]["predictor"]["canaryTrafficPercent"] == 10
+    assert [p for p in validate_documents([patched]) if p.check == "schema"] == []
+    with pytest.raises(ValueError, match="canary_percent"):
+        canary_patch("s3://x", 120)

@@ -34,6 +34,7 @@ from llm_auction.config import Settings
 from llm_auction.irpo.launch import strategy_arguments
 from llm_auction.policy.lora import attach_lora, merge_adapter, save_adapter
 from llm_auction.policy.model import count_parameters, load_policy, save_policy
+from llm_auction.policy.warm_start import trainer_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -104,19 +105,10 @@ def dpo_arguments(settings: Settings, output_dir: str, max_steps: int | None = N
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         warmup_steps=cfg.warmup_ratio,
-        lr_scheduler_type="cosine",
         max_grad_norm=cfg.max_grad_norm,
-        max_length=settings.policy.model.max_length,
         logging_steps=cfg.logging_steps,
-        save_strategy="no",
-        report_to=[],
-        bf16=False,
-        gradient_checkpointing=False,
-        seed=settings.seed,
-        data_seed=settings.seed,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=False,
+        **trainer_defaults(settings),
         **strategy_arguments(settings.irpo.distributed),
     )
 

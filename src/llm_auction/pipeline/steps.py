@@ -32,6 +32,18 @@ def resolve_settings(profile: str, config_path: str = "", overrides_yaml: str = 
     return load_config(path, profile or None, overrides=overrides).model_dump_json()
 
 
+def finite_metrics(values: Mapping[str, Any], keys: tuple[str, ...] | None = None) -> dict[str, float]:
+    """What KFP's Metrics artifact can hold: finite numbers; NaN (e.g. no logged loss) is left out."""
+    import math
+
+    chosen = values if keys is None else {k: values[k] for k in keys if k in values}
+    return {
+        k: float(v)
+        for k, v in chosen.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
+
+
 def settings_from(settings_json: str) -> Settings:
     return Settings.model_validate_json(settings_json)
 
@@ -79,20 +91,35 @@ def failing_epoch(settings_json: str, parent_run_id: str) -> Iterator[None]:
 
 
 def resolve_policy(settings: Settings, uri: str, into: Path) -> Path:
-    """A policy directory from a path, or from the registry (`models:/llm-auction-policy@champion`)."""
+    """A policy directory from a path, or from the registry: `models:/NAME@ALIAS` or `models:/NAME/VERSION`.
+
+    The version is looked up through this run's tracking server (not MLflow's process-global
+    registry URI), then its files are fetched from their artifact location into `into`.
+    """
     if not uri.startswith(MODELS_PREFIX):
         return Path(uri)
     import mlflow.artifacts
 
+    from llm_auction.errors import RegistryError
+    from llm_auction.tracking import registry
+
+    reference = uri.removeprefix(MODELS_PREFIX)
+    name, _, alias = reference.partition("@")
+    if not alias:
+        name, _, version = reference.partition("/")
+    else:
+        version = registry.alias_version(settings.tracking, name, alias) or ""
+    if not name or not version:
+        raise RegistryError(
+            f"policy_uri {uri!r}: no such registered version (is there a {alias or 'version'}?)"
+        )
     into.mkdir(parents=True, exist_ok=True)
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=uri, dst_path=str(into), tracking_uri=settings.tracking.uri
+    source = registry.version_source(settings.tracking, name, version)
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=source, dst_path=str(into), tracking_uri=settings.tracking.uri
+        )
     )
-    return Path(local)
-
-
-def champion_uri(settings: Settings) -> str:
-    return f"{MODELS_PREFIX}{settings.irpo.registered_model}@champion"
 
 
 def resolve_window(window_start: str, window_end: str, hours: float) -> tuple[str, str]:

@@ -62,6 +62,22 @@ def sft_dataset(prompts: Sequence[str], responses: Sequence[str]) -> Dataset:
     return Dataset.from_dict({"prompt": list(prompts), "completion": [" " + r for r in responses]})
 
 
+def trainer_defaults(settings: Settings) -> dict[str, Any]:
+    """Arguments every TRL trainer of the policy shares: seeded, no checkpoints, no reporters, fp32 on CPU."""
+    return {
+        "lr_scheduler_type": "cosine",
+        "max_length": settings.policy.model.max_length,
+        "save_strategy": "no",
+        "report_to": [],
+        "bf16": False,
+        "gradient_checkpointing": False,
+        "seed": settings.seed,
+        "data_seed": settings.seed,
+        "dataloader_num_workers": 0,
+        "dataloader_pin_memory": torch.cuda.is_available(),
+    }
+
+
 def train_sft(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -77,19 +93,10 @@ def train_sft(
             num_train_epochs=cfg.epochs,
             per_device_train_batch_size=cfg.batch_size,
             learning_rate=cfg.learning_rate,
-            lr_scheduler_type="cosine",
             warmup_steps=0.05,
             weight_decay=0.0,
-            max_length=settings.policy.model.max_length,
             logging_steps=10,
-            save_strategy="no",
-            report_to=[],
-            bf16=False,
-            gradient_checkpointing=False,
-            seed=settings.seed,
-            data_seed=settings.seed,
-            dataloader_num_workers=0,
-            dataloader_pin_memory=torch.cuda.is_available(),
+            **trainer_defaults(settings),
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
         start = time.perf_counter()
