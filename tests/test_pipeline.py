@@ -140,3 +140,12 @@ def test_the_canary_patch_keeps_the_inferenceservice_valid():
     assert [p for p in validate_documents([patched]) if p.check == "schema"] == []
     with pytest.raises(ValueError, match="canary_percent"):
         canary_patch("s3://x", 120)
+
+
+def test_a_corrupted_feedback_file_is_named_in_the_error(tmp_path):
+    from llm_auction.simulator.feedback import FeedbackFileError, read_feedback
+
+    (tmp_path / "impressions").mkdir()
+    (tmp_path / "impressions" / "bad.parquet").write_bytes(b"PAR1 truncated")
+    with pytest.raises(FeedbackFileError, match=r"feedback file .*bad\.parquet: not readable as parquet"):
+        read_feedback(tmp_path)

@@ -128,4 +128,6 @@ def test_a_corrupted_feedback_file_fails_the_run_and_leaves_the_champion(workspa
     client = MlflowClient(tracking_uri=settings.tracking.uri)
     experiment = client.get_experiment_by_name(settings.tracking.experiment)
     failed = [r for r in client.search_runs([experiment.experiment_id]) if r.info.status == "FAILED"]
-    assert any(r.info.run_name == "irpo-epoch-1" and "llm_auction.error" in r.data.tags for r in failed)
+    (epoch_run,) = [r for r in failed if r.info.run_name == "irpo-epoch-1"]
+    error = epoch_run.data.tags["llm_auction.error"]
+    assert error.startswith("FeedbackFileError: feedback file") and "bad.parquet" in error

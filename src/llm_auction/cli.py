@@ -32,6 +32,7 @@ from llm_auction.simulator.experiment import (
     evaluate_policy,
     read_requests,
 )
+from llm_auction.simulator.feedback import FeedbackFileError
 from llm_auction.world import generate_world
 
 app = typer.Typer(
@@ -877,6 +878,7 @@ USER_ERRORS = (
     JudgeError,
     LaunchError,
     RegistryError,
+    FeedbackFileError,
 )
 
 

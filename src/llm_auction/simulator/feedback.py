@@ -28,6 +28,10 @@ IMPRESSION_COLUMNS = (
 CLICK_COLUMNS = ("event_id", "event_timestamp", "request_id", "response_id", "ad_id")
 
 
+class FeedbackFileError(ValueError):
+    """A feedback file that cannot be read (corrupted, truncated, not parquet)."""
+
+
 def feedback_logs(
     result: Rollout,
     requests: Sequence[AuctionRequest],
@@ -84,11 +88,22 @@ def write_feedback(store: Path, name: str, impressions: pd.DataFrame, clicks: pd
     return paths
 
 
+def _read_part(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise FeedbackFileError(f"feedback file {path}: not readable as parquet ({exc})") from None
+
+
 def read_feedback(store: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Every event in a feedback store folder (empty frames with the schema when there is none)."""
+    """Every event in a feedback store folder (empty frames with the schema when there is none).
+
+    Raises:
+        FeedbackFileError: a file of the store cannot be read; the message names it.
+    """
     frames = []
     for kind, columns in (("impressions", IMPRESSION_COLUMNS), ("clicks", CLICK_COLUMNS)):
         parts = sorted((store / kind).glob("*.parquet"))
-        frame = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True) if parts else None
+        frame = pd.concat([_read_part(p) for p in parts], ignore_index=True) if parts else None
         frames.append(frame if frame is not None else pd.DataFrame(columns=list(columns)))
     return frames[0], frames[1]
