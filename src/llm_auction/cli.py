@@ -778,6 +778,29 @@ def pipeline_run(
     console.print(f"epoch {epoch}: pipeline finished; step outputs under {root}")
 
 
+@app.command()
+def collector(
+    store: Annotated[Path, typer.Option("--store", help="Folder of the event store (SQLite, WAL).")],
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port.")] = 8080,
+    token_env: Annotated[
+        str, typer.Option("--token-env", help="Environment variable with the bearer token (unset: no auth).")
+    ] = "LLM_AUCTION_COLLECTOR_TOKEN",
+    max_body_bytes: Annotated[
+        int, typer.Option("--max-body-bytes", min=1, help="Largest request body.")
+    ] = 1_000_000,
+) -> None:
+    """Serve the feedback collector: inference-logger CloudEvents and clicks, acknowledged once durable."""
+    import uvicorn
+
+    from llm_auction.serving.collector import EventStore, create_app
+
+    token = os.environ.get(token_env) or None
+    app_ = create_app(EventStore(store), token, max_body_bytes)
+    err_console.print(f"collector on http://{host}:{port} (store {store}, auth {'on' if token else 'off'})")
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
 ModelOption = Annotated[
     str | None, typer.Option("--model", help="Registered model (default: irpo.registered_model).")
 ]

@@ -1,0 +1,181 @@
+"""The feedback collector as a real process on 127.0.0.1: bad input, idempotency, auth, durability."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from llm_auction.serving.collector import EventStore
+
+TOKEN = "s3cret"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(store: Path, port: int, token: str | None = TOKEN) -> subprocess.Popen:
+    env = {**os.environ, "LLM_AUCTION_COLLECTOR_TOKEN": token or ""}
+    command = [sys.executable, "-m", "llm_auction", "collector", "--store", str(store), "--port", str(port),
+               "--max-body-bytes", "20000"]  # fmt: skip
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as response:
+                if response.status == 200:
+                    return process
+        except OSError:
+            if process.poll() is not None:
+                break
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"collector did not start: {process.stderr.read().decode()[-2000:]}")
+
+
+def post(port: int, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST")
+    for key, value in {
+        "content-type": "application/json",
+        "authorization": f"Bearer {TOKEN}",
+        **(headers or {}),
+    }.items():
+        request.add_header(key, value)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def click(event_id: str, **changes) -> bytes:
+    event = {"event_id": event_id, "request_id": "r1", "response_id": "y1", "ad_id": "a1",
+             "event_timestamp": "2026-01-01T00:00:05Z", **changes}  # fmt: skip
+    return json.dumps(event).encode()
+
+
+CE = {"ce-id": "inf-1", "ce-source": "policy-predictor", "ce-specversion": "1.0"}
+
+
+@pytest.fixture(scope="module")
+def collector(tmp_path_factory):
+    store, port = tmp_path_factory.mktemp("collector"), _free_port()
+    process = start(store, port)
+    yield port, store
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def test_events_are_paired_by_ce_id_and_stored_once(collector):
+    port, store = collector
+    request = {**CE, "ce-type": "org.kubeflow.serving.inference.request"}
+    response = {**CE, "ce-type": "org.kubeflow.serving.inference.response"}
+    assert post(port, "/v1/events", b'{"instances": [{"request_id": "r1"}]}', request) == (
+        202, {"accepted": True, "duplicate": False},
+    )  # fmt: skip
+    assert post(port, "/v1/events", b'{"instances": [{"request_id": "r1"}]}', request)[1]["duplicate"] is True
+    assert post(port, "/v1/events", b'{"predictions": [{"response": "text"}]}', response)[0] == 202
+    assert post(port, "/v1/clicks", click("c1"))[0] == 202
+    assert post(port, "/v1/clicks", click("c1")) == (202, {"accepted": 1, "duplicates": 1})
+    pairs = EventStore(store).inference_pairs()
+    assert pairs == [
+        ("inf-1", {"instances": [{"request_id": "r1"}]}, {"predictions": [{"response": "text"}]})
+    ]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "headers", "status", "message"),
+    [
+        ("/v1/clicks", b"{not json", {}, 422, "invalid click"),
+        ("/v1/clicks", click("c2", ad_id=None), {}, 422, "ad_id"),
+        ("/v1/clicks", b'{"event_id": "c3"}', {}, 422, "request_id: Field required"),
+        ("/v1/clicks", click("c4", event_timestamp="2026-01-01T00:00:05"), {}, 422, "event_timestamp"),
+        ("/v1/clicks", click("c5", extra=1), {}, 422, "extra: unknown key"),
+        ("/v1/clicks", click("c6"), {"authorization": "Bearer wrong"}, 401, "bearer token"),
+        ("/v1/clicks", click("c7"), {"authorization": ""}, 401, "bearer token"),
+        (
+            "/v1/clicks",
+            b"[" + b",".join([click(f"x{i}") for i in range(400)]) + b"]",
+            {},
+            413,
+            "exceeds the limit",
+        ),
+        ("/v1/events", b"{}", {"ce-type": "org.kubeflow.serving.inference.request"}, 400, "ce-id, ce-source"),
+        ("/v1/events", b"{}", {**CE, "ce-type": "something.else"}, 400, "ce-type"),
+        ("/v1/events", b"{oops", {**CE, "ce-type": "x.request"}, 400, "body: not valid JSON"),
+    ],
+)
+def test_bad_input_is_a_4xx_naming_the_problem_and_the_collector_stays_healthy(
+    collector, path, body, headers, status, message
+):
+    port, store = collector
+    code, reply = post(port, path, body, headers)
+    assert code == status and message in reply["error"], reply
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+        assert response.status == 200
+    assert not {"c2", "c3", "c4", "c5", "c6", "c7"} & set(EventStore(store).click_ids())
+
+
+def test_metrics_count_what_happened(collector):
+    port, _ = collector
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    assert 'collector_events_total{kind="click",outcome="duplicate"}' in text
+    assert 'collector_rejected_total{reason="auth"}' in text
+    assert "collector_commit_seconds_bucket" in text
+
+
+@pytest.mark.slow
+def test_every_acknowledged_click_survives_a_sigkill_exactly_once(tmp_path):
+    port = _free_port()
+    process = start(tmp_path, port, token=None)
+    acknowledged: list[str] = []
+    lock = threading.Lock()
+
+    def burst(worker: int) -> None:
+        for i in range(10_000):
+            event_id = f"w{worker}-{i}"
+            try:
+                code, _ = post(port, "/v1/clicks", click(event_id), {"authorization": ""})
+            except OSError:
+                return  # the collector is gone: this one was never acknowledged
+            if code == 202:
+                with lock:
+                    acknowledged.append(event_id)
+
+    threads = [threading.Thread(target=burst, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    while len(acknowledged) < 300:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
+    for thread in threads:
+        thread.join(timeout=30)
+
+    restarted = start(tmp_path, port, token=None)
+    try:
+        stored = EventStore(tmp_path).click_ids()
+        assert len(stored) == len(set(stored))
+        assert set(acknowledged) <= set(stored), (
+            f"lost {len(set(acknowledged) - set(stored))} acknowledged clicks"
+        )
+        # A client retrying after the crash is acknowledged again and stored once.
+        assert post(port, "/v1/clicks", click(acknowledged[0]), {"authorization": ""})[1]["duplicates"] == 1
+        assert len(EventStore(tmp_path).click_ids()) == len(stored)
+    finally:
+        restarted.terminate()
+        restarted.wait(timeout=10)
