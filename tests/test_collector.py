@@ -179,3 +179,53 @@ def test_every_acknowledged_click_survives_a_sigkill_exactly_once(tmp_path):
     finally:
         restarted.terminate()
         restarted.wait(timeout=10)
+
+
+def test_export_turns_logged_inferences_and_clicks_into_the_feedback_that_ingest_reads(env, tmp_path):
+    """Round trip: simulated traffic as the logger and users would send it -> store -> feedback files."""
+    import numpy as np
+    import pandas as pd
+
+    from llm_auction.baselines import make_baseline
+    from llm_auction.serving.export import export_feedback
+    from llm_auction.simulator.experiment import evaluate_policy
+    from llm_auction.simulator.feedback import feedback_logs, read_feedback
+
+    requests = env.world.auction_requests(limit=60)
+    result, _ = evaluate_policy(
+        env, make_baseline("random", env.settings, env.ground_truth), requests, seed=4
+    )
+    served_at = env.world.requests.set_index("request_id")["timestamp"]
+    impressions, clicks = feedback_logs(result, requests, served_at, "v3", np.random.default_rng(4))
+
+    store = EventStore(tmp_path / "store")
+    for request in requests:
+        shown = impressions[impressions["request_id"] == request.request_id].sort_values("position")
+        response = result.requests.set_index("request_id").loc[request.request_id, "response"]
+        prediction = {
+            "request_id": request.request_id,
+            "response_id": f"v3:{request.request_id}",
+            "response": response,
+            "policy_version": "v3",
+            "served_at": served_at[request.request_id].isoformat(),
+            "allocation": shown[["ad_id", "advertiser_id", "position", "bid"]].to_dict("records"),
+        }
+        instance = request.model_dump(mode="json")
+        store.add_inference(request.request_id, "request", "x.request", "policy", {"instances": [instance]})
+        store.add_inference(
+            request.request_id, "response", "x.response", "policy", {"predictions": [prediction]}
+        )
+    from llm_auction.serving.collector import Click
+
+    store.add_clicks([Click(**row) for row in clicks.to_dict("records")])
+    export_feedback(store, tmp_path / "feedback")
+    got_impressions, got_clicks = read_feedback(tmp_path / "feedback")
+
+    key = ["event_id"]
+    expected = impressions.sort_values(key).reset_index(drop=True)
+    got = got_impressions.sort_values(key).reset_index(drop=True)
+    expected["event_timestamp"] = pd.to_datetime(expected["event_timestamp"], utc=True)
+    pd.testing.assert_frame_equal(got, expected, check_dtype=False)
+    assert sorted(got_clicks["event_id"]) == sorted(clicks["event_id"])
+    export_feedback(store, tmp_path / "feedback")  # again: same files, nothing added
+    assert len(read_feedback(tmp_path / "feedback")[0]) == len(impressions)

@@ -333,6 +333,22 @@ def logs_simulate(
     console.print(_table("oracle metrics of this traffic", {policy: metrics}))
 
 
+@logs_app.command("export")
+def logs_export(
+    store: Annotated[Path, typer.Option("--store", help="The collector's store folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Feedback store folder (impressions/, clicks/).")],
+    name: Annotated[str, typer.Option("--name", help="Batch name (a file per kind).")] = "collector",
+) -> None:
+    """Write what the collector received as a feedback batch that `llm-auction ingest` reads."""
+    from llm_auction.serving.collector import DB_FILE, EventStore
+    from llm_auction.serving.export import export_feedback
+
+    if not (store / DB_FILE).is_file():
+        raise InputError(f"--store {store}: no {DB_FILE}; is it a collector's store?")
+    paths = export_feedback(EventStore(store), out, name)
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
 WINDOW_EXAMPLE = "2026-01-01T00:00/2026-01-01T01:00"
 
 

@@ -98,6 +98,12 @@ class EventStore:
         with self._lock:
             return [row[0] for row in self._db.execute("SELECT event_id FROM clicks ORDER BY event_id")]
 
+    def click_rows(self) -> list[tuple[str, str, str, str, str]]:
+        """(event_id, event_timestamp, request_id, response_id, ad_id) of every click, the feedback schema."""
+        sql = "SELECT event_id, event_timestamp, request_id, response_id, ad_id FROM clicks ORDER BY event_id"
+        with self._lock:
+            return list(self._db.execute(sql))
+
     def inference_pairs(self) -> list[tuple[str, Any, Any]]:
         """(ce_id, request payload, response payload) of every inference whose two events arrived."""
         sql = (

@@ -1,0 +1,62 @@
+"""From the collector's store to the feedback store that `ingest` reads (impressions/, clicks/).
+
+The contract between the policy server and the collector, as the inference logger forwards it:
+
+    request  payload: {"instances": [auction request, ...]}
+    response payload: {"predictions": [{"request_id", "response_id", "response", "policy_version",
+                        "served_at", "allocation": [{"ad_id", "advertiser_id", "position", "bid"}]}]}
+
+Every inserted ad becomes one impression event (`imp:<response_id>:<ad_id>`, the id the simulated
+logs use too), so exporting the same store again changes nothing after ingest's deduplication.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from llm_auction.serving.collector import EventStore
+from llm_auction.simulator.feedback import CLICK_COLUMNS, IMPRESSION_COLUMNS, write_feedback
+
+
+def impression_rows(pairs: Iterable[tuple[str, Any, Any]]) -> pd.DataFrame:
+    """One row per inserted ad of every paired (request, response) inference event."""
+    rows = []
+    for _, request, response in pairs:
+        instances = {i["request_id"]: i for i in request.get("instances", [])}
+        for prediction in response.get("predictions", []):
+            instance = instances.get(prediction.get("request_id"))
+            if instance is None:
+                continue  # a response whose request was not logged: nothing to attribute it to
+            allocation = prediction.get("allocation", [])
+            for ad in allocation:
+                rows.append(
+                    {
+                        "event_id": f"imp:{prediction['response_id']}:{ad['ad_id']}",
+                        "event_timestamp": pd.Timestamp(prediction["served_at"]),
+                        "request_id": instance["request_id"],
+                        "response_id": prediction["response_id"],
+                        "user_id": instance["user_id"],
+                        "ad_id": ad["ad_id"],
+                        "advertiser_id": ad["advertiser_id"],
+                        "position": int(ad["position"]),
+                        "n_ads": len(allocation),
+                        "bid": float(ad["bid"]),
+                        "policy_version": str(prediction.get("policy_version", "")),
+                        "query": instance["query"],
+                        "response": prediction["response"],
+                    }
+                )
+    return pd.DataFrame(rows, columns=list(IMPRESSION_COLUMNS))
+
+
+def export_feedback(store: EventStore, feedback_dir: Path, name: str = "collector") -> list[Path]:
+    """Write the store's impressions and clicks as one batch `name` of the feedback store."""
+    impressions = impression_rows(store.inference_pairs())
+    clicks = pd.DataFrame(store.click_rows(), columns=list(CLICK_COLUMNS))
+    clicks["event_timestamp"] = pd.to_datetime(clicks["event_timestamp"], utc=True)
+    impressions["event_timestamp"] = pd.to_datetime(impressions["event_timestamp"], utc=True)
+    return write_feedback(feedback_dir, name, impressions, clicks)
