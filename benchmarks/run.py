@@ -108,6 +108,7 @@ def bench_dpo(settings: Settings, env: Environment, directory: Path, rows: list[
 
     from llm_auction.irpo.dpo import train_dpo
     from llm_auction.irpo.pairs import build_pairs
+    from llm_auction.irpo.sampling import bid_sum_scorer
     from llm_auction.policy.allocator import prompts_for
     from llm_auction.policy.generation import make_generator
     from llm_auction.policy.model import load_policy
@@ -116,7 +117,7 @@ def bench_dpo(settings: Settings, env: Environment, directory: Path, rows: list[
     prompts = prompts_for(requests, user_profiles(env.world))
     samples = make_generator(settings.policy.generation, directory).generate(prompts, 4, seed=0)
     rewards = [
-        [sum(r.ads[i].bid for i in parse_response(s, len(r.ads), 3).allocation) for s in group]
+        bid_sum_scorer([r] * len(group), group, settings.mechanism.max_ads)
         for r, group in zip(requests, samples)
     ]
     pairs = build_pairs([r.request_id for r in requests], prompts, samples, rewards, delta_th=0.0)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
-import numpy as np
 import pytest
 
 from llm_auction.config import load_config
@@ -15,22 +15,12 @@ from llm_auction.evaluation.steps import (
     review_card,
     write_evaluation_report,
 )
-from llm_auction.mechanism.grammar import parse_response
+from llm_auction.irpo.sampling import bid_sum_scorer
 from llm_auction.simulator.experiment import Environment
 from llm_auction.tracking import registry
 from llm_auction.tracking.runs import tracked_run
 
 pytestmark = pytest.mark.slow
-
-
-def bid_sum_scorer(requests, responses):
-    """A stand-in for R with no trained pCTR: the bids of the ads a response inserts."""
-    return np.array(
-        [
-            sum(q.ads[i].bid for i in parse_response(y, len(q.ads), 3).allocation)
-            for q, y in zip(requests, responses)
-        ]
-    )
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +37,8 @@ def summary(pi0, policy_env):
         policy_env.click_model,
     )
     directory = pi0[0]
-    return evaluate_candidate(env, directory, directory, directory, bid_sum_scorer)
+    scorer = functools.partial(bid_sum_scorer, max_ads=env.settings.mechanism.max_ads)
+    return evaluate_candidate(env, directory, directory, directory, scorer)
 
 
 def test_a_candidate_identical_to_the_champion_is_held(summary):

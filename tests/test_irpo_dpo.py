@@ -14,8 +14,8 @@ import pytest
 from llm_auction.config import load_config
 from llm_auction.irpo.dpo import train_dpo
 from llm_auction.irpo.pairs import build_pairs
+from llm_auction.irpo.sampling import bid_sum_scorer
 from llm_auction.irpo.steps import PAIRS_FILE, dpo_step
-from llm_auction.mechanism.grammar import parse_response
 from llm_auction.policy.allocator import prompts_for
 from llm_auction.policy.generation import make_generator
 from llm_auction.policy.model import load_policy
@@ -35,7 +35,7 @@ def pair_dir(pi0, policy_env, tmp_path_factory) -> Path:
     prompts = prompts_for(requests, user_profiles(policy_env.world))
     samples = make_generator(settings.policy.generation, directory).generate(prompts, 4, seed=1)
     rewards = [
-        [sum(r.ads[i].bid for i in parse_response(s, len(r.ads), 3).allocation) for s in group]
+        bid_sum_scorer([r] * len(group), group, settings.mechanism.max_ads)
         for r, group in zip(requests, samples)
     ]
     pairs = build_pairs([r.request_id for r in requests], prompts, samples, rewards, delta_th=0.0)

@@ -25,10 +25,15 @@ def evaluate_allocator(
     seed: int,
     scorer: Scorer | None = None,
 ) -> tuple[Rollout, dict[str, Estimate]]:
-    """Oracle metrics of one sampled response per request, plus `reward` (R under psi) when scored."""
+    """Oracle metrics of one sampled response per request, plus `reward` (R under psi) when scored.
+
+    With a scorer, each request's R is also kept in the rollout's request table (`reward`), so a
+    paired comparison needs no second scoring pass.
+    """
     result, metrics = evaluate_policy(env, allocator, requests, seed)
     if scorer is not None:
         rewards = scorer(requests, result.requests["response"].tolist())
+        result.requests["reward"] = rewards
         m = env.settings.mechanism
         metrics["reward"] = bootstrap(
             rewards, None, m.bootstrap_samples, m.ci_level, np.random.default_rng([seed, 3])

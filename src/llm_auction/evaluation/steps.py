@@ -21,7 +21,7 @@ from llm_auction.mechanism.audits import audit_individual_rationality, audit_mon
 from llm_auction.mechanism.metrics import bootstrap, per_request_outcomes
 from llm_auction.simulator.experiment import Environment, split_requests, user_profiles
 from llm_auction.tracking import registry
-from llm_auction.tracking.runs import tracked_run
+from llm_auction.tracking.runs import lineage_tags, tracked_run
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +85,7 @@ def evaluate_candidate(
         *[(name, make_baseline(name, settings, env.ground_truth)) for name in baselines],
     ]:
         results[label], rows[label] = evaluate_allocator(env, allocator, held_out, seed, scorer)
-    rewards = {
-        k: scorer(held_out, results[k].requests["response"].tolist()) for k in ("candidate", "champion")
-    }
+    rewards = {k: results[k].requests["reward"].to_numpy() for k in ("candidate", "champion")}
     revenue = {
         k: per_request_outcomes(results[k].requests, results[k].impressions, "expected_ctr")[
             "payment"
@@ -282,7 +280,7 @@ def evaluate_step(
     summary = evaluate_candidate(env, candidate_dir, champion_dir, reference_dir, scorer)
     summary["lineage"] = dict(lineage or {})
     write_evaluation_report(summary, out_dir, epoch_history(env.settings, summary))
-    tags = {"llm_auction.step": "evaluate", **{f"lineage.{k}": v for k, v in (lineage or {}).items()}}
+    tags = lineage_tags("evaluate", lineage or {})
     parent = (lineage or {}).get("parent_run_id")
     with tracked_run(env.settings.tracking, "evaluate", tags, parent_run_id=parent) as run:
         if run is not None:

@@ -14,6 +14,7 @@ from llm_auction.config import IRPOConfig, Settings
 from llm_auction.contracts import AuctionRequest
 from llm_auction.features.encoder import TextEncoder
 from llm_auction.irpo.pairs import build_pairs, pair_statistics
+from llm_auction.mechanism.grammar import parse_response
 from llm_auction.policy.allocator import prompts_for
 from llm_auction.policy.generation import Generator
 from llm_auction.reward.pctr import PCTRModel
@@ -49,6 +50,20 @@ class RewardScorer:
     def flush(self) -> None:
         """Keep the text embeddings computed so far (the next step reuses them)."""
         self.encoder.flush()
+
+
+def bid_sum_scorer(requests: Sequence[AuctionRequest], responses: Sequence[str], max_ads: int) -> np.ndarray:
+    """R with every pCTR set to 1 (the bids of the inserted ads): a reward that needs no trained model.
+
+    For benchmarks and tests of the DPO and evaluation machinery, where any reward will do.
+    """
+    return np.array(
+        [
+            sum(q.ads[i].bid for i in parse_response(y, len(q.ads), q.max_ads or max_ads).allocation)
+            for q, y in zip(requests, responses, strict=True)
+        ],
+        dtype=float,
+    )
 
 
 def feast_reward_scorer(settings: Settings, pctr_dir: Path) -> RewardScorer:

@@ -18,17 +18,13 @@ from llm_auction.irpo.dpo import file_digest, train_dpo
 from llm_auction.irpo.sampling import build_preference_set, feast_reward_scorer, prompt_requests
 from llm_auction.simulator.experiment import Environment, split_requests, user_profiles
 from llm_auction.tracking.registry import register_version
-from llm_auction.tracking.runs import tracked_run
+from llm_auction.tracking.runs import lineage_tags, tracked_run
 
 logger = logging.getLogger(__name__)
 
 PAIRS_FILE = "pairs.parquet"
 SAMPLES_FILE = "samples.parquet"
 STATS_FILE = "pairs_stats.json"
-
-
-def lineage_tags(step: str, lineage: Mapping[str, Any]) -> dict[str, Any]:
-    return {"llm_auction.step": step, **{f"lineage.{k}": v for k, v in lineage.items()}}
 
 
 def is_main_process() -> bool:

@@ -49,21 +49,13 @@ def settings_from(settings_json: str) -> Settings:
 
 
 def start_epoch(settings_json: str, epoch: int, run_name: str = "") -> str:
-    """The epoch's parent MLflow run (every step's run is its child); '' when tracking is off."""
+    """The epoch's parent MLflow run, left RUNNING until the gate step (or a failing step) ends it."""
+    from llm_auction.tracking.runs import open_run
+
     settings = settings_from(settings_json)
     if settings.tracking.uri is None:
         return ""
-    from mlflow.tracking import MlflowClient
-
-    from llm_auction.tracking.runs import tracked_run
-
-    with tracked_run(
-        settings.tracking, run_name or f"irpo-epoch-{epoch}", {"llm_auction.epoch": epoch}
-    ) as run:
-        run_id = run.run_id
-    # tracked_run ended it; the epoch stays open until `finish_epoch`.
-    MlflowClient(tracking_uri=settings.tracking.uri).update_run(run_id, status="RUNNING")
-    return run_id
+    return open_run(settings.tracking, run_name or f"irpo-epoch-{epoch}", {"llm_auction.epoch": epoch}).run_id
 
 
 def finish_epoch(settings_json: str, parent_run_id: str, status: str, tags: Mapping[str, Any]) -> None:

@@ -14,7 +14,7 @@ from llm_auction.config import Settings
 from llm_auction.features.encoder import TextEncoder
 from llm_auction.reward.pctr import PCTRModel, train_pctr
 from llm_auction.tracking.registry import register_version
-from llm_auction.tracking.runs import tracked_run
+from llm_auction.tracking.runs import lineage_tags, tracked_run
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def train_and_register(
         "calibration_by_position": test["calibration_by_position"],
         "lineage": dict(lineage or {}),
     }
-    tags = {"llm_auction.step": "train_pctr", **{f"lineage.{k}": v for k, v in (lineage or {}).items()}}
+    tags = lineage_tags("train_pctr", lineage or {})
     parent = (lineage or {}).get("parent_run_id")
     with tracked_run(settings.tracking, "train-pctr", tags, parent_run_id=parent) as run:
         if run is not None:

@@ -20,9 +20,8 @@ def register_version(
 ) -> str:
     """Create the registered model if needed and add the run's artifacts as a new version."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=cfg.uri)
+    client = _client(cfg)
     try:
         client.get_registered_model(name)
     except MlflowException:

@@ -45,19 +45,22 @@ class TrackedRun:
             self.client.set_tag(self.run_id, key, str(value))
 
 
-@contextmanager
-def tracked_run(
+def lineage_tags(step: str, lineage: Mapping[str, Any]) -> dict[str, Any]:
+    """The tags every step's run and registry version carry: which step, and what it came from."""
+    return {"llm_auction.step": step, **{f"lineage.{k}": v for k, v in lineage.items()}}
+
+
+def open_run(
     cfg: TrackingConfig,
     run_name: str,
     tags: Mapping[str, Any] | None = None,
     parent_run_id: str | None = None,
-) -> Iterator[TrackedRun | None]:
-    """An MLflow run that ends FINISHED, or FAILED when the body raises; None when tracking is off."""
-    if cfg.uri is None:
-        yield None
-        return
+) -> TrackedRun:
+    """Create a RUNNING run in the configured experiment (created if needed); the caller ends it."""
     from mlflow.tracking import MlflowClient
 
+    if cfg.uri is None:
+        raise ValueError("tracking.uri: no MLflow tracking URI configured")
     _prepare_local_store(cfg.uri)
     client = MlflowClient(tracking_uri=cfg.uri)
     experiment = client.get_experiment_by_name(cfg.experiment)
@@ -72,11 +75,25 @@ def tracked_run(
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
-    tracked = TrackedRun(client, run.info.run_id)
+    return TrackedRun(client, run.info.run_id)
+
+
+@contextmanager
+def tracked_run(
+    cfg: TrackingConfig,
+    run_name: str,
+    tags: Mapping[str, Any] | None = None,
+    parent_run_id: str | None = None,
+) -> Iterator[TrackedRun | None]:
+    """An MLflow run that ends FINISHED, or FAILED when the body raises; None when tracking is off."""
+    if cfg.uri is None:
+        yield None
+        return
+    tracked = open_run(cfg, run_name, tags, parent_run_id)
     try:
         yield tracked
     except BaseException:
-        client.set_terminated(run.info.run_id, status="FAILED")
+        tracked.client.set_terminated(tracked.run_id, status="FAILED")
         raise
-    client.set_terminated(run.info.run_id, status="FINISHED")
-    logger.info("MLflow run %s (%s) finished at %s", run.info.run_id, run_name, cfg.uri)
+    tracked.client.set_terminated(tracked.run_id, status="FINISHED")
+    logger.info("MLflow run %s (%s) finished at %s", tracked.run_id, run_name, cfg.uri)
