@@ -21,6 +21,7 @@ from components.ingest import ingest
 from components.promote import promote
 from components.train_dpo import train_dpo
 from components.train_pctr import train_pctr
+from llm_auction.config import load_config
 
 COMPILED = Path(__file__).with_suffix(".yaml")
 WORKSPACE_PVC, WORKSPACE_MOUNT = "llm-auction-workspace", "/mnt/llm-auction"
@@ -30,7 +31,8 @@ SECRETS = {
     },
     "llm-auction-postgres": {"FEAST_REGISTRY_URI": "FEAST_REGISTRY_URI"},
 }
-DPO_GPUS = 8  # one node of the cluster profile (irpo.distributed.gpus_per_node)
+# GPUs of one DPO pod: the cluster profile's, so the compiled pipeline and the configuration agree.
+DPO_GPUS = load_config(profile="cluster", environ={}).irpo.distributed.gpus_per_node
 GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")
 
 
