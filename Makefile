@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP) ## create or refresh the virtual environment
 
-run: $(STAMP) ## the main job on the embedded local defaults (for now: the baseline comparison)
-	$(BIN)/llm-auction compare --requests 2000 --json $(RUN_DIR)/baselines.json
+EPOCHS ?= 3
+
+run: $(STAMP) ## the closed loop on the embedded local defaults: pi_0, psi_0, then $(EPOCHS) IRPO epochs
+	$(BIN)/llm-auction run --epochs $(EPOCHS) --out $(RUN_DIR)
 
 test: $(STAMP) ## the test suite (slow end-to-end tests included)
 	$(BIN)/python -m pytest -q

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import yaml
 
+from helpers import register_champion
 from llm_auction.config import load_config
 from llm_auction.pipeline.local import run_local
 from llm_auction.simulator.experiment import evaluate_policy
 from llm_auction.simulator.feedback import feedback_logs, write_feedback
 from llm_auction.tracking import registry
-from llm_auction.tracking.runs import tracked_run
 
 pytestmark = pytest.mark.slow
 
@@ -40,12 +40,7 @@ def workspace(pi0, policy_env, tmp_path_factory):
     }
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     settings = load_config(root / "config.yaml", environ={})
-    with tracked_run(settings.tracking, "policy-init") as run:
-        run.log_artifacts(pi0[0], "policy")
-        version = registry.register_version(
-            settings.tracking, settings.irpo.registered_model, run.run_id, "policy"
-        )
-    registry.promote(settings.tracking, settings.irpo.registered_model, version, "test", "pi_0")
+    register_champion(settings, pi0[0])
     from llm_auction.policy.allocator import LLMPolicy
     from llm_auction.policy.generation import make_generator
     from llm_auction.simulator.experiment import user_profiles

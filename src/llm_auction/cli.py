@@ -817,6 +817,142 @@ def collector(
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port.")] = 8080,
+    model_dir: Annotated[
+        Path | None,
+        typer.Option("--model-dir", help="Serve this policy directory (default: the registry's champion)."),
+    ] = None,
+    predictor_url: Annotated[
+        str | None,
+        typer.Option("--predictor-url", help="Run as the transformer of this OpenAI-compatible predictor."),
+    ] = None,
+    logger_url: Annotated[
+        str | None, typer.Option("--logger-url", help="Collector URL for inference CloudEvents.")
+    ] = None,
+    batching: Annotated[
+        bool | None, typer.Option("--batching/--no-batching", help="Dynamic batching (default: config).")
+    ] = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    sets: SetOption = None,
+) -> None:
+    """Serve the policy: KServe V1 predict, V2 health, OpenAI-compatible completions; follows the champion."""
+    from llm_auction.serving.server import serve as run_server
+
+    settings = _settings(config, profile, sets, None, serving__logger_url=logger_url)
+    if model_dir is not None and not model_dir.is_dir():
+        raise InputError(f"--model-dir {model_dir}: not a directory")
+    token = os.environ.get(settings.serving.token_env) or None
+    err_console.print(
+        f"policy server on http://{host}:{port} (model {settings.serving.model_name}, "
+        f"auth {'on' if token else 'off'}, logger {settings.serving.logger_url or 'off'})"
+    )
+    run_server(settings, host, port, model_dir, predictor_url, batching, token)
+
+
+@app.command()
+def traffic(
+    endpoint: Annotated[
+        str, typer.Option("--endpoint", help="The policy server, e.g. http://127.0.0.1:8080.")
+    ],
+    collector_url: Annotated[
+        str | None, typer.Option("--collector", help="The collector for clicks, e.g. http://127.0.0.1:8081.")
+    ] = None,
+    requests: Annotated[int, typer.Option("--requests", min=1, help="Requests to send.")] = 500,
+    offset: Annotated[int, typer.Option("--offset", min=0, help="First request of the world's stream.")] = 0,
+    concurrency: Annotated[
+        int | None,
+        typer.Option("--concurrency", min=1, help="Requests in flight (default: loop.concurrency)."),
+    ] = None,
+    json_path: JsonOption = None,
+    seed: SeedOption = None,
+    world: WorldOption = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    sets: SetOption = None,
+) -> None:
+    """Send the world's requests to the endpoint; simulated users click; clicks go to the collector."""
+    import asyncio
+
+    from llm_auction.serving.traffic import send_traffic
+
+    settings = _settings(config, profile, sets, seed, loop__concurrency=concurrency)
+    env = build_environment(settings, world)
+    batch = env.world.auction_requests(limit=requests, offset=offset)
+    if not batch:
+        raise InputError(f"--offset {offset}: the stream has only {len(env.world.requests)} requests")
+    report = asyncio.run(
+        send_traffic(
+            endpoint,
+            batch,
+            env.click_model,
+            collector=collector_url,
+            model_name=settings.serving.model_name,
+            concurrency=settings.loop.concurrency,
+            seed=settings.seed,
+            mean_click_delay_s=settings.loop.mean_click_delay_s,
+            token=os.environ.get(settings.serving.token_env) or None,
+            collector_token=os.environ.get(settings.serving.logger_token_env) or None,
+        )
+    )
+    rows = [
+        (
+            "sent / served / rejected / failed",
+            f"{report.sent} / {report.served} / {report.rejected} / {report.failed}",
+        ),
+        (
+            "impressions / clicks (acknowledged)",
+            f"{report.impressions} / {report.clicks} ({report.clicks_acknowledged})",
+        ),
+        ("realised revenue (bids of clicks)", f"{report.revenue:.2f}"),
+        ("throughput", f"{report.throughput:.1f} req/s"),
+        ("latency p50 / p99", f"{report.latency_p50_ms:.0f} / {report.latency_p99_ms:.0f} ms"),
+        ("policy versions", json.dumps(report.policy_versions)),
+    ]
+    _print_fields(f"traffic -> {endpoint}", rows)
+    for error in report.errors[:5]:
+        err_console.print(f"  {error}", highlight=False, markup=False)
+    if json_path is not None:
+        _write_json(json_path, report.to_dict())
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command("run")
+def run_closed_loop(
+    epochs: Annotated[int, typer.Option("--epochs", min=0, help="IRPO epochs after the bootstrap.")] = 3,
+    out: Annotated[Path, typer.Option("--out", help="Folder of the run (stores, logs, report).")] = Path(
+        "runs/local"
+    ),
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    sets: SetOption = None,
+) -> None:
+    """The closed loop: pi_0 and psi_0, then each epoch: serve the champion, traffic, irpo-epoch."""
+    from llm_auction.pipeline.loop import run_loop
+
+    report = run_loop(epochs, out, config, profile, _parse_sets(sets))
+    metrics = ("revenue", "social_welfare", "itctr", "ad_load")
+    table = Table(title=f"closed loop -> {out}/report.json", box=box.SIMPLE_HEAVY)
+    for column in ("epoch", "version", *metrics, "gate"):
+        table.add_column(column, justify="right")
+    for entry in report["epochs"]:
+        gate = entry["gate"]
+        cells = [
+            f"{entry['policy'][m]['mean']:.3f}"
+            if entry["policy"].get(m, {}).get("mean") is not None
+            else "n/a"
+            for m in metrics
+        ]
+        verdict = "" if gate is None else ("promoted" if gate["promoted"] else "held")
+        table.add_row(str(entry["epoch"]), str(entry["policy_version"]), *cells, verdict)
+    console.print(table)
+    console.print(f"wall time {report['wall_seconds'] / 60:.1f} min; report {out}/report.html")
+
+
 ModelOption = Annotated[
     str | None, typer.Option("--model", help="Registered model (default: irpo.registered_model).")
 ]

@@ -319,6 +319,43 @@ class GateConfig(_Section):
     audit_requests: int = Field(10, ge=1, description="Requests whose bids the monotonicity audit raises.")
 
 
+class ServingConfig(_Section):
+    """The policy endpoint (`llm-auction serve`): limits, dynamic batching, reload, inference logging."""
+
+    model_name: str = Field("policy", min_length=1, description="Name in /v1/models/<name>:predict.")
+    max_candidates: int = Field(16, ge=1, le=64, description="Most candidate ads K one request may carry.")
+    max_instances: int = Field(64, ge=1, description="Most auction requests in one predict call.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body; larger: HTTP 413.")
+    batching: bool = Field(True, description="Merge concurrent requests into one generate call.")
+    max_batch_size: int = Field(32, ge=1, description="Most prompts in one dynamically formed batch.")
+    max_latency_ms: float = Field(
+        10.0, ge=0, description="How long the first request of a batch waits for others to join."
+    )
+    reload_interval_s: float = Field(
+        2.0, gt=0, description="How often the registry's champion alias is checked for a move."
+    )
+    token_env: str = Field(
+        "LLM_AUCTION_SERVING_TOKEN",
+        description="Environment variable with the bearer token (unset: no auth).",
+    )
+    logger_url: str | None = Field(
+        None,
+        description="Collector URL for inference CloudEvents (KServe's logger does this on the cluster).",
+    )
+    logger_token_env: str = Field(
+        "LLM_AUCTION_COLLECTOR_TOKEN", description="Environment variable with the collector's bearer token."
+    )
+
+
+class LoopConfig(_Section):
+    """The closed loop of `llm-auction run`: how much traffic each phase sends."""
+
+    bootstrap_requests: int = Field(2000, ge=1, description="pi_0's requests that train psi_0.")
+    requests_per_epoch: int = Field(2000, ge=1, description="Requests the champion serves each epoch.")
+    concurrency: int = Field(8, ge=1, description="Requests in flight at once (simulated users).")
+    mean_click_delay_s: float = Field(2.0, ge=0, description="Mean seconds between impression and click.")
+
+
 class TrackingConfig(_Section):
     """MLflow tracking; `uri: null` logs nothing."""
 
@@ -348,6 +385,8 @@ class Settings(BaseModel):
     reward: RewardConfig = RewardConfig()
     irpo: IRPOConfig = IRPOConfig()
     gate: GateConfig = GateConfig()
+    serving: ServingConfig = ServingConfig()
+    loop: LoopConfig = LoopConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")

@@ -1,0 +1,452 @@
+"""`llm-auction run`: the closed loop of the paper on this machine.
+
+    bootstrap: world -> pi_0 (SFT, registered champion) -> pi_0 serves traffic -> psi_0
+    epoch t:   the server follows the champion -> traffic -> collector -> irpo-epoch (kfp.local)
+               -> gate -> (promotion moves the alias; the server reloads) -> report
+
+The policy server and the collector are real processes on 127.0.0.1; users are the simulator's
+click model; everything the loop writes lives under `--out`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from rich.console import Console
+
+from llm_auction.config import ConfigError, Settings, load_config
+from llm_auction.contracts import AuctionRequest
+from llm_auction.pipeline import steps
+from llm_auction.serving.traffic import TrafficReport, send_traffic
+from llm_auction.simulator.experiment import Environment, build_environment
+from llm_auction.tracking import registry
+
+ORACLE_METRICS = ("revenue", "social_welfare", "itctr", "ad_load", "format_error_rate", "reward")
+STATE_DIRS = ("data", "mlflow", "feedback", "collector", "pipeline", "pi0", "pctr0", "quarantine", "logs")
+
+
+def loop_settings(base: Settings, out: Path) -> Settings:
+    """`base` with every store under `out` (absolute, so kfp.local's subprocesses agree)."""
+    out = out.resolve()
+    data = out / "data"
+    return base.model_copy(
+        update={
+            "data_dir": data,
+            "features": base.features.model_copy(
+                update={"data_dir": str(data / "features"), "quarantine_dir": out / "quarantine"}
+            ),
+            "tracking": base.tracking.model_copy(
+                update={
+                    "uri": f"sqlite:///{out}/mlflow/mlflow.db",
+                    "artifact_location": str(out / "mlflow" / "artifacts"),
+                }
+            ),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class TrafficPlan:
+    """Which requests of the stream each phase sends: after pi_0's SFT set, before the held-out end."""
+
+    bootstrap: list[AuctionRequest]
+    epochs: list[list[AuctionRequest]]
+
+
+def plan_traffic(env: Environment, epochs: int) -> TrafficPlan:
+    s = env.settings
+    start = s.policy.warm_start.n_requests
+    end = len(env.world.requests) - s.policy.held_out_requests
+    need = s.loop.bootstrap_requests + epochs * s.loop.requests_per_epoch
+    if start + need > end:
+        raise ConfigError(
+            f"loop.requests_per_epoch: {epochs} epochs of {s.loop.requests_per_epoch} requests and "
+            f"{s.loop.bootstrap_requests} bootstrap requests need {need}, but the stream has {end - start} "
+            "between pi_0's SFT set and the held-out requests (raise world.n_requests)"
+        )
+    stream = env.world.auction_requests(limit=need, offset=start)
+    b, e = s.loop.bootstrap_requests, s.loop.requests_per_epoch
+    return TrafficPlan(stream[:b], [stream[b + t * e : b + (t + 1) * e] for t in range(epochs)])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def service(
+    name: str,
+    args: list[str],
+    health_url: str,
+    log_dir: Path,
+    timeout_s: float = 180,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[str]:
+    """A `llm-auction` subprocess that is up once `health_url` answers 200; stopped on exit."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = (log_dir / f"{name}.log").open("ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llm_auction", *args],
+        stdout=log,
+        stderr=log,
+        env=None if env is None else {**os.environ, **env},
+    )
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"{name} exited with {process.returncode}; see {log_dir / (name + '.log')}"
+                )
+            try:
+                if httpx.get(health_url, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{name} not healthy after {timeout_s:.0f} s; see {log_dir / (name + '.log')}"
+                )
+            time.sleep(0.5)
+        yield health_url
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def wait_until(check: Any, what: str, timeout_s: float = 120, interval_s: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+class Loop:
+    """One closed-loop run under `out`; `run()` returns the report it also writes."""
+
+    def __init__(self, settings: Settings, epochs: int, out: Path, console: Console | None = None) -> None:
+        self.out = out.resolve()
+        self.settings = loop_settings(settings, self.out)
+        self.epochs = epochs
+        self.console = console or Console(stderr=True)
+        self.config_path = self.out / "config.yaml"
+        self.feedback = self.out / "feedback"
+        self.collector_store = self.out / "collector"
+        self.settings_json = self.settings.model_dump_json()
+
+    # --- phases ----------------------------------------------------------------------------
+    def _say(self, text: str) -> None:
+        self.console.print(f"[bold]{datetime.now().strftime('%H:%M:%S')}[/bold] {text}")
+
+    def prepare(self) -> None:
+        if self.out.exists():
+            stale = [d for d in STATE_DIRS if (self.out / d).exists()]
+            if stale:
+                self._say(f"replacing the previous run in {self.out} ({', '.join(stale)})")
+            for d in stale:
+                shutil.rmtree(self.out / d)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.feedback.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(self.settings.model_dump(mode="json"), sort_keys=False))
+
+    def bootstrap_policy(self, env: Environment) -> str:
+        from llm_auction.policy.warm_start import init_policy
+
+        self._say("pi_0: SFT warm start of the tiny policy")
+        card = init_policy(env, self.out / "pi0")
+        return str(card["registered_version"])
+
+    def sign_up_users(self) -> None:
+        """Users and ads enter the feature store before anyone is served (an ingest of no events)."""
+        now = datetime.now(UTC)
+        steps.ingest(
+            self.settings_json,
+            str(self.feedback),
+            (now - timedelta(hours=1)).isoformat(),
+            now.isoformat(),
+            "",
+        )
+
+    def send(
+        self, endpoint: str, collector: str, requests: list[AuctionRequest], env: Environment, seed: int
+    ) -> TrafficReport:
+        loop = self.settings.loop
+        report = asyncio.run(
+            send_traffic(
+                endpoint,
+                requests,
+                env.click_model,
+                collector=collector,
+                model_name=self.settings.serving.model_name,
+                concurrency=loop.concurrency,
+                seed=seed,
+                mean_click_delay_s=loop.mean_click_delay_s,
+            )
+        )
+        if report.served == 0:
+            raise RuntimeError(f"no request was served: {report.errors[:3]}")
+        if report.failed:
+            self._say(f"[yellow]{report.failed} requests failed: {report.errors[:3]}[/yellow]")
+        return report
+
+    def collect(self, served_total: int) -> None:
+        """Wait until the collector holds every served inference, then export the feedback store."""
+        from llm_auction.serving.collector import EventStore
+        from llm_auction.serving.export import export_feedback
+
+        store = EventStore(self.collector_store)
+        try:
+            wait_until(lambda: len(store.inference_pairs()) >= served_total, "the inference logs to arrive")
+            export_feedback(store, self.feedback, "collector")
+        finally:
+            store.close()
+
+    def window(self, traffic: TrafficReport, started: datetime) -> tuple[str, str]:
+        last = datetime.fromisoformat(traffic.last_event_at) if traffic.last_event_at else started
+        return started.isoformat(), (max(last, datetime.now(UTC)) + timedelta(seconds=1)).isoformat()
+
+    def served_versions(self, endpoint: str) -> dict[str, Any]:
+        return httpx.get(f"{endpoint}/served", timeout=5).json()
+
+    def await_champion(self, endpoint: str) -> str:
+        name = self.settings.irpo.registered_model
+        champion = registry.alias_version(self.settings.tracking, name, registry.CHAMPION)
+        pctr = registry.latest_version(self.settings.tracking, self.settings.pctr.registered_model)
+
+        def loaded() -> bool:
+            served = self.served_versions(endpoint)
+            return served["policy_version"] == champion and served["pctr_version"] == pctr
+
+        wait_until(loaded, f"the server to load champion {champion} and pCTR {pctr}")
+        return str(champion)
+
+    def run_epoch(self, epoch: int, window: tuple[str, str]) -> dict[str, Any]:
+        from llm_auction.pipeline.local import run_local
+
+        root = self.out / "pipeline" / f"epoch-{epoch}"
+        run_local(
+            root,
+            epoch=epoch,
+            window_start=window[0],
+            window_end=window[1],
+            feedback_dir=str(self.feedback),
+            policy_uri=f"models:/{self.settings.irpo.registered_model}@champion",
+            profile=self.settings.profile,
+            config_path=str(self.config_path),
+            overrides="",
+        )
+        (evaluation,) = root.glob("*/evaluate/evaluation/evaluation.json")
+        return json.loads(evaluation.read_text())
+
+    def run(self) -> dict[str, Any]:
+        started_all = time.perf_counter()
+        self.prepare()
+        env = build_environment(self.settings)
+        plan = plan_traffic(env, self.epochs)
+        self.bootstrap_policy(env)
+        self._say("feature store: users and ads sign up")
+        self.sign_up_users()
+        collector_port, server_port = _free_port(), _free_port()
+        collector = f"http://127.0.0.1:{collector_port}"
+        endpoint = f"http://127.0.0.1:{server_port}"
+        logs = self.out / "logs"
+        report: dict[str, Any] = {"epochs": [], "traffic": [], "out": str(self.out)}
+        with (
+            service(
+                "collector",
+                ["collector", "--store", str(self.collector_store), "--port", str(collector_port)],
+                f"{collector}/healthz",
+                logs,
+            ),
+            service(
+                "server",
+                [
+                    "serve",
+                    "--config",
+                    str(self.config_path),
+                    "--port",
+                    str(server_port),
+                    "--logger-url",
+                    f"{collector}/v1/events",
+                ],
+                f"{endpoint}/v2/health/ready",
+                logs,
+            ),
+        ):
+            served_total = 0
+            self._say(f"bootstrap: pi_0 serves {len(plan.bootstrap)} requests")
+            started = datetime.now(UTC) - timedelta(seconds=1)
+            traffic = self.send(endpoint, collector, plan.bootstrap, env, seed=0)
+            served_total += traffic.served
+            self.collect(served_total)
+            window = self.window(traffic, started)
+            report["traffic"].append({"phase": "bootstrap", "window": window, **traffic.to_dict()})
+            self._say("psi_0: pCTR on pi_0's traffic")
+            steps.ingest(self.settings_json, str(self.feedback), *window, "")
+            steps.train_pctr(self.settings_json, str(self.out / "pctr0"), *window, 0, "")
+            for epoch in range(1, self.epochs + 1):
+                champion = self.await_champion(endpoint)
+                self._say(
+                    f"epoch {epoch}: champion v{champion} serves {len(plan.epochs[epoch - 1])} requests"
+                )
+                started = datetime.now(UTC) - timedelta(seconds=1)
+                traffic = self.send(endpoint, collector, plan.epochs[epoch - 1], env, seed=epoch)
+                served_total += traffic.served
+                self.collect(served_total)
+                window = self.window(traffic, started)
+                report["traffic"].append({"phase": f"epoch-{epoch}", "window": window, **traffic.to_dict()})
+                self._say(f"epoch {epoch}: irpo-epoch pipeline (kfp.local)")
+                evaluation = self.run_epoch(epoch, window)
+                if epoch == 1:
+                    report["epochs"].append(report_entry(0, champion, evaluation, "champion", None))
+                name = self.settings.irpo.registered_model
+                after = registry.alias_version(self.settings.tracking, name, registry.CHAMPION)
+                promoted = bool(evaluation["gate"]["promoted"])
+                report["epochs"].append(
+                    report_entry(
+                        epoch, after, evaluation, "candidate" if promoted else "champion", evaluation["gate"]
+                    )
+                )
+                write_report(report, self.out)
+            report["final_served"] = self.served_versions(endpoint) if self.epochs else {}
+        report["wall_seconds"] = time.perf_counter() - started_all
+        write_report(report, self.out)
+        return report
+
+
+def report_entry(
+    epoch: int, version: str | None, evaluation: Mapping[str, Any], label: str, gate: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """One `report.json` epoch: the champion after the gate, its oracle metrics on the held-out requests."""
+    policies = evaluation["policies"]
+    return {
+        "epoch": epoch,
+        "policy_version": version,
+        "policy": {k: v for k, v in policies[label].items() if k in ORACLE_METRICS},
+        "baselines": {
+            b: {k: v for k, v in policies[b].items() if k in ORACLE_METRICS}
+            for b in policies
+            if b not in ("candidate", "champion")
+        },
+        "gate": None
+        if gate is None
+        else {"promoted": bool(gate["promoted"]), "reason": gate.get("reason"), "checks": gate["checks"]},
+        "held_out_requests": evaluation["requests"],
+    }
+
+
+def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
+    """report.json, epochs.png, traffic.png and report.html."""
+    from llm_auction.evaluation.report import plot_epoch_curves
+    from llm_auction.evaluation.report import write_report as write_html
+
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    epochs = list(report["epochs"])
+    images = [plot_epoch_curves(epochs, out / "epochs.png")] if epochs else []
+    images += [plot_traffic(report["traffic"], out / "traffic.png")] if report["traffic"] else []
+
+    def fmt(estimate: Mapping[str, Any] | None) -> str:
+        if not estimate or estimate.get("mean") is None:
+            return "n/a"
+        lo, hi = estimate.get("ci") or [None, None]
+        band = "" if lo is None else f" [{lo:.3f}, {hi:.3f}]"
+        return f"{estimate['mean']:.3f}{band}"
+
+    metrics = ("revenue", "social_welfare", "itctr", "ad_load")
+    rows = [
+        [e["epoch"], e["policy_version"], *(fmt(e["policy"].get(m)) for m in metrics),
+         "" if e["gate"] is None else ("promoted" if e["gate"]["promoted"] else "held")]
+        for e in epochs
+    ]  # fmt: skip
+    traffic_rows = [
+        [t["phase"], t["served"], t["clicks"], f"{t['revenue']:.1f}", f"{t['throughput_rps']:.1f}",
+         f"{t['latency_p50_ms']:.0f}", f"{t['latency_p99_ms']:.0f}", json.dumps(t["policy_versions"])]
+        for t in report["traffic"]
+    ]  # fmt: skip
+    baselines = epochs[-1]["baselines"] if epochs else {}
+    summary = {"epochs": str(max(len(epochs) - 1, 0)), "out": str(out)}
+    if "wall_seconds" in report:
+        summary["wall time"] = f"{report['wall_seconds'] / 60:.1f} min"
+    if len(epochs) > 1:
+        first, last = epochs[0]["policy"]["revenue"]["mean"], epochs[-1]["policy"]["revenue"]["mean"]
+        summary["oracle revenue, pi_0 -> final champion"] = (
+            f"{first:.3f} -> {last:.3f} ({last / first - 1:+.1%})"
+        )
+    html = write_html(
+        out,
+        "LLM-Auction closed loop",
+        summary,
+        {
+            "champion after each epoch (oracle metrics, held-out requests)": (
+                ["epoch", "version", *metrics, "gate"],
+                rows,
+            ),
+            "baselines (same requests)": (
+                ["baseline", *metrics],
+                [[b, *(fmt(v.get(m)) for m in metrics)] for b, v in baselines.items()],
+            ),
+            "live traffic per phase": (
+                ["phase", "served", "clicks", "revenue", "req/s", "p50 ms", "p99 ms", "versions"],
+                traffic_rows,
+            ),
+        },
+        images,
+    )
+    return [out / "report.json", *images, html]
+
+
+def plot_traffic(traffic: list[Mapping[str, Any]], path: Path) -> Path:
+    """Realised revenue and CTR per served request in each phase (what the live endpoint earned)."""
+    from matplotlib.figure import Figure
+
+    phases = [t["phase"] for t in traffic]
+    per_request = [t["revenue"] / max(t["served"], 1) for t in traffic]
+    ctr = [t["clicks"] / max(t["impressions"], 1) for t in traffic]
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    left.bar(phases, per_request, color="C0")
+    left.set_title("realised revenue per request (live traffic)")
+    right.bar(phases, ctr, color="C2")
+    right.set_title("CTR of shown ads (live traffic)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3, axis="y")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=120)
+    return path
+
+
+def run_loop(
+    epochs: int,
+    out: Path,
+    config: Path | None = None,
+    profile: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    if epochs < 0:
+        raise ConfigError(f"--epochs: {epochs} must be 0 or more")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return Loop(load_config(config, profile, overrides=overrides), epochs, out).run()

@@ -1,0 +1,380 @@
+"""`llm-auction serve`: the policy behind a KServe ModelServer.
+
+- V1 `POST /v1/models/<name>:predict`: auction requests in, priced allocations out
+  (`serving.auction`); V1/V2 health and readiness come with KServe;
+- `POST /openai/v1/completions` and `/openai/v1/chat/completions`: raw prompts, for the `openai`
+  client (`serving.openai_routes`; KServe's own OpenAI routes need vLLM);
+- the user profile h comes from Feast's online store in `preprocess`, which is what the KServe
+  transformer in front of the vLLM predictor runs on the cluster (`predictor_url` set);
+- concurrent requests are merged into one generate call (`serving.batcher`);
+- the served version follows the registry's `champion` alias (checked every
+  `serving.reload_interval_s`), and the pCTR behind the expected payments follows the newest
+  registered psi;
+- every inference is sent to the collector as a request and a response CloudEvent
+  (`serving.inference_logger`), as KServe's logger does on the cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import tempfile
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+
+from llm_auction.config import GenerationConfig, Settings
+from llm_auction.contracts import AuctionRequest
+from llm_auction.policy.prompt import build_prompt
+from llm_auction.serving.auction import AuctionInputError, parse_instances, prediction
+from llm_auction.serving.batcher import MicroBatcher
+from llm_auction.serving.inference_logger import InferenceLogger
+
+# `kserve` parses sys.argv when imported (kserve.model_server): our own options, e.g. --config,
+# would be taken for its --configure_logging. It sees a bare command line instead.
+_argv, sys.argv = sys.argv, sys.argv[:1]
+try:
+    import kserve
+    import kserve.model_server as kserve_server
+    from kserve.errors import InvalidInput
+    from kserve.protocol.rest.server import RESTServer
+finally:
+    sys.argv = _argv
+
+logger = logging.getLogger(__name__)
+
+RELOADS = Counter("llm_auction_policy_reloads", "Champion reloads", ["outcome"])
+SERVED_VERSION = Gauge("llm_auction_policy_version", "Registry version being served (0: a model directory)")
+BATCH_ITEMS = Counter("llm_auction_batch_items", "Prompts generated, by batches", ["kind"])
+
+
+@dataclass(frozen=True)
+class ServedPolicy:
+    """One loaded policy version and the pCTR that prices its allocations (None: no psi yet)."""
+
+    version: str
+    model_dir: Path
+    model: Any
+    tokenizer: Any
+    generation: GenerationConfig
+    scorer: Any | None
+    pctr_version: str | None
+
+    def generate(self, prompts: Sequence[str], seed: int, cfg: GenerationConfig | None = None) -> list[str]:
+        from llm_auction.policy.generation import TransformersGenerator
+
+        generator = TransformersGenerator(self.model, self.tokenizer, cfg or self.generation)
+        return [group[0] for group in generator.generate(prompts, 1, seed)]
+
+    def pctr(self, requests: Sequence[AuctionRequest], responses: Sequence[str]) -> list[list[float] | None]:
+        """The pCTR of each inserted ad of each response, in allocation order."""
+        if self.scorer is None:
+            return [None] * len(responses)
+        from llm_auction.reward.reward import score_responses
+
+        s = self.scorer
+        rows = score_responses(
+            s.pctr, s.encoder, requests, responses, s.user_features, s.ad_features, 0.0, s.max_ads
+        ).ads
+        by_response = rows.sort_values(["response_number", "position"]).groupby("response_number")["pctr"]
+        found = {int(k): [float(p) for p in v] for k, v in by_response}
+        return [found.get(i, []) for i in range(len(responses))]
+
+    def prompt_tokens(self, prompt: str) -> int:
+        return len(self.tokenizer(prompt)["input_ids"])
+
+
+def _registry_dir(settings: Settings, name: str, version: str, into: Path) -> Path:
+    from llm_auction.pipeline.steps import resolve_policy
+
+    return resolve_policy(settings, f"models:/{name}/{version}", into / f"{name}-{version}")
+
+
+def current_versions(settings: Settings) -> tuple[str | None, str | None]:
+    """(champion policy version, newest pCTR version) in the registry."""
+    from llm_auction.tracking import registry
+
+    if settings.tracking.uri is None:
+        return None, None
+    champion = registry.alias_version(settings.tracking, settings.irpo.registered_model, registry.CHAMPION)
+    return champion, registry.latest_version(settings.tracking, settings.pctr.registered_model)
+
+
+def load_served(
+    settings: Settings, scratch: Path, model_dir: Path | None = None, versions: tuple | None = None
+) -> ServedPolicy:
+    """The policy of `model_dir`, else the registry's champion, with the newest pCTR if there is one."""
+    from llm_auction.irpo.sampling import feast_reward_scorer
+    from llm_auction.policy.model import load_policy
+
+    champion, pctr_version = versions or current_versions(settings)
+    if model_dir is None:
+        if champion is None:
+            raise RuntimeError(
+                f"no model: pass --model-dir, or register a {settings.irpo.registered_model!r} champion "
+                "(llm-auction policy init)"
+            )
+        model_dir = _registry_dir(settings, settings.irpo.registered_model, champion, scratch)
+        version = champion
+    else:
+        version = model_dir.name
+    model, tokenizer = load_policy(model_dir)
+    scorer = None
+    if pctr_version is not None:
+        pctr_dir = _registry_dir(settings, settings.pctr.registered_model, pctr_version, scratch)
+        scorer = feast_reward_scorer(settings, pctr_dir)
+    return ServedPolicy(
+        version, model_dir, model, tokenizer, settings.policy.generation, scorer, pctr_version
+    )
+
+
+class AuctionModel(kserve.Model):
+    """The auction as a KServe model: validate and prompt, generate, price the allocation.
+
+    With `predictor_url` it is the cluster's transformer: generation is the vLLM predictor's
+    OpenAI completions route; without, the policy runs in this process.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        model_dir: Path | None = None,
+        predictor_url: str | None = None,
+        batching: bool | None = None,
+    ) -> None:
+        super().__init__(settings.serving.model_name)
+        self.settings = settings
+        self.model_dir = model_dir
+        self.predictor_url = predictor_url
+        cfg = settings.serving
+        self.batcher: MicroBatcher[tuple[AuctionRequest, str], tuple[str, list[float] | None, str]] = (
+            MicroBatcher(
+                self._run_batch,
+                cfg.max_batch_size,
+                cfg.max_latency_ms / 1000,
+                cfg.batching if batching is None else batching,
+            )
+        )
+        self.inference_logger = InferenceLogger.from_settings(settings)
+        self.served: ServedPolicy | None = None
+        self._scratch = Path(tempfile.mkdtemp(prefix="llm-auction-serve-"))
+        self._seed = settings.seed
+        self._store: Any = None
+
+    # --- loading -------------------------------------------------------------------------
+    def load(self) -> bool:
+        from llm_auction.features.store import open_store
+
+        self._store = open_store(self.settings)
+        self.served = load_served(self.settings, self._scratch, self.model_dir)
+        SERVED_VERSION.set(float(self.served.version) if self.served.version.isdigit() else 0)
+        logger.info("serving policy %s (pCTR %s)", self.served.version, self.served.pctr_version)
+        self.ready = True
+        return self.ready
+
+    async def follow_champion(self) -> None:
+        """Reload when the champion alias (or the newest pCTR) moves; a failed reload keeps serving."""
+        if self.model_dir is not None:
+            return
+        while True:
+            await asyncio.sleep(self.settings.serving.reload_interval_s)
+            try:
+                await self.reload_if_moved()
+            except Exception as exc:  # a broken new version must not take the endpoint down
+                RELOADS.labels("failed").inc()
+                logger.warning(
+                    "reload failed, still serving %s: %s", self.served and self.served.version, exc
+                )
+
+    async def reload_if_moved(self) -> bool:
+        versions = await asyncio.to_thread(current_versions, self.settings)
+        served = self.served
+        if served is None or versions == (served.version, served.pctr_version) or versions[0] is None:
+            return False
+        new = await asyncio.to_thread(load_served, self.settings, self._scratch, None, versions)
+        self.served = new  # one assignment: a batch in flight finishes on the version it started with
+        SERVED_VERSION.set(float(new.version))
+        RELOADS.labels("ok").inc()
+        logger.info("now serving policy %s (pCTR %s)", new.version, new.pctr_version)
+        return True
+
+    # --- the KServe handlers -------------------------------------------------------------
+    async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> dict[str, Any]:
+        from llm_auction.features.retrieval import online_profile
+
+        try:
+            requests = parse_instances(payload, self.settings.serving, self.settings.mechanism.max_bid)
+        except AuctionInputError as exc:
+            raise InvalidInput(str(exc)) from None
+        user_ids = sorted({r.user_id for r in requests})
+        profiles = await asyncio.to_thread(online_profile, self._store, user_ids)
+        prompts = []
+        served = self.served
+        assert served is not None
+        limit = served.model.config.max_position_embeddings - served.generation.max_new_tokens
+        for i, request in enumerate(requests):
+            if request.user_id not in profiles:
+                raise InvalidInput(f"instances.{i}.user_id: unknown user {request.user_id!r} (no profile)")
+            prompt = build_prompt(request, profiles[request.user_id])
+            if served.prompt_tokens(prompt) > limit:
+                raise InvalidInput(
+                    f"instances.{i}: the prompt is {served.prompt_tokens(prompt)} tokens; the policy "
+                    f"takes at most {limit} (fewer or shorter ads)"
+                )
+            prompts.append(prompt)
+        return {"requests": requests, "prompts": prompts}
+
+    async def predict(self, payload: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
+        items = list(zip(payload["requests"], payload["prompts"]))
+        if self.predictor_url is not None:
+            outputs = await self._remote_batch(items)
+        else:
+            outputs = await self.batcher.submit(items)
+        return {**payload, "outputs": outputs}
+
+    async def postprocess(
+        self, result: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        now = datetime.now(UTC)
+        predictions = [
+            prediction(
+                request,
+                response,
+                response_id=uuid.uuid4().hex,
+                policy_version=version,
+                served_at=now,
+                max_ads=self.settings.mechanism.max_ads,
+                pctr=pctr,
+            )
+            for request, (response, pctr, version) in zip(result["requests"], result["outputs"])
+        ]
+        body = {"predictions": predictions}
+        if self.inference_logger is not None:
+            instances = [r.model_dump(mode="json") for r in result["requests"]]
+            self.inference_logger.log(uuid.uuid4().hex, {"instances": instances}, body)
+        return body
+
+    # --- generation ----------------------------------------------------------------------
+    def next_seed(self) -> int:
+        self._seed += 1
+        return self._seed
+
+    def _run_batch(
+        self, items: list[tuple[AuctionRequest, str]]
+    ) -> list[tuple[str, list[float] | None, str]]:
+        served = self.served
+        assert served is not None
+        requests = [r for r, _ in items]
+        responses = served.generate([p for _, p in items], self.next_seed())
+        BATCH_ITEMS.labels("predict").inc(len(items))
+        return list(zip(responses, served.pctr(requests, responses), [served.version] * len(items)))
+
+    async def _remote_batch(
+        self, items: list[tuple[AuctionRequest, str]]
+    ) -> list[tuple[str, list[float] | None, str]]:
+        """Generation by the predictor's OpenAI completions route (the vLLM runtime on the cluster)."""
+        import httpx
+
+        served = self.served
+        assert served is not None
+        g = served.generation
+        async with httpx.AsyncClient(base_url=self.predictor_url, timeout=60) as client:
+            reply = await client.post(
+                "/openai/v1/completions",
+                json={
+                    "model": self.name,
+                    "prompt": [p for _, p in items],
+                    "max_tokens": g.max_new_tokens,
+                    "temperature": g.temperature,
+                    "top_p": g.top_p,
+                },
+            )
+            reply.raise_for_status()
+        choices = sorted(reply.json()["choices"], key=lambda c: c["index"])
+        responses = [c["text"].strip() for c in choices]
+        requests = [r for r, _ in items]
+        pctr = await asyncio.to_thread(served.pctr, requests, responses)
+        return list(zip(responses, pctr, [served.version] * len(items)))
+
+    def stop(self) -> None:
+        self.batcher.close()
+
+
+OPEN_PATHS_METHOD = "GET"  # health, readiness, metrics and listings stay open for probes and scrapers
+
+
+def guard(app: Any, token: str | None, max_body_bytes: int) -> None:
+    """Bearer authentication of every POST route, and the request body limit (HTTP 413)."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    def refuse(request: Request, status: int, message: str) -> JSONResponse:
+        if request.url.path.startswith("/openai/"):
+            return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status)
+        return JSONResponse({"error": message}, status)
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next: Any) -> Any:
+        if request.method == OPEN_PATHS_METHOD:
+            return await call_next(request)
+        if token is not None and request.headers.get("authorization") != f"Bearer {token}":
+            return refuse(request, 401, "authorization: missing or wrong bearer token")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:
+            return refuse(request, 413, f"body: {declared} bytes exceeds the limit of {max_body_bytes}")
+        body = await request.body()  # chunked uploads have no content-length: measure what came
+        if len(body) > max_body_bytes:
+            return refuse(request, 413, f"body: {len(body)} bytes exceeds the limit of {max_body_bytes}")
+        return await call_next(request)
+
+
+def serve(
+    settings: Settings,
+    host: str,
+    port: int,
+    model_dir: Path | None = None,
+    predictor_url: str | None = None,
+    batching: bool | None = None,
+    token: str | None = None,
+) -> None:
+    """Load the model, then serve until SIGINT/SIGTERM (KServe's REST server, bound to `host`)."""
+    model = AuctionModel(settings, model_dir, predictor_url, batching)
+    model.load()
+    server = kserve.ModelServer(http_port=port, enable_grpc=False, workers=1)
+    server.register_model(model)
+    app = kserve_server.app
+    guard(app, token, settings.serving.max_body_bytes)
+    from llm_auction.serving.openai_routes import openai_router
+
+    app.include_router(openai_router(model))
+
+    @app.get("/served")
+    async def served() -> dict[str, Any]:
+        """Which policy and pCTR versions answer now (the loop waits on this after a promotion)."""
+        current = model.served
+        return {
+            "model": model.name,
+            "policy_version": current and current.version,
+            "pctr_version": current and current.pctr_version,
+            "batching": model.batcher.enabled,
+        }
+
+    async def run() -> None:
+        watcher = asyncio.create_task(model.follow_champion())
+        rest = RESTServer(
+            "kserve.model_server:app", server.dataplane, server.model_repository_extension, port
+        )
+        rest.config.host = host
+        try:
+            await rest.start()
+        finally:
+            watcher.cancel()
+            model.stop()
+
+    asyncio.run(run())

@@ -1,0 +1,27 @@
+"""Helpers shared by test modules (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+from llm_auction.config import Settings
+
+
+def register_champion(settings: Settings, policy_dir, reason: str = "pi_0") -> str:
+    """Log `policy_dir` to MLflow as a new version of the policy and make it the champion."""
+    from llm_auction.tracking import registry
+    from llm_auction.tracking.runs import tracked_run
+
+    with tracked_run(settings.tracking, "policy-init") as run:
+        run.log_artifacts(str(policy_dir), "policy")
+        version = registry.register_version(
+            settings.tracking, settings.irpo.registered_model, run.run_id, "policy"
+        )
+    registry.promote(settings.tracking, settings.irpo.registered_model, version, "test", reason)
+    return version
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

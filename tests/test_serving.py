@@ -1,0 +1,308 @@
+"""The policy server and the collector as real processes on 127.0.0.1, driven by real clients.
+
+KServe's own `InferenceRESTClient`, the `openai` client, and raw HTTP for the bad-input suite.
+The server reads user profiles from Feast's online store, logs every inference to the collector,
+and follows the registry's champion alias.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from helpers import free_port, register_champion
+from llm_auction.config import Settings, load_config
+from llm_auction.contracts import AuctionRequest
+from llm_auction.pipeline import steps
+from llm_auction.pipeline.loop import service, wait_until
+from llm_auction.policy.prompt import build_prompt
+from llm_auction.serving.collector import EventStore
+from llm_auction.serving.traffic import send_traffic
+from llm_auction.simulator.experiment import Environment, user_profiles
+from llm_auction.tracking import registry
+
+pytestmark = pytest.mark.slow
+
+TOKEN, COLLECTOR_TOKEN = "serving-secret", "collector-secret"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+@dataclass(frozen=True)
+class Stack:
+    settings: Settings
+    endpoint: str
+    collector: str
+    root: Path
+    requests: list[AuctionRequest]
+
+    @property
+    def predict_url(self) -> str:
+        return f"{self.endpoint}/v1/models/policy:predict"
+
+
+@pytest.fixture(scope="module")
+def stack(pi0, policy_env: Environment, tmp_path_factory):
+    """pi_0 as the registry's champion, users signed up in Feast, collector and server running."""
+    root = tmp_path_factory.mktemp("serving")
+    config = {
+        "world": {"n_requests": 2600},
+        "policy": {"held_out_requests": 300, "warm_start": {"n_requests": 2300}},
+        "data_dir": str(root / "data"),
+        "features": {"data_dir": str(root / "data" / "features"), "quarantine_dir": str(root / "quarantine")},
+        "tracking": {"uri": f"sqlite:///{root}/mlflow.db", "artifact_location": str(root / "artifacts")},
+        "serving": {"reload_interval_s": 0.5},
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    settings = load_config(root / "config.yaml", environ={})
+    register_champion(settings, pi0[0])
+    (root / "feedback").mkdir()
+    now = datetime.now(UTC)
+    steps.ingest(
+        settings.model_dump_json(), str(root / "feedback"), str(now - timedelta(hours=1)), str(now), ""
+    )
+    collector_port, server_port = free_port(), free_port()
+    collector, endpoint = f"http://127.0.0.1:{collector_port}", f"http://127.0.0.1:{server_port}"
+    tokens = {"LLM_AUCTION_SERVING_TOKEN": TOKEN, "LLM_AUCTION_COLLECTOR_TOKEN": COLLECTOR_TOKEN}
+    collector_args = ["collector", "--store", str(root / "collector"), "--port", str(collector_port)]
+    server_args = ["serve", "--config", str(root / "config.yaml"), "--port", str(server_port)]
+    server_args += ["--logger-url", f"{collector}/v1/events"]
+    with (
+        service("collector", collector_args, f"{collector}/healthz", root / "logs", env=tokens),
+        service("server", server_args, f"{endpoint}/v2/health/ready", root / "logs", env=tokens),
+    ):
+        yield Stack(
+            settings, endpoint, collector, root, policy_env.world.auction_requests(limit=40, offset=2300)
+        )
+
+
+def _instance(request: AuctionRequest, **changes) -> dict:
+    return {**request.model_dump(mode="json"), **changes}
+
+
+def test_kserve_rest_client_gets_a_priced_allocation(stack: Stack):
+    from kserve import InferenceRESTClient, RESTConfig
+
+    async def call() -> tuple[dict, bool]:
+        client = InferenceRESTClient(RESTConfig(protocol="v1", timeout=60))
+        try:
+            body = {"instances": [_instance(r) for r in stack.requests[:3]]}
+            result = await client.infer(stack.endpoint, body, model_name="policy", headers=AUTH)
+        finally:
+            await client.close()
+        v2 = InferenceRESTClient(RESTConfig(protocol="v2"))
+        try:
+            ready = await v2.is_server_ready(stack.endpoint)
+        finally:
+            await v2.close()
+        return result, ready
+
+    result, ready = asyncio.run(call())
+    assert ready is True
+    predictions = result["predictions"]
+    assert [p["request_id"] for p in predictions] == [r.request_id for r in stack.requests[:3]]
+    for request, p in zip(stack.requests[:3], predictions):
+        assert p["policy_version"] == "1" and p["response"]
+        candidates = {ad.ad_id: ad for ad in request.ads}
+        assert [a["position"] for a in p["allocation"]] == list(range(1, len(p["allocation"]) + 1))
+        for ad in p["allocation"]:
+            assert ad["bid"] == candidates[ad["ad_id"]].bid
+            assert ad["advertiser_id"] == candidates[ad["ad_id"]].advertiser_id
+            assert ad["expected_payment"] is None  # no pCTR registered yet: no price is invented
+    # the inference logger delivered request and response under one ce-id
+    store = EventStore(stack.root / "collector")
+    try:
+        ids = {p["response_id"] for p in predictions}
+
+        def logged() -> bool:
+            return ids <= {
+                q["response_id"]
+                for _, _, response in store.inference_pairs()
+                for q in response["predictions"]
+            }
+
+        wait_until(logged, "the inference events at the collector", timeout_s=30)
+    finally:
+        store.close()
+
+
+def test_openai_client_completes_raw_prompts(stack: Stack):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{stack.endpoint}/openai/v1", api_key=TOKEN, max_retries=0)
+    request = stack.requests[0]
+    prompt = build_prompt(request, user_profiles_for(stack)[request.user_id])
+    first = client.completions.create(model="policy", prompt=prompt, max_tokens=24, seed=5)
+    again = client.completions.create(model="policy", prompt=prompt, max_tokens=24, seed=5)
+    assert first.choices[0].text == again.choices[0].text  # seeded sampling repeats
+    assert first.usage.prompt_tokens > 0 and first.choices[0].finish_reason in ("stop", "length")
+    many = client.completions.create(model="policy", prompt=[prompt, prompt], max_tokens=8, n=2, seed=1)
+    assert len(many.choices) == 4
+    chat = client.chat.completions.create(
+        model="policy", messages=[{"role": "user", "content": prompt}], max_tokens=24, temperature=0
+    )
+    assert chat.choices[0].message.role == "assistant" and isinstance(chat.choices[0].message.content, str)
+    with pytest.raises(openai.NotFoundError, match="unknown model"):
+        client.completions.create(model="gpt-4", prompt=prompt, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="policy", prompt=prompt, temperature=7)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(
+            base_url=f"{stack.endpoint}/openai/v1", api_key="wrong", max_retries=0
+        ).completions.create(model="policy", prompt=prompt, max_tokens=4)
+
+
+def user_profiles_for(stack: Stack) -> dict[str, str]:
+    from llm_auction.world import generate_world
+
+    return user_profiles(generate_world(stack.settings.world, stack.settings.seed))
+
+
+def _bad_bodies(r: AuctionRequest) -> dict[str, tuple[bytes | dict, str]]:
+    ok = _instance(r)
+    ads = ok["ads"]
+    many = [{**ads[0], "ad_id": f"x{i}"} for i in range(17)]
+    return {
+        "malformed JSON": (b'{"instances": [', "Unrecognized request format"),
+        "not an object": (b"[1, 2]", "body"),
+        "no instances": ({}, "instances: field required"),
+        "empty instances": ({"instances": []}, "instances"),
+        "unknown key": ({"instances": [ok], "extra": 1}, "extra: unknown key"),
+        "missing field": ({"instances": [{k: v for k, v in ok.items() if k != "user_id"}]}, "user_id"),
+        "negative bid": ({"instances": [{**ok, "ads": [{**ads[0], "bid": -1.0}, *ads[1:]]}]}, "bid"),
+        "zero bid": ({"instances": [{**ok, "ads": [{**ads[0], "bid": 0}, *ads[1:]]}]}, "bid"),
+        "NaN bid (literal)": (b'{"instances": [{"bid": NaN}]}', "Unrecognized request format"),
+        "NaN bid (string)": ({"instances": [{**ok, "ads": [{**ads[0], "bid": "NaN"}, *ads[1:]]}]}, "bid"),
+        "huge bid": (
+            {"instances": [{**ok, "ads": [{**ads[0], "bid": 1e300}, *ads[1:]]}]},
+            "exceeds the maximum bid",
+        ),
+        "infinite bid": ({"instances": [{**ok, "ads": [{**ads[0], "bid": "inf"}, *ads[1:]]}]}, "bid"),
+        "K = 0": ({"instances": [{**ok, "ads": []}]}, "ads"),
+        "K too large": ({"instances": [{**ok, "ads": many}]}, "17 candidates exceed the maximum 16"),
+        "duplicate ads": ({"instances": [{**ok, "ads": [ads[0], ads[0]]}]}, "duplicate ad_id"),
+        "unknown user": ({"instances": [{**ok, "user_id": "nobody"}]}, "unknown user 'nobody'"),
+        "too many instances": ({"instances": [ok] * 65}, "65 requests exceed the maximum 64"),
+        "negative max_ads": ({"instances": [{**ok, "max_ads": -1}]}, "max_ads"),
+        "bid as text": ({"instances": [{**ok, "ads": [{**ads[0], "bid": "a lot"}, *ads[1:]]}]}, "bid"),
+    }
+
+
+def test_bad_input_gets_a_4xx_naming_the_field_and_the_server_stays_healthy(stack: Stack):
+    results = {}
+    with httpx.Client(timeout=60) as client:
+        for case, (body, expected) in _bad_bodies(stack.requests[0]).items():
+            content = body if isinstance(body, bytes) else json.dumps(body).encode()
+            reply = client.post(
+                stack.predict_url, content=content, headers={**AUTH, "content-type": "application/json"}
+            )
+            results[case] = (reply.status_code, reply.json().get("error", ""), expected)
+        oversize = b'{"instances": ["' + b"x" * 1_100_000 + b'"]}'
+        reply = client.post(stack.predict_url, content=oversize, headers=AUTH)
+        results["oversize body"] = (reply.status_code, reply.json()["error"], "exceeds the limit")
+        for case, headers in (("no token", {}), ("wrong token", {"authorization": "Bearer nope"})):
+            reply = client.post(
+                stack.predict_url, json={"instances": [_instance(stack.requests[0])]}, headers=headers
+            )
+            results[case] = (reply.status_code, reply.json()["error"], "bearer token")
+        reply = client.post(f"{stack.endpoint}/v1/models/nope:predict", json={"instances": []}, headers=AUTH)
+        results["unknown model"] = (reply.status_code, reply.json().get("error", ""), "nope")
+
+        failures = {
+            case: (status, error)
+            for case, (status, error, expected) in results.items()
+            if not (400 <= status < 500 and expected.lower() in error.lower())
+        }
+        assert not failures, failures
+        assert client.get(f"{stack.endpoint}/v2/health/ready").json()["ready"] is True
+        good = client.post(
+            stack.predict_url, json={"instances": [_instance(stack.requests[1])]}, headers=AUTH
+        )
+        assert (
+            good.status_code == 200
+            and good.json()["predictions"][0]["request_id"] == stack.requests[1].request_id
+        )
+        metrics = client.get(f"{stack.endpoint}/metrics").text
+        assert "llm_auction_inference_events" in metrics
+
+
+def test_bad_input_at_the_collector_gets_a_4xx(stack: Stack):
+    headers = {"authorization": f"Bearer {COLLECTOR_TOKEN}"}
+    click = {
+        "event_id": "c1",
+        "request_id": "r1",
+        "response_id": "x",
+        "ad_id": "a",
+        "event_timestamp": "2026-11-25T10:00:00+00:00",
+    }
+    with httpx.Client(base_url=stack.collector, timeout=30) as client:
+        cases = {
+            "malformed JSON": client.post("/v1/clicks", content=b"{", headers=headers),
+            "missing field": client.post(
+                "/v1/clicks", json={k: v for k, v in click.items() if k != "ad_id"}, headers=headers
+            ),
+            "naive timestamp": client.post(
+                "/v1/clicks", json={**click, "event_timestamp": "2026-11-25T10:00"}, headers=headers
+            ),
+            "wrong token": client.post("/v1/clicks", json=click, headers={"authorization": "Bearer no"}),
+            "no ce headers": client.post("/v1/events", json={}, headers=headers),
+            "oversize": client.post("/v1/clicks", content=b"x" * 1_100_000, headers=headers),
+        }
+        assert {k: r.status_code for k, r in cases.items() if not 400 <= r.status_code < 500} == {}
+        assert "ad_id" in cases["missing field"].json()["error"]
+        assert client.get("/healthz").status_code == 200
+
+
+def test_traffic_clicks_reach_the_collector(stack: Stack):
+    report = asyncio.run(
+        send_traffic(
+            stack.endpoint,
+            stack.requests[10:40],
+            _click_model(stack),
+            collector=stack.collector,
+            concurrency=8,
+            seed=3,
+            token=TOKEN,
+            collector_token=COLLECTOR_TOKEN,
+            progress=False,
+        )
+    )
+    assert report.served == 30 and report.failed == 0 and report.rejected == 0
+    assert report.clicks_acknowledged == report.clicks
+    store = EventStore(stack.root / "collector")
+    try:
+        stored = set(store.click_ids())
+    finally:
+        store.close()
+    assert report.clicks == 0 or any(i.startswith("clk:") for i in stored)
+    assert report.latency_p50_ms <= report.latency_p99_ms
+
+
+def _click_model(stack: Stack):
+    from llm_auction.simulator.experiment import build_environment
+
+    return build_environment(stack.settings).click_model
+
+
+def test_the_server_follows_the_champion_alias(stack: Stack, pi0):
+    settings = stack.settings
+    name = settings.irpo.registered_model
+
+    def served() -> dict:
+        return httpx.get(f"{stack.endpoint}/served", timeout=10).json()
+
+    assert served()["policy_version"] == "1"
+    version = register_champion(settings, pi0[0], reason="a new champion")
+    wait_until(lambda: served()["policy_version"] == version, f"the server to load v{version}", timeout_s=60)
+    reply = httpx.post(
+        stack.predict_url, json={"instances": [_instance(stack.requests[2])]}, headers=AUTH, timeout=60
+    )
+    assert reply.json()["predictions"][0]["policy_version"] == version
+    registry.rollback(settings.tracking, name, "test", "back to pi_0")
+    wait_until(lambda: served()["policy_version"] == "1", "the server to roll back to v1", timeout_s=60)
