@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -109,8 +109,6 @@ def openai_router(model: AuctionModel) -> APIRouter:
             return schema.model_validate_json(raw)
         except ValidationError as exc:
             return _error(400, describe_validation_error(exc, "invalid request"))
-
-    from fastapi import Request
 
     @router.post("/completions")
     async def completions(http: Request) -> Any:
