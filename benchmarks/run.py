@@ -1,10 +1,11 @@
 """`make bench`: performance tables, every ratio measured side by side in this one run.
 
 Rows: parser throughput, simulation throughput per baseline, the oracle's exact subset search
-against its greedy fallback (speed and revenue it gives up), and policy sampling batched against
-one prompt at a time on the same model, and DPO tokens/s with achieved FLOP/s as a share of a
+against its greedy fallback (speed and revenue it gives up), policy sampling batched against
+one prompt at a time on the same model, DPO tokens/s with achieved FLOP/s as a share of a
 matrix-multiply peak measured in the same run (`BENCH_POLICY=DIR` picks the model; by default a
-pi_0 is trained on a small world first).
+pi_0 is trained on a small world first), and the policy server (dynamic batching on vs off at
+concurrency 1, 8, 32) and the collector (durable clicks/s), as real processes (`benchmarks.serving`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.serving import bench_collector, bench_serving
 from llm_auction.baselines import BASELINES, make_baseline
 from llm_auction.config import Settings, load_config
 from llm_auction.mechanism.grammar import parse_response
@@ -207,6 +209,8 @@ def main() -> None:
     directory = bench_policy(settings, env)
     sampling = bench_sampling(settings, env, directory, rows)
     dpo = bench_dpo(settings, env, directory, rows)
+    serving = bench_serving(settings, env, directory, rows)
+    collector = bench_collector(rows)
 
     table = Table(title="llm-auction benchmarks (this machine, this run)", title_justify="left")
     for column in ("what", "n", "seconds", "per second", "note"):
@@ -224,8 +228,19 @@ def main() -> None:
         f"DPO: {dpo['achieved_flops'] / 1e9:.2f} GFLOP/s achieved vs "
         f"{dpo['matmul_peak_flops'] / 1e9:.1f} GFLOP/s float32 matmul peak = {dpo['share_of_peak']:.1%}"
     )
+    console.print(
+        "serving at concurrency 32, dynamic batching on vs off: "
+        f"{serving['batching_speedup_at_32']:.1f}x the requests/s"
+    )
+    console.print(
+        "collector, durable acknowledgement: "
+        f"{collector['events_per_s_single']:,.0f} clicks/s one per request, "
+        f"{collector['events_per_s_batched']:,.0f} clicks/s in batches of 50"
+    )
     OUT.mkdir(parents=True, exist_ok=True)
     summary = {
+        "serving": serving,
+        "collector": collector,
         "dpo": dpo,
         "rows": rows,
         "oracle_greedy_vs_exact": {"speed": ratio_speed, "revenue": ratio_value},

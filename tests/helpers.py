@@ -17,11 +17,3 @@ def register_champion(settings: Settings, policy_dir, reason: str = "pi_0") -> s
         )
     registry.promote(settings.tracking, settings.irpo.registered_model, version, "test", reason)
     return version
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -106,7 +106,8 @@ def test_overlay_keeps_the_names_the_system_uses(rendered: dict[str, list[Manife
     assert isvc["spec"]["predictor"]["model"]["runtime"] == "kserve-huggingfaceserver"
     assert "--backend=vllm" in isvc["spec"]["predictor"]["model"]["args"]
     assert isvc["spec"]["transformer"]["logger"]["url"] == COLLECTOR_URL
-    assert isvc["spec"]["transformer"]["containers"][0]["args"] == ["serve", "--transformer"]
+    transformer = isvc["spec"]["transformer"]["containers"][0]
+    assert transformer["args"][:2] == ["serve", "--transformer"] and "--host=0.0.0.0" in transformer["args"]
     mlflow_args = find(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert any(arg.startswith("--allowed-hosts=") for arg in mlflow_args)
     assert find(docs, "TrainJob", "irpo-dpo-template")["spec"]["runtimeRef"]["name"] == "torch-distributed"

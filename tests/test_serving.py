@@ -17,11 +17,11 @@ import httpx
 import pytest
 import yaml
 
-from helpers import free_port, register_champion
+from helpers import register_champion
 from llm_auction.config import Settings, load_config
 from llm_auction.contracts import AuctionRequest
 from llm_auction.pipeline import steps
-from llm_auction.pipeline.loop import service, wait_until
+from llm_auction.pipeline.loop import free_port, service, wait_until
 from llm_auction.policy.prompt import build_prompt
 from llm_auction.serving.collector import EventStore
 from llm_auction.serving.traffic import send_traffic
@@ -288,6 +288,29 @@ def _click_model(stack: Stack):
     from llm_auction.simulator.experiment import build_environment
 
     return build_environment(stack.settings).click_model
+
+
+def test_as_a_transformer_it_prompts_prices_and_leaves_generation_to_the_predictor(stack: Stack):
+    """The cluster's shape: this server in front of an OpenAI-compatible predictor (here: the first one)."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    predictor = stack.endpoint.removeprefix("http://")
+    args = ["serve", "--config", str(stack.root / "config.yaml"), "--http_port", str(port)]
+    args += ["--transformer", "--predictor_host", predictor, "--model_name", "policy"]
+    env = {"LLM_AUCTION_PREDICTOR_TOKEN": TOKEN}  # the predictor (the first server) wants its token
+    with service("transformer", args, f"{endpoint}/v2/health/ready", stack.root / "logs", env=env):
+        body = {"instances": [_instance(r) for r in stack.requests[3:6]]}
+        reply = httpx.post(f"{endpoint}/v1/models/policy:predict", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        predictions = reply.json()["predictions"]
+        assert [p["request_id"] for p in predictions] == [r.request_id for r in stack.requests[3:6]]
+        assert all(p["policy_version"] == "1" and p["response"] for p in predictions)
+        unknown = httpx.post(
+            f"{endpoint}/v1/models/policy:predict",
+            json={"instances": [_instance(stack.requests[3], user_id="nobody")]},
+            timeout=60,
+        )
+        assert unknown.status_code == 400 and "unknown user" in unknown.json()["error"]
 
 
 def test_the_server_follows_the_champion_alias(stack: Stack, pi0):

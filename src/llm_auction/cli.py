@@ -820,14 +820,27 @@ def collector(
 @app.command()
 def serve(
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port.")] = 8080,
+    port: Annotated[int, typer.Option("--port", "--http_port", min=1, max=65535, help="TCP port.")] = 8080,
     model_dir: Annotated[
         Path | None,
         typer.Option("--model-dir", help="Serve this policy directory (default: the registry's champion)."),
     ] = None,
-    predictor_url: Annotated[
+    transformer: Annotated[
+        bool,
+        typer.Option(
+            "--transformer", help="Run as the InferenceService's transformer: generation is the predictor's."
+        ),
+    ] = False,
+    predictor_host: Annotated[
         str | None,
-        typer.Option("--predictor-url", help="Run as the transformer of this OpenAI-compatible predictor."),
+        typer.Option(
+            "--predictor-host",
+            "--predictor_host",
+            help="The OpenAI-compatible predictor (host:port or URL); KServe passes it to a transformer.",
+        ),
+    ] = None,
+    model_name: Annotated[
+        str | None, typer.Option("--model-name", "--model_name", help="Model name (default: config).")
     ] = None,
     logger_url: Annotated[
         str | None, typer.Option("--logger-url", help="Collector URL for inference CloudEvents.")
@@ -842,12 +855,20 @@ def serve(
     """Serve the policy: KServe V1 predict, V2 health, OpenAI-compatible completions; follows the champion."""
     from llm_auction.serving.server import serve as run_server
 
-    settings = _settings(config, profile, sets, None, serving__logger_url=logger_url)
+    settings = _settings(
+        config, profile, sets, None, serving__logger_url=logger_url, serving__model_name=model_name
+    )
     if model_dir is not None and not model_dir.is_dir():
         raise InputError(f"--model-dir {model_dir}: not a directory")
+    if transformer != (predictor_host is not None):
+        raise InputError("--transformer and --predictor-host go together (KServe passes the host)")
+    predictor_url = None
+    if predictor_host is not None:
+        predictor_url = predictor_host if "://" in predictor_host else f"http://{predictor_host}"
     token = os.environ.get(settings.serving.token_env) or None
     err_console.print(
         f"policy server on http://{host}:{port} (model {settings.serving.model_name}, "
+        f"{'transformer of ' + predictor_url if predictor_url else 'in-process policy'}, "
         f"auth {'on' if token else 'off'}, logger {settings.serving.logger_url or 'off'})"
     )
     run_server(settings, host, port, model_dir, predictor_url, batching, token)
@@ -927,6 +948,10 @@ def run_closed_loop(
     out: Annotated[Path, typer.Option("--out", help="Folder of the run (stores, logs, report).")] = Path(
         "runs/local"
     ),
+    pi0: Annotated[
+        Path | None,
+        typer.Option("--pi0", help="Start from this pi_0 (a `policy init` output) instead of a warm start."),
+    ] = None,
     config: ConfigOption = None,
     profile: ProfileOption = None,
     sets: SetOption = None,
@@ -934,7 +959,7 @@ def run_closed_loop(
     """The closed loop: pi_0 and psi_0, then each epoch: serve the champion, traffic, irpo-epoch."""
     from llm_auction.pipeline.loop import run_loop
 
-    report = run_loop(epochs, out, config, profile, _parse_sets(sets))
+    report = run_loop(epochs, out, config, profile, _parse_sets(sets), pi0)
     metrics = ("revenue", "social_welfare", "itctr", "ad_load")
     table = Table(title=f"closed loop -> {out}/report.json", box=box.SIMPLE_HEAVY)
     for column in ("epoch", "version", *metrics, "gate"):

@@ -338,6 +338,10 @@ class ServingConfig(_Section):
         "LLM_AUCTION_SERVING_TOKEN",
         description="Environment variable with the bearer token (unset: no auth).",
     )
+    predictor_token_env: str = Field(
+        "LLM_AUCTION_PREDICTOR_TOKEN",
+        description="Environment variable with a transformer's predictor token.",
+    )
     logger_url: str | None = Field(
         None,
         description="Collector URL for inference CloudEvents (KServe's logger does this on the cluster).",

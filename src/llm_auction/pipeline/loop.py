@@ -84,7 +84,7 @@ def plan_traffic(env: Environment, epochs: int) -> TrafficPlan:
     return TrafficPlan(stream[:b], [stream[b + t * e : b + (t + 1) * e] for t in range(epochs)])
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -148,8 +148,16 @@ def wait_until(check: Any, what: str, timeout_s: float = 120, interval_s: float 
 class Loop:
     """One closed-loop run under `out`; `run()` returns the report it also writes."""
 
-    def __init__(self, settings: Settings, epochs: int, out: Path, console: Console | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        epochs: int,
+        out: Path,
+        pi0: Path | None = None,
+        console: Console | None = None,
+    ) -> None:
         self.out = out.resolve()
+        self.pi0 = pi0
         self.settings = loop_settings(settings, self.out)
         self.epochs = epochs
         self.console = console or Console(stderr=True)
@@ -174,8 +182,11 @@ class Loop:
         self.config_path.write_text(yaml.safe_dump(self.settings.model_dump(mode="json"), sort_keys=False))
 
     def bootstrap_policy(self, env: Environment) -> str:
-        from llm_auction.policy.warm_start import init_policy
+        from llm_auction.policy.warm_start import init_policy, register_existing_policy
 
+        if self.pi0 is not None:
+            self._say(f"pi_0: {self.pi0} (no warm start)")
+            return register_existing_policy(self.settings, self.pi0)
         self._say("pi_0: SFT warm start of the tiny policy")
         card = init_policy(env, self.out / "pi0")
         return str(card["registered_version"])
@@ -270,7 +281,7 @@ class Loop:
         self.bootstrap_policy(env)
         self._say("feature store: users and ads sign up")
         self.sign_up_users()
-        collector_port, server_port = _free_port(), _free_port()
+        collector_port, server_port = free_port(), free_port()
         collector = f"http://127.0.0.1:{collector_port}"
         endpoint = f"http://127.0.0.1:{server_port}"
         logs = self.out / "logs"
@@ -332,7 +343,9 @@ class Loop:
                     )
                 )
                 write_report(report, self.out)
-            report["final_served"] = self.served_versions(endpoint) if self.epochs else {}
+            if self.epochs:  # the last promotion reaches the endpoint too
+                self.await_champion(endpoint)
+            report["final_served"] = self.served_versions(endpoint)
         report["wall_seconds"] = time.perf_counter() - started_all
         write_report(report, self.out)
         return report
@@ -423,7 +436,7 @@ def plot_traffic(traffic: list[Mapping[str, Any]], path: Path) -> Path:
     """Realised revenue and CTR per served request in each phase (what the live endpoint earned)."""
     from matplotlib.figure import Figure
 
-    phases = [t["phase"] for t in traffic]
+    phases = [f"{t['phase']}\npolicy v{', v'.join(sorted(t['policy_versions']))}" for t in traffic]
     per_request = [t["revenue"] / max(t["served"], 1) for t in traffic]
     ctr = [t["clicks"] / max(t["impressions"], 1) for t in traffic]
     fig = Figure(figsize=(10, 3.6), layout="constrained")
@@ -445,8 +458,9 @@ def run_loop(
     config: Path | None = None,
     profile: str | None = None,
     overrides: Mapping[str, Any] | None = None,
+    pi0: Path | None = None,
 ) -> dict[str, Any]:
     if epochs < 0:
         raise ConfigError(f"--epochs: {epochs} must be 0 or more")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return Loop(load_config(config, profile, overrides=overrides), epochs, out).run()
+    return Loop(load_config(config, profile, overrides=overrides), epochs, out, pi0).run()

@@ -202,3 +202,18 @@ def init_policy(env: Environment, out_dir: Path, n_eval: int | None = None) -> d
             card["registered_version"] = register_bootstrap_policy(settings, run.run_id, card)
             (out_dir / "policy_card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
     return card
+
+
+def register_existing_policy(settings: Settings, directory: Path) -> str:
+    """A pi_0 made earlier (`policy init`, its card beside it) becomes a registered version and champion."""
+    from llm_auction.errors import RegistryError
+
+    card_path = directory / "policy_card.json"
+    if not card_path.is_file():
+        raise FileNotFoundError(f"pi_0 {directory}: no policy_card.json; is it a `policy init` output?")
+    card = json.loads(card_path.read_text())
+    with tracked_run(settings.tracking, "policy-init", {"llm_auction.step": "policy_init"}) as run:
+        if run is None:
+            raise RegistryError("tracking.uri: registering pi_0 needs an MLflow tracking URI")
+        run.log_artifacts(str(directory), "policy")
+        return register_bootstrap_policy(settings, run.run_id, card)

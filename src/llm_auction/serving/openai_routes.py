@@ -83,7 +83,7 @@ def openai_router(model: AuctionModel) -> APIRouter:
         )
         seed = request.seed if request.seed is not None else model.next_seed()
         repeated = [p for p in prompts for _ in range(request.n)]
-        texts = await model.batcher.run_exclusive(lambda: served.generate(repeated, seed, cfg))
+        texts = await model.complete(repeated, seed, cfg)
         choices = []
         for i, text in enumerate(texts):
             tokens = served.prompt_tokens(text) if text else 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import tempfile
 import uuid
@@ -60,8 +61,9 @@ class ServedPolicy:
 
     version: str
     model_dir: Path
-    model: Any
+    model: Any | None  # None in a transformer: the predictor holds the weights
     tokenizer: Any
+    max_positions: int
     generation: GenerationConfig
     scorer: Any | None
     pctr_version: str | None
@@ -90,10 +92,29 @@ class ServedPolicy:
         return len(self.tokenizer(prompt)["input_ids"])
 
 
-def _registry_dir(settings: Settings, name: str, version: str, into: Path) -> Path:
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def _registry_dir(settings: Settings, name: str, version: str, into: Path, weights: bool = True) -> Path:
+    """A registered version's files; without `weights`, only its configuration and tokenizer."""
     from llm_auction.pipeline.steps import resolve_policy
 
-    return resolve_policy(settings, f"models:/{name}/{version}", into / f"{name}-{version}")
+    if weights:
+        return resolve_policy(settings, f"models:/{name}/{version}", into / f"{name}-{version}")
+    import mlflow.artifacts
+
+    from llm_auction.tracking import registry
+
+    source = registry.version_source(settings.tracking, name, version)
+    target = into / f"{name}-{version}-config"
+    for info in mlflow.artifacts.list_artifacts(artifact_uri=source, tracking_uri=settings.tracking.uri):
+        if not info.is_dir and not info.path.endswith(WEIGHT_FILES):
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{source}/{Path(info.path).name}",
+                dst_path=str(target),
+                tracking_uri=settings.tracking.uri,
+            )
+    return target
 
 
 def current_versions(settings: Settings) -> tuple[str | None, str | None]:
@@ -107,9 +128,18 @@ def current_versions(settings: Settings) -> tuple[str | None, str | None]:
 
 
 def load_served(
-    settings: Settings, scratch: Path, model_dir: Path | None = None, versions: tuple | None = None
+    settings: Settings,
+    scratch: Path,
+    model_dir: Path | None = None,
+    versions: tuple | None = None,
+    weights: bool = True,
 ) -> ServedPolicy:
-    """The policy of `model_dir`, else the registry's champion, with the newest pCTR if there is one."""
+    """The policy of `model_dir`, else the registry's champion, with the newest pCTR if there is one.
+
+    Without `weights` (a transformer) only the tokenizer and the model's configuration are loaded.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
     from llm_auction.irpo.sampling import feast_reward_scorer
     from llm_auction.policy.model import load_policy
 
@@ -120,17 +150,21 @@ def load_served(
                 f"no model: pass --model-dir, or register a {settings.irpo.registered_model!r} champion "
                 "(llm-auction policy init)"
             )
-        model_dir = _registry_dir(settings, settings.irpo.registered_model, champion, scratch)
+        model_dir = _registry_dir(settings, settings.irpo.registered_model, champion, scratch, weights)
         version = champion
     else:
         version = model_dir.name
-    model, tokenizer = load_policy(model_dir)
+    if weights:
+        model, tokenizer = load_policy(model_dir)
+    else:
+        model, tokenizer = None, AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    max_positions = int(AutoConfig.from_pretrained(model_dir, local_files_only=True).max_position_embeddings)
     scorer = None
     if pctr_version is not None:
         pctr_dir = _registry_dir(settings, settings.pctr.registered_model, pctr_version, scratch)
         scorer = feast_reward_scorer(settings, pctr_dir)
     return ServedPolicy(
-        version, model_dir, model, tokenizer, settings.policy.generation, scorer, pctr_version
+        version, model_dir, model, tokenizer, max_positions, settings.policy.generation, scorer, pctr_version
     )
 
 
@@ -172,7 +206,9 @@ class AuctionModel(kserve.Model):
         from llm_auction.features.store import open_store
 
         self._store = open_store(self.settings)
-        self.served = load_served(self.settings, self._scratch, self.model_dir)
+        self.served = load_served(
+            self.settings, self._scratch, self.model_dir, weights=self.predictor_url is None
+        )
         SERVED_VERSION.set(float(self.served.version) if self.served.version.isdigit() else 0)
         logger.info("serving policy %s (pCTR %s)", self.served.version, self.served.pctr_version)
         self.ready = True
@@ -197,7 +233,9 @@ class AuctionModel(kserve.Model):
         served = self.served
         if served is None or versions == (served.version, served.pctr_version) or versions[0] is None:
             return False
-        new = await asyncio.to_thread(load_served, self.settings, self._scratch, None, versions)
+        new = await asyncio.to_thread(
+            load_served, self.settings, self._scratch, None, versions, self.predictor_url is None
+        )
         self.served = new  # one assignment: a batch in flight finishes on the version it started with
         SERVED_VERSION.set(float(new.version))
         RELOADS.labels("ok").inc()
@@ -217,7 +255,7 @@ class AuctionModel(kserve.Model):
         prompts = []
         served = self.served
         assert served is not None
-        limit = served.model.config.max_position_embeddings - served.generation.max_new_tokens
+        limit = served.max_positions - served.generation.max_new_tokens
         for i, request in enumerate(requests):
             if request.user_id not in profiles:
                 raise InvalidInput(f"instances.{i}.user_id: unknown user {request.user_id!r} (no profile)")
@@ -275,30 +313,42 @@ class AuctionModel(kserve.Model):
         BATCH_ITEMS.labels("predict").inc(len(items))
         return list(zip(responses, served.pctr(requests, responses), [served.version] * len(items)))
 
-    async def _remote_batch(
-        self, items: list[tuple[AuctionRequest, str]]
-    ) -> list[tuple[str, list[float] | None, str]]:
-        """Generation by the predictor's OpenAI completions route (the vLLM runtime on the cluster)."""
-        import httpx
-
+    async def complete(
+        self, prompts: Sequence[str], seed: int, cfg: GenerationConfig | None = None
+    ) -> list[str]:
+        """One sampled completion per prompt, here or by the predictor; never concurrent with a batch."""
         served = self.served
         assert served is not None
-        g = served.generation
-        async with httpx.AsyncClient(base_url=self.predictor_url, timeout=60) as client:
+        if self.predictor_url is None:
+            return await self.batcher.run_exclusive(lambda: served.generate(prompts, seed, cfg))
+        import httpx
+
+        g = cfg or served.generation
+        token = os.environ.get(self.settings.serving.predictor_token_env)
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        async with httpx.AsyncClient(base_url=self.predictor_url, timeout=120, headers=headers) as client:
             reply = await client.post(
                 "/openai/v1/completions",
                 json={
                     "model": self.name,
-                    "prompt": [p for _, p in items],
+                    "prompt": list(prompts),
                     "max_tokens": g.max_new_tokens,
                     "temperature": g.temperature,
                     "top_p": g.top_p,
+                    "seed": seed,
                 },
             )
             reply.raise_for_status()
-        choices = sorted(reply.json()["choices"], key=lambda c: c["index"])
-        responses = [c["text"].strip() for c in choices]
+        return [c["text"].strip() for c in sorted(reply.json()["choices"], key=lambda c: c["index"])]
+
+    async def _remote_batch(
+        self, items: list[tuple[AuctionRequest, str]]
+    ) -> list[tuple[str, list[float] | None, str]]:
+        """Generation by the predictor's OpenAI completions route (the vLLM runtime on the cluster)."""
+        served = self.served
+        assert served is not None
         requests = [r for r, _ in items]
+        responses = await self.complete([p for _, p in items], self.next_seed())
         pctr = await asyncio.to_thread(served.pctr, requests, responses)
         return list(zip(responses, pctr, [served.version] * len(items)))
 
