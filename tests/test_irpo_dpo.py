@@ -23,7 +23,11 @@ from llm_auction.simulator.experiment import user_profiles
 
 pytestmark = pytest.mark.slow
 
-DPO_TEST = {"irpo": {"dpo": {"batch_size": 8, "logging_steps": 1}}, "tracking": {"uri": None}}
+# Eq. 6 alone (the profiles add an SFT term on the winners, tested separately).
+DPO_TEST = {
+    "irpo": {"dpo": {"batch_size": 8, "logging_steps": 1, "sft_weight": 0.0}},
+    "tracking": {"uri": None},
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +46,28 @@ def pair_dir(pi0, policy_env, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pairs")
     pairs.to_parquet(out / PAIRS_FILE, index=False)
     return out
+
+
+def test_the_sft_term_adds_the_winners_nll_to_the_dpo_loss(pi0, pair_dir, tmp_path):
+    import pandas as pd
+
+    from llm_auction.policy.likelihood import response_logprobs
+
+    # one pair eight times: every sampled batch is that pair, whatever the sampler draws
+    pairs = pd.concat([pd.read_parquet(pair_dir / PAIRS_FILE).head(1)] * 8, ignore_index=True)
+    overrides = {**DPO_TEST, "irpo": {"dpo": {"batch_size": 8, "logging_steps": 1, "sft_weight": 2.0}}}
+    summary = train_dpo(
+        load_config(environ={}, overrides=overrides), pi0[0], pairs, tmp_path / "pi1", max_steps=1
+    )
+    (first,) = [entry for entry in summary["history"] if "loss" in entry]
+    model, tokenizer = load_policy(pi0[0])
+    prompt, chosen = pairs["prompt"][0], pairs["chosen"][0]
+    (logp,) = response_logprobs(model, tokenizer, [prompt], [chosen])
+    eos = tokenizer.eos_token or ""
+    n_tokens = len(tokenizer(prompt + " " + chosen + eos)["input_ids"]) - len(tokenizer(prompt)["input_ids"])
+    nll = -float(logp) / n_tokens
+    # pi == pi_ref at the first step: loss = log 2 + 2 * the mean NLL per token of the chosen response
+    assert math.isclose(first["loss"], math.log(2) + 2.0 * nll, rel_tol=0.05)
 
 
 def test_dpo_starts_at_log2_and_writes_a_policy_and_its_adapter(pi0, pair_dir, tmp_path):

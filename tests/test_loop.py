@@ -7,6 +7,7 @@ import json
 import pytest
 import yaml
 
+from helpers import TINY_EPOCH
 from llm_auction.pipeline.loop import run_loop
 from llm_auction.serving.collector import EventStore
 
@@ -16,15 +17,7 @@ METRICS = ("revenue", "social_welfare", "itctr", "ad_load")
 
 
 def test_one_epoch_of_the_closed_loop(pi0, tmp_path):
-    config = {
-        "world": {"n_requests": 2600},
-        "policy": {"held_out_requests": 100, "warm_start": {"n_requests": 2300}},
-        "mechanism": {"bootstrap_samples": 200},
-        "pctr": {"max_epochs": 8},
-        "irpo": {"n_prompts": 24, "m_samples": 4},
-        "gate": {"audit_requests": 1},
-        "loop": {"bootstrap_requests": 120, "requests_per_epoch": 80},
-    }
+    config = {**TINY_EPOCH, "loop": {"bootstrap_requests": 120, "requests_per_epoch": 80}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "run"
     report = run_loop(1, out, tmp_path / "config.yaml", pi0=pi0[0])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import register_champion
+from helpers import TINY_EPOCH, register_champion
 from llm_auction.config import load_config
 from llm_auction.pipeline.local import run_local
 from llm_auction.simulator.experiment import evaluate_policy
@@ -18,22 +18,13 @@ from llm_auction.tracking import registry
 
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "world": {"n_requests": 2600},
-    "policy": {"held_out_requests": 100, "warm_start": {"n_requests": 2300}},
-    "mechanism": {"bootstrap_samples": 200},
-    "pctr": {"max_epochs": 8},
-    "irpo": {"n_prompts": 24, "m_samples": 4},
-    "gate": {"audit_requests": 1},
-}
-
 
 @pytest.fixture(scope="module")
 def workspace(pi0, policy_env, tmp_path_factory):
     """A config on temporary stores, pi_0 registered as champion, and pi_0's traffic as feedback."""
     root = tmp_path_factory.mktemp("epoch")
     config = {
-        **TINY,
+        **TINY_EPOCH,
         "data_dir": str(root / "data"),
         "features": {"data_dir": str(root / "data" / "features"), "quarantine_dir": str(root / "quarantine")},
         "tracking": {"uri": f"sqlite:///{root}/mlflow.db", "artifact_location": str(root / "artifacts")},

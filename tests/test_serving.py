@@ -187,6 +187,19 @@ def _bad_bodies(r: AuctionRequest) -> dict[str, tuple[bytes | dict, str]]:
         "K = 0": ({"instances": [{**ok, "ads": []}]}, "ads"),
         "K too large": ({"instances": [{**ok, "ads": many}]}, "17 candidates exceed the maximum 16"),
         "duplicate ads": ({"instances": [{**ok, "ads": [ads[0], ads[0]]}]}, "duplicate ad_id"),
+        "prompt too long": (
+            {
+                "instances": [
+                    {
+                        **ok,
+                        "ads": [
+                            {**ad, "ad_id": f"l{i}", "text": "word " * 190} for i, ad in enumerate(many[:16])
+                        ],
+                    }
+                ]
+            },
+            "tokens; the policy takes at most",
+        ),
         "unknown user": ({"instances": [{**ok, "user_id": "nobody"}]}, "unknown user 'nobody'"),
         "too many instances": ({"instances": [ok] * 65}, "65 requests exceed the maximum 64"),
         "negative max_ads": ({"instances": [{**ok, "max_ads": -1}]}, "max_ads"),
@@ -282,6 +295,27 @@ def test_traffic_clicks_reach_the_collector(stack: Stack):
         store.close()
     assert report.clicks == 0 or any(i.startswith("clk:") for i in stored)
     assert report.latency_p50_ms <= report.latency_p99_ms
+
+
+def test_the_traffic_command_prints_its_summary_and_writes_json(stack: Stack, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "llm_auction", "traffic", "--endpoint", stack.endpoint]
+    args += ["--collector", stack.collector, "--requests", "6", "--offset", "2300", "--concurrency", "3"]
+    args += ["--config", str(stack.root / "config.yaml"), "--json", str(tmp_path / "traffic.json")]
+    env = {**os.environ, "LLM_AUCTION_SERVING_TOKEN": TOKEN, "LLM_AUCTION_COLLECTOR_TOKEN": COLLECTOR_TOKEN}
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "sent / served / rejected / failed" in done.stdout and "6 / 6 / 0 / 0" in done.stdout
+    summary = json.loads((tmp_path / "traffic.json").read_text())
+    assert summary["served"] == 6 and summary["clicks_acknowledged"] == summary["clicks"]
+    wrong = subprocess.run(
+        args, env={**env, "LLM_AUCTION_SERVING_TOKEN": "nope"}, capture_output=True, text=True
+    )
+    assert wrong.returncode != 0 and "401" in wrong.stderr  # refused, said so, no traceback
+    assert "Traceback" not in wrong.stderr
 
 
 def _click_model(stack: Stack):

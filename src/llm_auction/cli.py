@@ -938,7 +938,7 @@ def traffic(
         err_console.print(f"  {error}", highlight=False, markup=False)
     if json_path is not None:
         _write_json(json_path, report.to_dict())
-    if report.failed:
+    if report.failed or report.rejected:
         raise typer.Exit(1)
 
 

@@ -252,6 +252,11 @@ class DPOConfig(_Section):
         5e-4, gt=0, description="AdamW learning rate of the adapters; too high and the policy degrades."
     )
     epochs: float = Field(1.0, gt=0, description="Passes over the pair set; more can overfit R's noise.")
+    sft_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of an NLL term on the chosen responses (RPO); keeps the grammar of the winners.",
+    )
     batch_size: int = Field(16, ge=1, description="Pairs per device per optimiser step.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with a rising learning rate.")

@@ -98,7 +98,10 @@ def dpo_arguments(settings: Settings, output_dir: str, max_steps: int | None = N
     return DPOConfig(
         output_dir=output_dir,
         beta=cfg.beta,
-        loss_type=["sigmoid"],
+        # Eq. 6, plus (sft_weight > 0) the NLL of the chosen response: DPO alone lets probability mass
+        # leak to responses no pair showed it, e.g. a fourth ad marker (README, IRPO).
+        loss_type=["sigmoid", "sft"] if cfg.sft_weight > 0 else ["sigmoid"],
+        loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight > 0 else None,
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.epochs,
         max_steps=max_steps if max_steps is not None else -1,

@@ -104,20 +104,19 @@ def openai_router(model: AuctionModel) -> APIRouter:
     def finish(choice: dict[str, Any]) -> str:
         return "length" if choice["tokens"] >= choice["limit"] else "stop"
 
-    async def parse(raw: Any, schema: type[_Sampling]) -> _Sampling | JSONResponse:
+    async def accept(http: Request, schema: type[_Sampling]) -> Any:
+        """The validated request, or the error response to send instead."""
         try:
-            return schema.model_validate_json(raw)
+            request = schema.model_validate_json(await http.body())
         except ValidationError as exc:
             return _error(400, describe_validation_error(exc, "invalid request"))
+        return check(request) or request
 
     @router.post("/completions")
     async def completions(http: Request) -> Any:
-        request = await parse(await http.body(), CompletionRequest)
-        if isinstance(request, JSONResponse):
+        request = await accept(http, CompletionRequest)
+        if not isinstance(request, CompletionRequest):
             return request
-        assert isinstance(request, CompletionRequest)
-        if (refusal := check(request)) is not None:
-            return refusal
         prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
         choices = await complete(prompts, request, request.max_tokens)
         return {
@@ -134,12 +133,9 @@ def openai_router(model: AuctionModel) -> APIRouter:
 
     @router.post("/chat/completions")
     async def chat_completions(http: Request) -> Any:
-        request = await parse(await http.body(), ChatRequest)
-        if isinstance(request, JSONResponse):
+        request = await accept(http, ChatRequest)
+        if not isinstance(request, ChatRequest):
             return request
-        assert isinstance(request, ChatRequest)
-        if (refusal := check(request)) is not None:
-            return refusal
         prompt = "\n".join(m.content for m in request.messages)
         choices = await complete([prompt], request, request.max_completion_tokens or request.max_tokens)
         return {

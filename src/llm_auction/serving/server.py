@@ -260,10 +260,11 @@ class AuctionModel(kserve.Model):
             if request.user_id not in profiles:
                 raise InvalidInput(f"instances.{i}.user_id: unknown user {request.user_id!r} (no profile)")
             prompt = build_prompt(request, profiles[request.user_id])
-            if served.prompt_tokens(prompt) > limit:
+            n_tokens = served.prompt_tokens(prompt)
+            if n_tokens > limit:
                 raise InvalidInput(
-                    f"instances.{i}: the prompt is {served.prompt_tokens(prompt)} tokens; the policy "
-                    f"takes at most {limit} (fewer or shorter ads)"
+                    f"instances.{i}: the prompt is {n_tokens} tokens; the policy takes at most {limit} "
+                    "(fewer or shorter ads)"
                 )
             prompts.append(prompt)
         return {"requests": requests, "prompts": prompts}
