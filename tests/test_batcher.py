@@ -41,7 +41,7 @@ def test_concurrent_requests_share_model_calls_and_get_their_own_results():
 def test_without_batching_every_request_is_its_own_call():
     batcher = MicroBatcher(_slow_square, max_batch_size=8, enabled=False)
     results = asyncio.run(_gather(batcher, [[i] for i in range(6)]))
-    assert results == [[i * i] for i in range(6)] and batcher.batch_sizes == [1] * 6
+    assert results == [[i * i] for i in range(6)] and list(batcher.batch_sizes) == [1] * 6
 
 
 def test_a_request_larger_than_the_batch_is_never_split_and_order_is_kept():

@@ -176,6 +176,12 @@ class GenerationConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass; 1 keeps the full policy.")
     max_new_tokens: int = Field(64, ge=1, description="Longest response in tokens.")
     batch_size: int = Field(64, ge=1, description="Prompts per generate call (transformers backend).")
+    max_ads: int | None = Field(
+        3,
+        ge=0,
+        description="Constrained decoding: each listed ad's marker at most once, at most this many in all "
+        "(transformers backend); None samples unconstrained.",
+    )
 
 
 class LoRAConfig(_Section):
@@ -400,6 +406,9 @@ class Settings(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        max_markers = self.policy.generation.max_ads
+        if max_markers is not None and max_markers > self.mechanism.max_ads:
+            raise ValueError("policy.generation.max_ads must not exceed mechanism.max_ads")
         if self.baselines.post_generation_slots > self.mechanism.max_ads:
             raise ValueError("baselines.post_generation_slots must not exceed mechanism.max_ads")
         if not math.isfinite(self.world.value_log_mean):

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from llm_auction.config import GenerationConfig
+from llm_auction.mechanism.grammar import marker
+from llm_auction.policy.tokenizer import MAX_MARKERS
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +24,40 @@ class Generator(Protocol):
     def generate(self, prompts: Sequence[str], n: int, seed: int) -> list[list[str]]:
         """`n` sampled responses for each prompt, in prompt order."""
         ...
+
+
+class WellFormedPages(LogitsProcessor):
+    """Grammar-constrained sampling: only the ads listed in the prompt, each at most once, `max_ads` in all.
+
+    Markers are single tokens, so the grammar is a mask on the logits: what is sampled is the
+    policy's distribution renormalised over well-formed pages. Without it, DPO's shifts leak mass
+    to a fourth or a repeated marker, which the gate counts as format errors.
+    """
+
+    def __init__(self, marker_ids: torch.Tensor, prompt_length: int, max_ads: int) -> None:
+        self.marker_ids = marker_ids
+        self.prompt_length = prompt_length
+        self.max_ads = max_ads
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        markers = self.marker_ids.to(input_ids.device)
+        listed = (input_ids[:, : self.prompt_length, None] == markers).any(1)
+        written = input_ids[:, self.prompt_length :, None] == markers
+        full = written.sum((1, 2)) >= self.max_ads
+        forbid = ~listed | written.any(1) | full[:, None]
+        scores[:, markers] = scores[:, markers].masked_fill(forbid, float("-inf"))
+        return scores
+
+
+def marker_token_ids(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor | None:
+    """Token ids of `[AD 1]`..`[AD 64]` when each is one token (the local tokenizer); else None."""
+    ids = []
+    for k in range(1, MAX_MARKERS + 1):
+        encoded = tokenizer(marker(k), add_special_tokens=False)["input_ids"]
+        if len(encoded) != 1:
+            return None
+        ids.append(encoded[0])
+    return torch.tensor(ids, dtype=torch.long)
 
 
 class TransformersGenerator:
@@ -34,6 +70,9 @@ class TransformersGenerator:
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"
         self.cfg = cfg
+        self.marker_ids = marker_token_ids(tokenizer) if cfg.max_ads is not None else None
+        if cfg.max_ads is not None and self.marker_ids is None:
+            logger.warning("ad markers are not single tokens: sampling without the marker grammar")
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str], n: int, seed: int) -> list[list[str]]:
@@ -45,6 +84,10 @@ class TransformersGenerator:
             for start in range(0, len(prompts), self.cfg.batch_size):
                 batch = list(prompts[start : start + self.cfg.batch_size])
                 encoded = self.tokenizer(batch, return_tensors="pt", padding=True).to(device)
+                grammar = LogitsProcessorList()
+                if self.marker_ids is not None and self.cfg.max_ads is not None:
+                    width = encoded["input_ids"].shape[1]
+                    grammar.append(WellFormedPages(self.marker_ids, width, self.cfg.max_ads))
                 generated = self.model.generate(
                     **encoded,
                     do_sample=True,
@@ -56,6 +99,7 @@ class TransformersGenerator:
                     pad_token_id=self.tokenizer.pad_token_id,
                     eos_token_id=self.tokenizer.eos_token_id,
                     use_cache=True,
+                    logits_processor=grammar,
                 )
                 texts = self.tokenizer.batch_decode(
                     generated[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ class MicroBatcher(Generic[T, R]):
         self.max_batch_size = max_batch_size
         self.max_latency_s = max_latency_s
         self.enabled = enabled
-        self.batch_sizes: list[int] = []  # items per model call, for metrics and tests
+        self.batch_sizes: deque[int] = deque(maxlen=4096)  # items per recent model call (metrics, tests)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._queue: asyncio.Queue[_Pending[T, R]] | None = None
         self._worker: asyncio.Task[None] | None = None

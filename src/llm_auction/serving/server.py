@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from llm_auction.config import GenerationConfig, Settings
 from llm_auction.contracts import AuctionRequest
@@ -52,7 +52,9 @@ logger = logging.getLogger(__name__)
 
 RELOADS = Counter("llm_auction_policy_reloads", "Champion reloads", ["outcome"])
 SERVED_VERSION = Gauge("llm_auction_policy_version", "Registry version being served (0: a model directory)")
-BATCH_ITEMS = Counter("llm_auction_batch_items", "Prompts generated, by batches", ["kind"])
+BATCH_SIZE = Histogram(
+    "llm_auction_batch_size", "Auction requests per generate call", buckets=(1, 2, 4, 8, 16, 32, 64)
+)
 
 
 @dataclass(frozen=True)
@@ -311,7 +313,7 @@ class AuctionModel(kserve.Model):
         assert served is not None
         requests = [r for r, _ in items]
         responses = served.generate([p for _, p in items], self.next_seed())
-        BATCH_ITEMS.labels("predict").inc(len(items))
+        BATCH_SIZE.observe(len(items))
         return list(zip(responses, served.pctr(requests, responses), [served.version] * len(items)))
 
     async def complete(
