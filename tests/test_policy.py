@@ -262,3 +262,30 @@ def test_init_fine_tunes_a_model_directory_when_one_is_configured(tmp_path: Path
     assert card["base_model_dir"] == str(pi0[0])
     assert card["vocab_size"] == pi0[1]["vocab_size"] and card["parameters"] == pi0[1]["parameters"]
     assert card["sft"]["steps"] == 2
+
+
+def test_the_marker_grammar_masks_unlisted_repeated_and_surplus_markers():
+    from llm_auction.policy.generation import WellFormedPages
+
+    markers = torch.tensor([10, 11, 12, 13])  # [AD 1] .. [AD 4]
+    prompts = torch.tensor(
+        [[10, 5, 11, 5, 12, 7], [0, 10, 5, 11, 5, 7]]
+    )  # row 0 lists ads 1-3, row 1 ads 1-2
+    grammar = WellFormedPages(markers, prompt_length=6, max_ads=2)
+    scores = grammar(torch.cat([prompts, torch.tensor([[10, 3], [3, 3]])], 1), torch.zeros(2, 20))
+    blocked = torch.isinf(scores)
+    assert blocked[0].nonzero().flatten().tolist() == [10, 13]  # ad 1 written already, ad 4 not listed
+    assert blocked[1].nonzero().flatten().tolist() == [12, 13]  # ads 3 and 4 not listed
+    full = grammar(torch.cat([prompts, torch.tensor([[10, 11], [3, 3]])], 1), torch.zeros(2, 20))
+    assert torch.isinf(full[0, markers]).all() and not torch.isinf(full[0, :10]).any()  # budget spent
+
+
+def test_constrained_sampling_writes_only_well_formed_pages(pi0, policy_env):
+    from llm_auction.policy.generation import make_generator
+
+    requests = policy_env.world.auction_requests(limit=64)
+    prompts = prompts_for(requests, user_profiles(policy_env.world))
+    samples = make_generator(policy_env.settings.policy.generation, pi0[0]).generate(prompts, 4, seed=3)
+    parsed = [parse_response(y, len(r.ads), 3) for r, group in zip(requests, samples) for y in group]
+    assert all(p.well_formed for p in parsed)
+    assert {len(p.allocation) for p in parsed} >= {0, 1, 2, 3}  # the grammar limits, it does not decide
