@@ -50,7 +50,8 @@ def fill_missing_stats(frame: pd.DataFrame, features: FeaturesConfig) -> pd.Data
             for name, value in (("impressions", 0), ("clicks", 0), ("ctr", prior)):
                 column = f"{view}__{name}_{days}d"
                 if column in frame:
-                    frame[column] = frame[column].fillna(value)
+                    # online rows of unknown entities come back as None (object dtype): numbers first
+                    frame[column] = pd.to_numeric(frame[column]).fillna(value)
                     if name != "ctr":
                         frame[column] = frame[column].astype("int64")
     return frame

@@ -38,10 +38,13 @@ class WellFormedPages(LogitsProcessor):
         self.marker_ids = marker_ids
         self.prompt_length = prompt_length
         self.max_ads = max_ads
+        self._listed: torch.Tensor | None = None  # the prompts never change during one generate call
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         markers = self.marker_ids.to(input_ids.device)
-        listed = (input_ids[:, : self.prompt_length, None] == markers).any(1)
+        if self._listed is None or self._listed.shape[0] != input_ids.shape[0]:
+            self._listed = (input_ids[:, : self.prompt_length, None] == markers).any(1)
+        listed = self._listed
         written = input_ids[:, self.prompt_length :, None] == markers
         full = written.sum((1, 2)) >= self.max_ads
         forbid = ~listed | written.any(1) | full[:, None]

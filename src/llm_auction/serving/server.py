@@ -22,6 +22,7 @@ import os
 import sys
 import tempfile
 import uuid
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -397,6 +398,8 @@ def serve(
     token: str | None = None,
 ) -> None:
     """Load the model, then serve until SIGINT/SIGTERM (KServe's REST server, bound to `host`)."""
+    # KServe's routes answer with ORJSONResponse, which FastAPI deprecates: one warning per request.
+    warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")
     model = AuctionModel(settings, model_dir, predictor_url, batching)
     model.load()
     server = kserve.ModelServer(http_port=port, enable_grpc=False, workers=1)
