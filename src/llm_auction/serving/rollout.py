@@ -1,6 +1,7 @@
 """Rolling the serving endpoint to the registry's champion.
 
-- `local`: a pointer file `<data_dir>/serving/champion.json` that the local server watches;
+- `local`: a record `<data_dir>/serving/champion.json` of what was rolled out and when (the local
+  server itself follows the registry's `champion` alias, `serving.server`);
 - `cluster`: the InferenceService's canary (`spec.predictor.model.storageUri` of the champion's
   artifacts with `canaryTrafficPercent`), patched through the Kubernetes API.
 """
