@@ -172,7 +172,12 @@ class Loop:
 
     def prepare(self) -> None:
         if self.out.exists():
-            stale = [d for d in STATE_DIRS if (self.out / d).exists()]
+            keep = self.pi0.resolve() if self.pi0 is not None else None  # `--pi0 runs/local/pi0` survives
+            stale = [
+                d
+                for d in STATE_DIRS
+                if (self.out / d).exists() and not (keep and keep.is_relative_to((self.out / d).resolve()))
+            ]
             if stale:
                 self._say(f"replacing the previous run in {self.out} ({', '.join(stale)})")
             for d in stale:
