@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -19,8 +19,7 @@ import numpy as np
 import yaml
 
 from llm_auction.config import Settings
-from llm_auction.pipeline import steps
-from llm_auction.pipeline.loop import free_port, service
+from llm_auction.pipeline.loop import free_port, service, sign_up
 from llm_auction.serving.traffic import send_traffic
 from llm_auction.simulator.experiment import Environment
 
@@ -45,16 +44,7 @@ def bench_serving(
             "tracking": {"uri": None},
         }
         (root / "config.yaml").write_text(yaml.safe_dump(config))
-        (root / "feedback").mkdir()
-        now = datetime.now(UTC)
-        bench_settings = Settings.model_validate(config)
-        steps.ingest(
-            bench_settings.model_dump_json(),
-            str(root / "feedback"),
-            str(now - timedelta(hours=1)),
-            str(now),
-            "",
-        )
+        sign_up(Settings.model_validate(config), root / "feedback")
         requests = env.world.auction_requests(limit=max(map(_requests_for, CONCURRENCY)))
         for batching in (True, False):
             port = free_port()

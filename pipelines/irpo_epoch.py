@@ -122,8 +122,10 @@ def irpo_epoch(
             version=dpo.outputs["Output"],
         )
     )
-    with dsl.If(evaluated.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition)
-        promoted = _on_cluster(
+
+    def record_gate(display_name: str) -> dsl.PipelineTask:
+        """The promote step records the verdict on either branch (and moves the alias on a pass)."""
+        task = _on_cluster(
             promote(
                 settings_json=settings,
                 parent_run_id=parent,
@@ -131,18 +133,13 @@ def irpo_epoch(
                 version=dpo.outputs["Output"],
             )
         )
-        promoted.set_display_name("promote")
+        return task.set_display_name(display_name)
+
+    with dsl.If(evaluated.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition)
+        promoted = record_gate("promote")
         _on_cluster(deploy(settings_json=settings, version=dpo.outputs["Output"])).after(promoted)
     with dsl.Else(name="gate-held"):
-        held = _on_cluster(
-            promote(
-                settings_json=settings,
-                parent_run_id=parent,
-                evaluation=evaluated.outputs["evaluation"],
-                version=dpo.outputs["Output"],
-            )
-        )
-        held.set_display_name("hold")
+        record_gate("hold")
 
 
 def compile_pipeline(path: Path = COMPILED) -> Path:

@@ -18,7 +18,7 @@ from llm_auction.mechanism.grammar import parse_response
 from llm_auction.policy.allocator import prompts_for
 from llm_auction.policy.generation import Generator
 from llm_auction.reward.pctr import PCTRModel
-from llm_auction.reward.reward import AdFeatures, UserFeatures, score_responses
+from llm_auction.reward.reward import AdFeatures, ScoredResponses, UserFeatures, score_responses
 
 Scorer = Callable[[Sequence[AuctionRequest], Sequence[str]], np.ndarray]
 """(requests, responses) -> R of each response; requests may repeat."""
@@ -36,6 +36,10 @@ class RewardScorer:
     max_ads: int
 
     def __call__(self, requests: Sequence[AuctionRequest], responses: Sequence[str]) -> np.ndarray:
+        return self.score(requests, responses).rewards
+
+    def score(self, requests: Sequence[AuctionRequest], responses: Sequence[str]) -> ScoredResponses:
+        """R of each response and, per inserted ad, the pCTR behind it."""
         return score_responses(
             self.pctr,
             self.encoder,
@@ -45,7 +49,7 @@ class RewardScorer:
             self.ad_features,
             self.lambda_page,
             self.max_ads,
-        ).rewards
+        )
 
     def flush(self) -> None:
         """Keep the text embeddings computed so far (the next step reuses them)."""

@@ -60,6 +60,13 @@ def loop_settings(base: Settings, out: Path) -> Settings:
     )
 
 
+def sign_up(settings: Settings, feedback_dir: Path) -> None:
+    """Users and ads enter the feature store before anyone is served: an ingest of no events."""
+    feedback_dir.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC)
+    steps.ingest(settings.model_dump_json(), str(feedback_dir), str(now - timedelta(hours=1)), str(now), "")
+
+
 @dataclass(frozen=True)
 class TrafficPlan:
     """Which requests of the stream each phase sends: after pi_0's SFT set, before the held-out end."""
@@ -196,17 +203,6 @@ class Loop:
         card = init_policy(env, self.out / "pi0")
         return str(card["registered_version"])
 
-    def sign_up_users(self) -> None:
-        """Users and ads enter the feature store before anyone is served (an ingest of no events)."""
-        now = datetime.now(UTC)
-        steps.ingest(
-            self.settings_json,
-            str(self.feedback),
-            (now - timedelta(hours=1)).isoformat(),
-            now.isoformat(),
-            "",
-        )
-
     def send(
         self, endpoint: str, collector: str, requests: list[AuctionRequest], env: Environment, seed: int
     ) -> TrafficReport:
@@ -285,7 +281,7 @@ class Loop:
         plan = plan_traffic(env, self.epochs)
         self.bootstrap_policy(env)
         self._say("feature store: users and ads sign up")
-        self.sign_up_users()
+        sign_up(self.settings, self.feedback)
         collector_port, server_port = free_port(), free_port()
         collector = f"http://127.0.0.1:{collector_port}"
         endpoint = f"http://127.0.0.1:{server_port}"

@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from llm_auction.config import GenerationConfig, Settings
 from llm_auction.contracts import AuctionRequest
+from llm_auction.irpo.sampling import RewardScorer
+from llm_auction.policy.generation import TransformersGenerator
 from llm_auction.policy.prompt import build_prompt
 from llm_auction.serving.auction import AuctionInputError, parse_instances, prediction
 from llm_auction.serving.batcher import MicroBatcher
@@ -63,30 +66,27 @@ class ServedPolicy:
     """One loaded policy version and the pCTR that prices its allocations (None: no psi yet)."""
 
     version: str
-    model_dir: Path
     model: Any | None  # None in a transformer: the predictor holds the weights
     tokenizer: Any
     max_positions: int
     generation: GenerationConfig
-    scorer: Any | None
+    scorer: RewardScorer | None
     pctr_version: str | None
 
     def generate(self, prompts: Sequence[str], seed: int, cfg: GenerationConfig | None = None) -> list[str]:
-        from llm_auction.policy.generation import TransformersGenerator
-
-        generator = TransformersGenerator(self.model, self.tokenizer, cfg or self.generation)
+        """One sample per prompt; the sampler (and its marker grammar) is built once per version."""
+        generator = self._generator if cfg is None else TransformersGenerator(self.model, self.tokenizer, cfg)
         return [group[0] for group in generator.generate(prompts, 1, seed)]
+
+    @cached_property
+    def _generator(self) -> TransformersGenerator:
+        return TransformersGenerator(self.model, self.tokenizer, self.generation)
 
     def pctr(self, requests: Sequence[AuctionRequest], responses: Sequence[str]) -> list[list[float] | None]:
         """The pCTR of each inserted ad of each response, in allocation order."""
         if self.scorer is None:
             return [None] * len(responses)
-        from llm_auction.reward.reward import score_responses
-
-        s = self.scorer
-        rows = score_responses(
-            s.pctr, s.encoder, requests, responses, s.user_features, s.ad_features, 0.0, s.max_ads
-        ).ads
+        rows = self.scorer.score(requests, responses).ads
         by_response = rows.sort_values(["response_number", "position"]).groupby("response_number")["pctr"]
         found = {int(k): [float(p) for p in v] for k, v in by_response}
         return [found.get(i, []) for i in range(len(responses))]
@@ -167,7 +167,7 @@ def load_served(
         pctr_dir = _registry_dir(settings, settings.pctr.registered_model, pctr_version, scratch)
         scorer = feast_reward_scorer(settings, pctr_dir)
     return ServedPolicy(
-        version, model_dir, model, tokenizer, max_positions, settings.policy.generation, scorer, pctr_version
+        version, model, tokenizer, max_positions, settings.policy.generation, scorer, pctr_version
     )
 
 
