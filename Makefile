@@ -32,9 +32,10 @@ test: $(STAMP) ## the test suite (slow end-to-end tests included)
 test-fast: $(STAMP) ## the test suite without the slow end-to-end tests
 	$(BIN)/python -m pytest -q -m "not slow"
 
-lint: $(STAMP)
+lint: $(STAMP) ## ruff, then the import contracts of pyproject.toml [tool.importlinter]
 	$(BIN)/ruff check src tests benchmarks feature_repo components pipelines
 	$(BIN)/ruff format --check src tests benchmarks feature_repo components pipelines
+	$(BIN)/lint-imports --no-logo
 
 compile: $(STAMP) ## write pipelines/irpo_epoch.yaml from pipelines/irpo_epoch.py (a test fails when it is stale)
 	$(BIN)/python -m pipelines.irpo_epoch

@@ -110,7 +110,7 @@ def bench_dpo(settings: Settings, env: Environment, directory: Path, rows: list[
 
     from llm_auction.irpo.dpo import train_dpo
     from llm_auction.irpo.pairs import build_pairs
-    from llm_auction.irpo.sampling import bid_sum_scorer
+    from llm_auction.reward.scorer import bid_sum_scorer
     from llm_auction.policy.allocator import prompts_for
     from llm_auction.policy.generation import make_generator
     from llm_auction.policy.model import load_policy
@@ -158,7 +158,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows: list[dict[str, object]] = []
 
-    responses = make_baseline("random", settings, env.ground_truth).allocate(requests, rng) * 10
+    responses = make_baseline("random", settings).allocate(requests, rng) * 10
     seconds = _best_of(lambda: [parse_response(r, 6, 3) for r in responses])
     rows.append(
         {

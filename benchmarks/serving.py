@@ -19,8 +19,8 @@ import numpy as np
 import yaml
 
 from llm_auction.config import Settings
-from llm_auction.pipeline.loop import free_port, service, sign_up
-from llm_auction.serving.traffic import send_traffic
+from llm_auction.simulator.loop import free_port, service, sign_up
+from llm_auction.simulator.traffic import send_traffic
 from llm_auction.simulator.experiment import Environment
 
 CONCURRENCY = (1, 8, 32)

@@ -11,16 +11,26 @@ def build_preferences(
     policy_uri: str,
     pctr: Input[Model],
     feedback_dir: str,
+    window_start: str,
+    window_end: str,
     epoch: int,
     pairs: Output[Dataset],
     metrics: Output[Metrics],
 ):
-    """Step 3: M samples per prompt from pi_{t-1}, scored by R, winner/loser pairs."""
+    """Step 3: M samples per prompt (the window's logged requests) from pi_{t-1}, scored by R, paired."""
     from llm_auction.pipeline import steps
 
     with steps.failing_epoch(settings_json, parent_run_id):
         stats = steps.build_preferences(
-            settings_json, policy_uri, pctr.path, feedback_dir, pairs.path, epoch, parent_run_id
+            settings_json,
+            policy_uri,
+            pctr.path,
+            feedback_dir,
+            window_start,
+            window_end,
+            pairs.path,
+            epoch,
+            parent_run_id,
         )
     for key, value in steps.finite_metrics(stats).items():
         metrics.log_metric(key, value)

@@ -96,6 +96,8 @@ def irpo_epoch(
             policy_uri=policy_uri,
             pctr=pctr.outputs["pctr"],
             feedback_dir=feedback_dir,
+            window_start=window_start,
+            window_end=window_end,
             epoch=epoch,
         )
     )

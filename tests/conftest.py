@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from llm_auction.config import Settings, load_config
-from llm_auction.simulator.experiment import Environment, build_environment
+from llm_auction.simulator.experiment import Environment, build_environment, split_requests, user_profiles
 
 
 @pytest.fixture(scope="session")
@@ -38,5 +38,36 @@ def pi0(policy_env: Environment, tmp_path_factory: pytest.TempPathFactory):
     from llm_auction.policy.warm_start import init_policy
 
     directory = tmp_path_factory.mktemp("pi0")
-    card = init_policy(policy_env, directory)
+    train, held_out = split_requests(policy_env)
+    card = init_policy(policy_env.settings, train, held_out, user_profiles(policy_env.world), directory)
     return directory, card
+
+
+def untrained_scorer(env: Environment, lambda_page: float = 0.0):
+    """R under a freshly initialised psi over the world's public tables: real code, no training.
+
+    For tests of the machinery around the reward (evaluation, baselines), where any psi will do.
+    """
+    from llm_auction.config import PCTRConfig
+    from llm_auction.features.encoder import TextEncoder
+    from llm_auction.reward.pctr import CONTEXT_NUMERIC, PCTRModel, PCTRNet
+    from llm_auction.reward.reward import table_lookup
+    from llm_auction.reward.scorer import RewardScorer
+    from llm_auction.simulator.experiment import catalog_of
+
+    catalog = catalog_of(env.world)
+    cfg = PCTRConfig()
+    users, ads = sorted(catalog.users["user_id"]), sorted(catalog.ads["ad_id"])
+    numeric = list(CONTEXT_NUMERIC)
+    model = PCTRModel(
+        PCTRNet(len(users), len(ads), len(numeric), cfg), cfg, users, ads, numeric, [0.0] * 2, [1.0] * 2
+    )
+    ad_table = catalog.ads.rename(columns={"text": "ad_text"})[["ad_id", "ad_text", "category"]]
+    return RewardScorer(
+        model,
+        TextEncoder(),
+        table_lookup(catalog.users[["user_id", "profile_text"]], "user_id"),
+        table_lookup(ad_table, "ad_id"),
+        lambda_page,
+        env.settings.mechanism.max_ads,
+    )

@@ -1,34 +1,55 @@
+"""Baselines: deployable ones rank by bid x psi's pCTR; the oracle references by the simulator's truth."""
+
+import dataclasses
+
 import numpy as np
 import pytest
 
-from llm_auction.baselines import BASELINES, make_baseline
+from conftest import untrained_scorer
+from llm_auction.baselines import BASELINES, PRICED, make_baseline
 from llm_auction.mechanism.grammar import parse_response
+from llm_auction.mechanism.payments import expected_payments
 from llm_auction.simulator.experiment import Environment, evaluate_policy
+from llm_auction.simulator.references import ORACLE_REFERENCES, make_reference
 
 
 @pytest.fixture(scope="module")
-def outcomes(env: Environment):
-    requests = env.world.auction_requests(limit=300)
-    results = {}
-    for name in BASELINES:
-        rollout, metrics = evaluate_policy(
-            env, make_baseline(name, env.settings, env.ground_truth), requests, seed=3
-        )
-        results[name] = (rollout, metrics)
-    return results
+def scorer(env: Environment):
+    return untrained_scorer(env)
+
+
+def _allocator(name: str, env: Environment, scorer):
+    if name in ORACLE_REFERENCES:
+        return make_reference(name, env.settings, env.ground_truth)
+    return make_baseline(name, env.settings, scorer.ctr_estimator() if name in PRICED else None)
+
+
+@pytest.fixture(scope="module")
+def outcomes(env: Environment, scorer):
+    requests = env.world.auction_requests(limit=200)
+    return {
+        name: evaluate_policy(env, _allocator(name, env, scorer), requests, seed=3)
+        for name in (*BASELINES, *ORACLE_REFERENCES)
+    }
 
 
 def _revenue_by_request(rollout) -> np.ndarray:
-    imp = rollout.impressions.assign(revenue=rollout.impressions["bid"] * rollout.impressions["expected_ctr"])
-    per = imp.groupby("request_id")["revenue"].sum()
-    return rollout.requests["request_id"].map(per).fillna(0.0).to_numpy()
+    imp = rollout.impressions
+    per = imp.assign(revenue=expected_payments(imp["bid"], imp["expected_ctr"])).groupby("request_id")["revenue"]
+    return rollout.requests["request_id"].map(per.sum()).fillna(0.0).to_numpy()
 
 
 def test_oracle_greedy_beats_every_baseline_on_every_request(outcomes):
     oracle = _revenue_by_request(outcomes["oracle_greedy"][0])
-    for name in BASELINES:
+    for name in (*BASELINES, "pre_generation@oracle", "post_generation@oracle"):
         assert np.all(oracle >= _revenue_by_request(outcomes[name][0]) - 1e-12), name
     assert outcomes["oracle_greedy"][1]["revenue"].mean > outcomes["pre_generation"][1]["revenue"].mean
+
+
+def test_the_truth_ranks_better_than_an_untrained_psi(outcomes):
+    # The same rule with the true CTR instead of a psi that knows nothing: an upper reference.
+    for rule in PRICED:
+        assert outcomes[f"{rule}@oracle"][1]["revenue"].mean > outcomes[rule][1]["revenue"].mean, rule
 
 
 def test_no_ads_gives_zero(outcomes):
@@ -43,34 +64,51 @@ def test_baselines_write_well_formed_responses_within_limits(outcomes, env: Envi
     for name, (rollout, metrics) in outcomes.items():
         assert metrics["format_error_rate"].mean == 0.0, name
         assert rollout.requests["n_ads"].le(max_ads).all(), name
-    assert (
-        outcomes["post_generation"][0]
-        .requests["n_ads"]
-        .eq(env.settings.baselines.post_generation_slots)
-        .all()
-    )
+    slots = env.settings.baselines.post_generation_slots
+    assert outcomes["post_generation"][0].requests["n_ads"].eq(slots).all()
     assert outcomes["pre_generation"][0].requests["n_ads"].eq(max_ads).all()
 
 
-def test_request_max_ads_is_respected(env: Environment):
+def test_request_max_ads_is_respected(env: Environment, scorer):
     request = env.world.auction_requests(limit=1)[0].model_copy(update={"max_ads": 1})
-    for name in BASELINES:
-        response = make_baseline(name, env.settings, env.ground_truth).allocate(
-            [request], np.random.default_rng(0)
-        )[0]
+    for name in (*BASELINES, *ORACLE_REFERENCES):
+        response = _allocator(name, env, scorer).allocate([request], np.random.default_rng(0))[0]
         assert len(parse_response(response, len(request.ads)).allocation) <= 1, name
 
 
-def test_pre_generation_ranks_by_bid_times_ctr(env: Environment):
-    request = env.world.auction_requests(limit=1)[0]
-    response = make_baseline("pre_generation", env.settings, env.ground_truth).allocate(
-        [request], np.random.default_rng(0)
-    )[0]
-    score = np.asarray(request.bids) * env.ground_truth.standalone_ctr(request)
-    expected = tuple(int(i) for i in np.argsort(-score)[: env.settings.mechanism.max_ads])
-    assert parse_response(response, len(request.ads)).allocation == expected
+def _winners(name: str, env: Environment, scorer, requests) -> list[tuple[int, ...]]:
+    responses = make_baseline(name, env.settings, scorer.ctr_estimator()).allocate(
+        requests, np.random.default_rng(0)
+    )
+    return [parse_response(y, len(r.ads)).allocation for r, y in zip(requests, responses)]
+
+
+def test_the_deployable_baselines_rank_by_bid_times_psi_and_follow_psi(env: Environment, scorer):
+    """Each winner set is psi's top bid x pCTR; a different psi (here: its ranking inverted) picks others."""
+    requests = env.world.auction_requests(limit=30)
+    inverted = dataclasses.replace(scorer, pctr=dataclasses.replace(scorer.pctr, calibration=(-1.0, 0.0)))
+    max_ads, slots = env.settings.mechanism.max_ads, env.settings.baselines.post_generation_slots
+    for name, n in (("pre_generation", max_ads), ("post_generation", slots)):
+        picks = {}
+        for label, psi in (("psi", scorer), ("inverted", inverted)):
+            pctr = psi.standalone_pctr(requests)
+            expected = [
+                tuple(int(i) for i in np.argsort(-np.asarray(r.bids) * p, kind="stable")[:n])
+                for r, p in zip(requests, pctr)
+            ]
+            picks[label] = _winners(name, env, psi, requests)
+            assert picks[label] == expected, (name, label)
+        changed = sum(a != b for a, b in zip(picks["psi"], picks["inverted"]))
+        assert changed >= len(requests) // 3, (name, changed)
+
+
+def test_priced_baselines_need_a_pctr(env: Environment):
+    with pytest.raises(ValueError, match="pre_generation ranks by bid x pCTR"):
+        make_baseline("pre_generation", env.settings)
 
 
 def test_unknown_baseline_names_the_field(env: Environment):
     with pytest.raises(ValueError, match="policy: unknown baseline 'best'"):
-        make_baseline("best", env.settings, env.ground_truth)
+        make_baseline("best", env.settings)
+    with pytest.raises(ValueError, match="unknown oracle reference 'best'"):
+        make_reference("best", env.settings, env.ground_truth)

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import functools
 import json
 
 import pytest
 
+from conftest import untrained_scorer
 from llm_auction.config import load_config
-from llm_auction.evaluation.steps import (
+from llm_auction.evaluation.candidate import (
     epoch_history,
     evaluate_candidate,
-    gate_step,
     review_card,
     write_evaluation_report,
 )
-from llm_auction.irpo.sampling import bid_sum_scorer
-from llm_auction.simulator.experiment import Environment
+from llm_auction.pipeline.steps import gate_step
+from llm_auction.simulator.experiment import Environment, split_requests, user_profiles
 from llm_auction.tracking import registry
 from llm_auction.tracking.runs import tracked_run
 
@@ -24,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def summary(pi0, policy_env):
+def evaluation(pi0, policy_env):
     env = Environment(
         policy_env.settings.model_copy(
             update={
@@ -37,8 +36,16 @@ def summary(pi0, policy_env):
         policy_env.click_model,
     )
     directory = pi0[0]
-    scorer = functools.partial(bid_sum_scorer, max_ads=env.settings.mechanism.max_ads)
-    return evaluate_candidate(env, directory, directory, directory, scorer)
+    _, held_out = split_requests(env)
+    profiles = user_profiles(env.world)
+    return evaluate_candidate(
+        env.settings, held_out, profiles, directory, directory, directory, untrained_scorer(env)
+    )
+
+
+@pytest.fixture(scope="module")
+def summary(evaluation):
+    return evaluation.summary
 
 
 def test_a_candidate_identical_to_the_champion_is_held(summary):
@@ -49,14 +56,24 @@ def test_a_candidate_identical_to_the_champion_is_held(summary):
     assert not gate["promoted"]
     assert [c["name"] for c in gate["checks"] if not c["passed"]] == ["reward gain lower bound"]
     assert set(summary["policies"]) == {"candidate", "champion", "pre_generation", "post_generation"}
-    assert summary["monotonicity"]["n_checks"] > 0 and summary["ir"]["holds"]
+    assert summary["monotonicity"]["n_checks"] > 0 and summary["monotonicity"]["click_model"] == "psi_t"
+    assert "by construction" in summary["ir"]  # first price: IR is not a check that could fail
 
 
-def test_the_report_and_the_review_card(summary, tmp_path):
+def test_the_responses_of_every_policy_are_kept_for_the_oracle(evaluation):
+    responses = evaluation.responses
+    assert set(responses["policy"]) == set(evaluation.summary["policies"])
+    per_policy = responses.groupby("policy")["request_id"].nunique()
+    assert (per_policy == evaluation.summary["requests"]).all()
+
+
+def test_the_report_and_the_review_card(evaluation, summary, tmp_path):
     history = epoch_history(load_config(environ={}, overrides={"tracking": {"uri": None}}), summary)
     assert [h["epoch"] for h in history] == [0, 1]
-    paths = write_evaluation_report(summary, tmp_path, history)
-    assert [p.name for p in paths] == ["evaluation.json", "comparison.png", "epochs.png", "report.html"]
+    paths = write_evaluation_report(evaluation, tmp_path, history)
+    assert [p.name for p in paths] == [
+        "evaluation.json", "responses.parquet", "comparison.png", "epochs.png", "report.html"
+    ]  # fmt: skip
     html = (tmp_path / "report.html").read_text()
     assert "reward gain lower bound" in html and 'class="fail"' in html
     card = review_card(summary, "llm-auction-policy v2", {"report": "runs:/abc/evaluation/report.html"})
@@ -77,7 +94,7 @@ def clear_summary() -> dict:
         "gain": {"reward": {"metric": "reward", "mean": 0.05, "ci": [0.01, 0.09]}, "revenue": est},
         "kl": 0.7,
         "monotonicity": {"n_checks": 40, "violations": 0, "violation_rate": 0.0},
-        "ir": {"holds": True},
+        "ir": "first-price PPC is individually rational by construction",
         "gate_inputs": inputs,
         "lineage": {"epoch": 1},
     }

@@ -21,7 +21,8 @@ from llm_auction.features.ingest import IngestReport, ingest_window, labeled_imp
 from llm_auction.features.retrieval import online_features, online_profile, training_frame
 from llm_auction.features.store import open_store, repo_dir
 from llm_auction.simulator.experiment import Environment, build_environment, evaluate_policy
-from llm_auction.simulator.feedback import feedback_logs, write_feedback
+from llm_auction.public.feedback import request_rows, write_feedback
+from llm_auction.simulator.feedback import feedback_logs
 
 SMALL_WORLD = {"n_advertisers": 8, "n_users": 30, "n_queries": 40, "n_requests": 160}
 T0 = pd.Timestamp("2026-01-01T00:00:00Z")
@@ -65,7 +66,7 @@ def traffic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Environment, pd.D
     """Impressions and clicks of random insertion on a small world."""
     env = build_environment(_settings(tmp_path_factory.mktemp("traffic")))
     requests = env.world.auction_requests()
-    allocator = make_baseline("random", env.settings, env.ground_truth)
+    allocator = make_baseline("random", env.settings)
     result, _ = evaluate_policy(env, allocator, requests, seed=3)
     served_at = env.world.requests.set_index("request_id")["timestamp"]
     impressions, clicks = feedback_logs(result, requests, served_at, "random-v0", np.random.default_rng(3))

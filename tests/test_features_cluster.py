@@ -23,7 +23,8 @@ from llm_auction.features.ingest import ingest_window, labeled_impressions
 from llm_auction.features.retrieval import online_features, online_profile
 from llm_auction.features.store import open_store
 from llm_auction.simulator.experiment import build_environment, evaluate_policy
-from llm_auction.simulator.feedback import feedback_logs, write_feedback
+from llm_auction.public.feedback import request_rows, write_feedback
+from llm_auction.simulator.feedback import feedback_logs
 
 PG_HOST, PG_PORT, PG_DATABASE = "127.0.0.1", 5432, "test"
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
@@ -143,7 +144,7 @@ def test_cluster_profile_ingests_materializes_to_redis_and_serves(
     settings = _cluster_settings(tmp_path, registry_uri, redis_url=f"{REDIS_HOST}:{REDIS_PORT}")
     env = build_environment(settings)
     requests = env.world.auction_requests()
-    result, _ = evaluate_policy(env, make_baseline("random", settings, env.ground_truth), requests, seed=5)
+    result, _ = evaluate_policy(env, make_baseline("random", settings), requests, seed=5)
     served_at = env.world.requests.set_index("request_id")["timestamp"]
     impressions, clicks = feedback_logs(result, requests, served_at, "random-v0", np.random.default_rng(5))
     write_feedback(tmp_path / "feedback", "batch-0", impressions, clicks)

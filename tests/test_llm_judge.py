@@ -14,7 +14,7 @@ import pytest
 
 from llm_auction.config import LLMJudgeConfig
 from llm_auction.contracts import AuctionRequest
-from llm_auction.simulator.base import UnknownEntityError
+from llm_auction.errors import UnknownEntityError
 from llm_auction.simulator.llm_judge import JudgeError, LLMJudgeClickModel, parse_judgment
 
 AD_TEXTS = ("Cheap flights to Rome", "Boutique hotels in Paris", "Travel insurance from 5 EUR")

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from helpers import TINY_EPOCH
-from llm_auction.pipeline.loop import run_loop
+from llm_auction.mechanism.payments import expected_payments
+from llm_auction.simulator.loop import run_loop
 from llm_auction.serving.collector import EventStore
 
 pytestmark = pytest.mark.slow
@@ -49,7 +50,7 @@ def test_one_epoch_of_the_closed_loop(pi0, tmp_path):
         store.close()
     assert len(predictions) == 200
     priced = [a for p in predictions[120:] for a in p["allocation"]]  # served after psi_0 was registered
-    assert priced and all(a["expected_payment"] == pytest.approx(a["bid"] * a["pctr"]) for a in priced)
+    assert priced and all(a["expected_payment"] == pytest.approx(expected_payments([a["bid"]], [a["pctr"]])[0]) for a in priced)
     assert all(a["expected_payment"] is None for p in predictions[:120] for a in p["allocation"])
 
     html = (out / "report.html").read_text()

@@ -10,6 +10,7 @@ from llm_auction.mechanism.audits import audit_individual_rationality, audit_mon
 from llm_auction.mechanism.grammar import render_response
 from llm_auction.mechanism.metrics import bootstrap
 from llm_auction.mechanism.payments import expected_payments, payment_per_click
+from llm_auction.simulator.references import make_reference
 from llm_auction.simulator.experiment import Environment, evaluate_policy
 
 
@@ -47,7 +48,7 @@ class LowestBidsWin:
 def test_monotonicity_audit_passes_pre_generation_and_flags_a_non_monotone_rule(env: Environment):
     requests = env.world.auction_requests(limit=25)
     factors = env.settings.mechanism.monotonicity_factors
-    pre = make_baseline("pre_generation", env.settings, env.ground_truth)
+    pre = make_baseline("pre_generation", env.settings, env.ground_truth.standalone_ctr)
     report = audit_monotonicity(pre, requests, env.ground_truth, factors, max_ads=3)
     assert report.n_checks == 25 * len(requests[0].ads) * (len(factors) - 1)
     assert report.violations == []
@@ -60,17 +61,17 @@ def test_monotonicity_audit_passes_pre_generation_and_flags_a_non_monotone_rule(
 def test_monotonicity_audit_handles_sampled_rules(env: Environment):
     requests = env.world.auction_requests(limit=10)
     factors = env.settings.mechanism.monotonicity_factors
-    random_rule = make_baseline("random", env.settings, env.ground_truth)
+    random_rule = make_baseline("random", env.settings)
     report = audit_monotonicity(random_rule, requests, env.ground_truth, factors, n_samples=8, seed=1)
     assert report.violations == []  # bid-blind: common random numbers give equal clicks at every level
-    oracle = make_baseline("oracle_greedy", env.settings, env.ground_truth)
+    oracle = make_reference("oracle_greedy", env.settings, env.ground_truth)
     assert audit_monotonicity(oracle, requests, env.ground_truth, factors, n_samples=2).violations == []
 
 
 def test_individual_rationality_holds_for_truthful_first_price(env: Environment):
     requests = env.world.auction_requests(limit=200)
     rollout, _ = evaluate_policy(
-        env, make_baseline("pre_generation", env.settings, env.ground_truth), requests, 0
+        env, make_baseline("pre_generation", env.settings, env.ground_truth.standalone_ctr), requests, 0
     )
     report = audit_individual_rationality(rollout.impressions)
     assert report.holds

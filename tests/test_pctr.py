@@ -1,5 +1,6 @@
 """The pCTR reward model (Eq. 3-4) and the reward R (Eq. 5), trained on simulated feedback."""
 
+import ast
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,10 @@ from llm_auction.config import load_config
 from llm_auction.contracts import AdCandidate, AuctionRequest
 from llm_auction.errors import UnsafeCheckpointError
 from llm_auction.features.encoder import TextEncoder
+from llm_auction.mechanism.payments import expected_payments
+from llm_auction.reward import pctr
 from llm_auction.reward.metrics import auc, expected_calibration_error, log_loss
-from llm_auction.reward.pctr import PCTRModel, train_pctr
+from llm_auction.reward.pctr import PCTRModel, text_matches, train_pctr, word_overlap
 from llm_auction.reward.reward import score_responses, table_lookup
 from llm_auction.simulator.experiment import build_environment, evaluate_policy
 from llm_auction.simulator.feedback import feedback_logs
@@ -29,7 +32,7 @@ def logged():
     settings = load_config(environ={}, overrides={"world": {"n_requests": 5000}, "tracking": {"uri": None}})
     env = build_environment(settings)
     requests = env.world.auction_requests()
-    rollout, _ = evaluate_policy(env, make_baseline("random", settings, env.ground_truth), requests, seed=1)
+    rollout, _ = evaluate_policy(env, make_baseline("random", settings), requests, seed=1)
     timestamps = env.world.requests.set_index("request_id")["timestamp"]
     impressions, clicks = feedback_logs(rollout, requests, timestamps, "random", np.random.default_rng(0))
     ads = env.world.ads.set_index("ad_id")
@@ -62,6 +65,47 @@ def test_metrics_on_hand_computed_cases():
     assert expected_calibration_error(np.array([1, 1]), np.array([0.25, 0.25]), n_bins=4) == pytest.approx(
         0.75
     )
+
+
+def test_text_matches_come_from_the_words_alone():
+    """Shared words count, whatever they are; knowing that two different words name the same topic
+    (a taxonomy) does not: the features must not hand psi the simulator's hidden relevance."""
+    frame = pd.DataFrame(
+        {
+            "query": ["best running shoes this year"] * 3 + ["where can i buy cheap flights"] * 2,
+            "ad_text": [
+                "novaline running shoes: top rated choice, try it today",
+                "get new trail shoe from bluebox now",
+                "bluebox coffee grinders for every budget",
+                "peakhub airline tickets: great value choice",  # the query's topic, no shared word
+                "peakhub garden tools: great value choice",
+            ],
+            "profile_text": [
+                "a 30 year old who likes running and tea",
+                "a 30 year old who likes sport and fitness",  # the ad's category, no shared word
+                "a 30 year old who likes sport and fitness",
+                "likes travel and new places",
+                "likes travel and new places",
+            ],
+        }
+    )
+    query, profile = text_matches(frame)
+    assert query[0] > query[1] > query[2] == 0.0  # two words shared, then one ("shoe" = "shoes"), then none
+    assert query[3] == query[4] == 0.0
+    assert profile[0] > 0.0 and profile[1] == profile[2] == profile[3] == profile[4] == 0.0
+    # any vocabulary works, none of it known in advance
+    assert word_overlap("Zorblax widgets?", "acme ZORBLAX widget") == pytest.approx(1.0)
+    assert word_overlap("the and of", "the and of") == 0.0  # stopwords only
+    no_texts = text_matches(frame[["query"]])
+    assert all((v == 0).all() and len(v) == len(frame) for v in no_texts)
+
+
+def test_pctr_module_does_not_import_the_world_or_its_taxonomy():
+    tree = ast.parse(Path(pctr.__file__).read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    forbidden = ("llm_auction.baselines", "llm_auction.world", "llm_auction.simulator", "llm_auction.text")
+    assert not [m for m in imported if m.startswith(forbidden) or "catalog" in m or "taxonomy" in m]
 
 
 def test_pctr_learns_and_is_calibrated(model: PCTRModel, logged):
@@ -129,7 +173,7 @@ def test_reward_is_bid_weighted_pctr_plus_page_term(model: PCTRModel, logged, en
     assert scored.rewards[0] == 0.0
     rows = scored.ads[scored.ads["response_number"] == 1]
     assert list(rows["position"]) == [1, 2]
-    assert scored.rewards[1] == pytest.approx(float((rows["bid"] * rows["pctr"]).sum()))
+    assert scored.rewards[1] == pytest.approx(float(expected_payments(rows["bid"], rows["pctr"]).sum()))
     assert set(scored.ads["response_number"]) == {1, 2}
     paged = score_responses(
         model, encoder, [request] * 3, responses, table_lookup(users, "user_id"), ad_lookup, lambda_page=0.5

@@ -143,7 +143,7 @@ def test_the_canary_patch_keeps_the_inferenceservice_valid():
 
 
 def test_a_corrupted_feedback_file_is_named_in_the_error(tmp_path):
-    from llm_auction.simulator.feedback import FeedbackFileError, read_feedback
+    from llm_auction.public.feedback import FeedbackFileError, read_feedback
 
     (tmp_path / "impressions").mkdir()
     (tmp_path / "impressions" / "bad.parquet").write_bytes(b"PAR1 truncated")

@@ -13,7 +13,8 @@ from helpers import TINY_EPOCH, register_champion
 from llm_auction.config import load_config
 from llm_auction.pipeline.local import run_local
 from llm_auction.simulator.experiment import evaluate_policy
-from llm_auction.simulator.feedback import feedback_logs, write_feedback
+from llm_auction.public.feedback import request_rows, write_feedback
+from llm_auction.simulator.feedback import feedback_logs
 from llm_auction.tracking import registry
 
 pytestmark = pytest.mark.slow

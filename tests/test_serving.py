@@ -19,10 +19,10 @@ import yaml
 from helpers import register_champion
 from llm_auction.config import Settings, load_config
 from llm_auction.contracts import AuctionRequest
-from llm_auction.pipeline.loop import free_port, service, sign_up, wait_until
+from llm_auction.simulator.loop import free_port, service, sign_up, wait_until
 from llm_auction.policy.prompt import build_prompt
 from llm_auction.serving.collector import EventStore
-from llm_auction.serving.traffic import send_traffic
+from llm_auction.simulator.traffic import send_traffic
 from llm_auction.simulator.experiment import Environment, user_profiles
 from llm_auction.tracking import registry
 

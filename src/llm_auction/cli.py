@@ -18,21 +18,23 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from llm_auction.baselines import BASELINES, make_baseline
+from llm_auction.baselines import BASELINES, PRICED, make_baseline
 from llm_auction.config import ConfigError, Settings, describe_validation_error, load_config
 from llm_auction.contracts import Allocator, AuctionRequest
-from llm_auction.errors import JudgeError, LaunchError, RegistryError, UnsafeCheckpointError
+from llm_auction.errors import (
+    InputError,
+    JudgeError,
+    LaunchError,
+    RegistryError,
+    UnknownEntityError,
+    UnsafeCheckpointError,
+)
 from llm_auction.mechanism.audits import audit_individual_rationality, audit_monotonicity
 from llm_auction.mechanism.metrics import METRICS, Estimate
-from llm_auction.simulator.base import UnknownEntityError
-from llm_auction.simulator.experiment import (
-    Environment,
-    InputError,
-    build_environment,
-    evaluate_policy,
-    read_requests,
-)
-from llm_auction.simulator.feedback import FeedbackFileError
+from llm_auction.public.catalog import HELD_OUT_FILE, Catalog, read_requests
+from llm_auction.public.feedback import FeedbackFileError
+from llm_auction.simulator.experiment import Environment, build_environment, evaluate_policy
+from llm_auction.simulator.references import ORACLE_REFERENCES, make_reference
 from llm_auction.world import generate_world
 
 app = typer.Typer(
@@ -73,6 +75,12 @@ SeedOption = Annotated[int | None, typer.Option("--seed", help="Root seed (world
 WorldOption = Annotated[Path | None, typer.Option("--world", help="A generated world directory.")]
 RequestsOption = Annotated[int, typer.Option("--requests", min=1, help="Requests to simulate.")]
 JsonOption = Annotated[Path | None, typer.Option("--json", help="Also write the metrics as JSON here.")]
+PctrOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--pctr", help="A psi directory: pre/post-generation rank by bid x its pCTR (Feast features)."
+    ),
+]
 
 
 def _parse_sets(items: list[str] | None) -> dict[str, Any]:
@@ -103,8 +111,18 @@ def _settings(
     return load_config(config, profile, overrides=overrides)
 
 
-def _policy(spec: str, env: Environment) -> Allocator:
-    """`baseline:NAME` or `model:DIR` (a policy LLM directory, sampled with the configured backend)."""
+def _scorer(settings: Settings, pctr: Path | None):  # noqa: ANN202 (a RewardScorer; torch loads lazily)
+    if pctr is None:
+        return None
+    from llm_auction.reward.scorer import feast_reward_scorer
+
+    if not pctr.is_dir():
+        raise InputError(f"--pctr {pctr}: not a directory")
+    return feast_reward_scorer(settings, pctr)
+
+
+def _policy(spec: str, env: Environment, pctr: Path | None = None) -> Allocator:
+    """`baseline:NAME` (deployable; pre/post-generation need `--pctr`), `oracle:NAME` or `model:DIR`."""
     kind, _, name = spec.partition(":")
     if kind == "model" and name:
         from llm_auction.policy.allocator import LLMPolicy
@@ -113,14 +131,18 @@ def _policy(spec: str, env: Environment) -> Allocator:
 
         generator = make_generator(env.settings.policy.generation, Path(name))
         return LLMPolicy(generator, user_profiles(env.world), name=spec)
-    if kind != "baseline" or not name:
-        raise InputError(
-            f"policy: {spec!r} is not a known policy; use baseline:NAME ({', '.join(BASELINES)}) or model:DIR"
-        )
     try:
-        return make_baseline(name, env.settings, env.ground_truth)
+        if kind == "oracle" and name:
+            return make_reference(name, env.settings, env.ground_truth)
+        if kind == "baseline" and name:
+            scorer = _scorer(env.settings, pctr) if name in PRICED else None
+            return make_baseline(name, env.settings, scorer.ctr_estimator() if scorer else None)
     except ValueError as exc:
         raise InputError(str(exc)) from None
+    raise InputError(
+        f"policy: {spec!r} is not a known policy; use baseline:NAME ({', '.join(BASELINES)}), "
+        f"oracle:NAME ({', '.join(ORACLE_REFERENCES)}) or model:DIR"
+    )
 
 
 def _requests(env: Environment, n: int, requests_file: Path | None) -> list[AuctionRequest]:
@@ -180,6 +202,26 @@ def world_generate(
     _print_fields(f"world seed={settings.seed} -> {out}", rows)
 
 
+@world_app.command("export")
+def world_export(
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Folder of the public files (default: the settings' public dir)."),
+    ] = None,
+    seed: SeedOption = None,
+    world: WorldOption = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    sets: SetOption = None,
+) -> None:
+    """Write what a platform would export from the world: catalog, profiles, request files."""
+    from llm_auction.simulator.experiment import export_public
+
+    settings = _settings(config, profile, sets, seed)
+    paths = export_public(build_environment(settings, world), out)
+    _print_fields(f"public side -> {out or settings.public_dir}", [(k, str(v)) for k, v in paths.items()])
+
+
 @app.command()
 def simulate(
     policy: Annotated[str, typer.Option("--policy", help="baseline:NAME")],
@@ -190,6 +232,7 @@ def simulate(
     requests_file: Annotated[
         Path | None, typer.Option("--requests-file", help="JSON lines of auction requests (world ids).")
     ] = None,
+    pctr: PctrOption = None,
     config: ConfigOption = None,
     profile: ProfileOption = None,
     sets: SetOption = None,
@@ -197,7 +240,7 @@ def simulate(
     """Run one policy on simulated users and report oracle metrics with 95% intervals."""
     settings = _settings(config, profile, sets, seed, world__n_requests=requests if world is None else None)
     env = build_environment(settings, world)
-    allocator = _policy(policy, env)
+    allocator = _policy(policy, env, pctr)
     _, metrics = evaluate_policy(env, allocator, _requests(env, requests, requests_file), settings.seed)
     console.print(
         _table(f"{policy} on {requests} requests (expected clicks, seed {settings.seed})", {policy: metrics})
@@ -212,22 +255,28 @@ def compare(
     seed: SeedOption = None,
     json_path: JsonOption = None,
     world: WorldOption = None,
+    pctr: PctrOption = None,
     config: ConfigOption = None,
     profile: ProfileOption = None,
     sets: SetOption = None,
 ) -> None:
-    """Run every baseline on the same requests and print the comparison table."""
+    """Every baseline on the same requests: deployable ones (psi-ranked, --pctr) and oracle references."""
     settings = _settings(config, profile, sets, seed, world__n_requests=requests if world is None else None)
     env = build_environment(settings, world)
     batch = _requests(env, requests, None)
+    specs = [f"baseline:{b}" for b in BASELINES if pctr is not None or b not in PRICED]
+    specs += [f"oracle:{r}" for r in ORACLE_REFERENCES]
     rows = {}
     with console.status("simulating baselines") as status:
-        for name in BASELINES:
-            status.update(f"simulating {name} on {len(batch)} requests")
-            _, rows[name] = evaluate_policy(
-                env, make_baseline(name, settings, env.ground_truth), batch, settings.seed
-            )
-    console.print(_table(f"baselines on {len(batch)} requests (expected clicks, seed {settings.seed})", rows))
+        for spec in specs:
+            status.update(f"simulating {spec} on {len(batch)} requests")
+            _, rows[spec] = evaluate_policy(env, _policy(spec, env, pctr), batch, settings.seed)
+    title = (
+        f"baselines on {len(batch)} requests (expected clicks, seed {settings.seed}; oracle: simulation only)"
+    )
+    console.print(_table(title, rows))
+    if pctr is None:
+        err_console.print(f"{', '.join(PRICED)} rank by bid x pCTR: pass --pctr DIR to include them")
     if json_path is not None:
         payload = {name: {m: metrics[m].to_dict() for m in METRICS} for name, metrics in rows.items()}
         _write_json(json_path, {"requests": len(batch), "seed": settings.seed, "policies": payload})
@@ -239,6 +288,7 @@ def audit_monotonicity_cmd(
     requests: RequestsOption = 50,
     seed: SeedOption = None,
     world: WorldOption = None,
+    pctr: PctrOption = None,
     config: ConfigOption = None,
     profile: ProfileOption = None,
     sets: SetOption = None,
@@ -248,7 +298,7 @@ def audit_monotonicity_cmd(
     env = build_environment(settings, world)
     m = settings.mechanism
     report = audit_monotonicity(
-        _policy(policy, env),
+        _policy(policy, env, pctr),
         _requests(env, requests, None),
         env.click_model,
         m.monotonicity_factors,
@@ -275,14 +325,17 @@ def audit_ir_cmd(
     requests: RequestsOption = 1000,
     seed: SeedOption = None,
     world: WorldOption = None,
+    pctr: PctrOption = None,
     config: ConfigOption = None,
     profile: ProfileOption = None,
     sets: SetOption = None,
 ) -> None:
-    """Check individual rationality of first-price PPC on a simulated impression log."""
+    """Check individual rationality of first-price PPC on a simulated impression log (true values)."""
     settings = _settings(config, profile, sets, seed, world__n_requests=requests if world is None else None)
     env = build_environment(settings, world)
-    result, _ = evaluate_policy(env, _policy(policy, env), _requests(env, requests, None), settings.seed)
+    result, _ = evaluate_policy(
+        env, _policy(policy, env, pctr), _requests(env, requests, None), settings.seed
+    )
     report = audit_individual_rationality(result.impressions)
     console.print(
         f"{policy}: IR {'holds' if report.holds else 'VIOLATED'}; {report.n_impressions} impressions, "
@@ -305,12 +358,14 @@ def logs_simulate(
     ] = None,
     seed: SeedOption = None,
     world: WorldOption = None,
+    pctr: PctrOption = None,
     config: ConfigOption = None,
     profile: ProfileOption = None,
     sets: SetOption = None,
 ) -> None:
-    """Serve requests with a policy to simulated users and log the impression and click events."""
-    from llm_auction.simulator.feedback import feedback_logs, write_feedback
+    """Serve requests with a policy to simulated users and log the request, impression and click events."""
+    from llm_auction.public.feedback import request_rows, write_feedback
+    from llm_auction.simulator.feedback import feedback_logs
 
     settings = _settings(config, profile, sets, seed)
     env = build_environment(settings, world)
@@ -318,13 +373,14 @@ def logs_simulate(
     if requests > available:
         raise InputError(f"requests: {requests} from offset {offset} exceeds the {available} requests left")
     batch = env.world.auction_requests(limit=requests, offset=offset)
-    allocator = _policy(policy, env)
+    allocator = _policy(policy, env, pctr)
     result, metrics = evaluate_policy(env, allocator, batch, settings.seed + offset)
     timestamps = env.world.requests.set_index("request_id")["timestamp"]
     impressions, clicks = feedback_logs(
         result, batch, timestamps, policy, np.random.default_rng([settings.seed, offset, 5])
     )
-    paths = write_feedback(out, name or f"r{offset:07d}-{offset + requests:07d}", impressions, clicks)
+    log = request_rows(batch, [timestamps[r.request_id] for r in batch])
+    paths = write_feedback(out, name or f"r{offset:07d}-{offset + requests:07d}", impressions, clicks, log)
     console.print(
         f"{policy}: {len(batch)} requests, {len(impressions)} impressions, {len(clicks)} clicks "
         f"({timestamps[batch[0].request_id]} .. {timestamps[batch[-1].request_id]}) -> "
@@ -375,7 +431,10 @@ def ingest(
     feedback: Annotated[
         Path, typer.Option("--feedback", help="Feedback store folder (impressions/, clicks/).")
     ],
-    world: WorldOption = None,
+    catalog: Annotated[
+        Path | None,
+        typer.Option("--catalog", help="Folder of the platform's ads/users parquet (default: public dir)."),
+    ] = None,
     json_path: JsonOption = None,
     config: ConfigOption = None,
     profile: ProfileOption = None,
@@ -385,13 +444,12 @@ def ingest(
     from llm_auction.features.encoder import TextEncoder
     from llm_auction.features.ingest import ingest_window
     from llm_auction.features.store import open_store
-    from llm_auction.world import World
 
     start, end = _window(window)
     if not feedback.is_dir():
         raise InputError(f"--feedback {feedback}: not a folder")
     settings = _settings(config, profile, sets, None)
-    tables = World.load(world) if world is not None else generate_world(settings.world, settings.seed)
+    tables = Catalog.load(catalog or settings.public_dir)
     encoder = TextEncoder(cache_path=settings.data_dir / "encoder-cache.parquet")
     report = ingest_window(
         open_store(settings), settings, feedback, tables.users, tables.ads, start, end, encoder
@@ -415,9 +473,9 @@ def pctr_train(
     """Train psi on the point-in-time training set of the ingested feedback; log and register it."""
     from llm_auction.features.encoder import TextEncoder
     from llm_auction.features.ingest import labeled_impressions
-    from llm_auction.features.retrieval import training_frame
+    from llm_auction.features.retrieval import pctr_inputs, training_frame
     from llm_auction.features.store import open_store
-    from llm_auction.reward.training import pctr_inputs, train_and_register
+    from llm_auction.reward.training import train_and_register
 
     settings = _settings(config, profile, sets, None)
     start, end = _window(window) if window else (None, None)
@@ -449,16 +507,23 @@ def pctr_train(
 def policy_init(
     out: Annotated[Path, typer.Option("--out", help="Directory for pi_0 (safetensors + tokenizer).")],
     seed: SeedOption = None,
-    world: WorldOption = None,
     config: ConfigOption = None,
     profile: ProfileOption = None,
     sets: SetOption = None,
 ) -> None:
-    """Tokenizer + base model + SFT on bid-blind imitation responses -> pi_0."""
+    """Tokenizer + base model + SFT on bid-blind imitation responses -> pi_0 (reads the public files)."""
     from llm_auction.policy.warm_start import init_policy
+    from llm_auction.public.catalog import SYNTHETIC_FILE
 
     settings = _settings(config, profile, sets, seed)
-    card = init_policy(build_environment(settings, world), out)
+    public, max_bid = settings.public_dir, settings.mechanism.max_bid
+    card = init_policy(
+        settings,
+        read_requests(public / SYNTHETIC_FILE, max_bid),
+        read_requests(public / HELD_OUT_FILE, max_bid),
+        Catalog.load(public).profiles(),
+        out,
+    )
     held, sft = card["held_out"], card["sft"]
     rows = [
         ("parameters", f"{card['parameters']:,}"),
@@ -483,28 +548,27 @@ def policy_sample(
     m: Annotated[int, typer.Option("--m", min=1, max=64, help="Responses per prompt.")] = 4,
     json_path: JsonOption = None,
     seed: SeedOption = None,
-    world: WorldOption = None,
     config: ConfigOption = None,
     profile: ProfileOption = None,
     sets: SetOption = None,
 ) -> None:
-    """Sample M responses for each of N held-out requests and report their format."""
+    """Sample M responses for each of N held-out requests (the public file) and report their format."""
     import time
 
     from llm_auction.mechanism.diagnostics import format_report
     from llm_auction.policy.allocator import prompts_for
     from llm_auction.policy.generation import make_generator
-    from llm_auction.simulator.experiment import split_requests, user_profiles
 
     settings = _settings(config, profile, sets, seed)
-    env = build_environment(settings, world)
-    _, held_out = split_requests(env)
+    held_out = read_requests(settings.public_dir / HELD_OUT_FILE, settings.mechanism.max_bid)
     if requests > len(held_out):
         raise InputError(f"requests: {requests} exceeds the {len(held_out)} held-out requests")
     batch = held_out[:requests]
     generator = make_generator(settings.policy.generation, model)
     start = time.perf_counter()
-    samples = generator.generate(prompts_for(batch, user_profiles(env.world)), m, settings.seed)
+    samples = generator.generate(
+        prompts_for(batch, Catalog.load(settings.public_dir).profiles()), m, settings.seed
+    )
     seconds = time.perf_counter() - start
     flat_requests = [r for r in batch for _ in range(m)]
     report = format_report(flat_requests, [s for group in samples for s in group], settings.mechanism.max_ads)
@@ -545,18 +609,31 @@ def evaluate(
     profile: ProfileOption = None,
     sets: SetOption = None,
 ) -> None:
-    """Policies on the held-out requests: R under the reward model beside the simulator's oracle metrics."""
-    from llm_auction.evaluation.offline import evaluate_allocator
-    from llm_auction.irpo.sampling import feast_reward_scorer
-    from llm_auction.simulator.experiment import split_requests
+    """Policies on the held-out requests: R under psi beside the simulator's oracle metrics (same samples)."""
+    import pandas as pd
+
+    from llm_auction.evaluation.offline import price_responses, reward_model_metrics, sample_responses
+    from llm_auction.simulator import oracle
 
     settings = _settings(config, profile, sets, seed)
     env = build_environment(settings, world)
-    held_out = split_requests(env)[1][:requests]
-    scorer = feast_reward_scorer(settings, pctr) if pctr is not None else None
-    rows = {}
-    for spec in policies:
-        _, rows[spec] = evaluate_allocator(env, _policy(spec, env), held_out, settings.seed, scorer)
+    held_out = read_requests(settings.public_dir / HELD_OUT_FILE, settings.mechanism.max_bid)[:requests]
+    scorer = _scorer(settings, pctr)
+    responses = {
+        spec: sample_responses(_policy(spec, env, pctr), held_out, settings.seed) for spec in policies
+    }
+    frame = pd.DataFrame(
+        [
+            {"policy": spec, "request_id": r.request_id, "response": y}
+            for spec, ys in responses.items()
+            for r, y in zip(held_out, ys)
+        ]
+    )
+    rows = oracle.score_responses(env, held_out, frame, settings.seed)
+    if scorer is not None:
+        for spec, ys in responses.items():
+            psi = reward_model_metrics(price_responses(scorer, held_out, ys), settings, settings.seed)
+            rows[spec] = {"reward": psi["reward"], **rows[spec]}
     columns = (("reward",) if scorer else ()) + METRICS
     console.print(_table(f"{len(held_out)} held-out requests (seed {settings.seed})", rows, columns))
     if json_path is not None:
@@ -567,24 +644,17 @@ def evaluate(
 EpochOption = Annotated[int, typer.Option("--epoch", min=1, help="IRPO epoch t (lineage tags).")]
 
 
-def _online_request_ids(feedback: Path | None) -> list[str]:
-    if feedback is None:
-        return []
-    from llm_auction.simulator.feedback import read_feedback
-
-    if not feedback.is_dir():
-        raise InputError(f"--feedback {feedback}: not a folder")
-    impressions, _ = read_feedback(feedback)
-    return impressions["request_id"].astype(str).tolist()
-
-
 @irpo_app.command("pairs")
 def irpo_pairs(
     policy: Annotated[Path, typer.Option("--policy", help="pi_{t-1}: the policy directory to sample.")],
     pctr: Annotated[Path, typer.Option("--pctr", help="psi_t: the pCTR model directory behind R.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for pairs.parquet, samples.parquet, stats.")],
     feedback: Annotated[
-        Path | None, typer.Option("--feedback", help="Feedback store: its requests are the online prompts.")
+        Path | None,
+        typer.Option("--feedback", help="Feedback store: its request log gives the online prompts."),
+    ] = None,
+    window: Annotated[
+        str | None, typer.Option("--window", help="Only the request log of START/END (default: all of it).")
     ] = None,
     prompts: Annotated[int | None, typer.Option("--prompts", min=1, help="Prompts (irpo.n_prompts).")] = None,
     m: Annotated[int | None, typer.Option("--m", min=1, max=64, help="Samples M (irpo.m_samples).")] = None,
@@ -594,19 +664,31 @@ def irpo_pairs(
     epoch: EpochOption = 1,
     json_path: JsonOption = None,
     seed: SeedOption = None,
-    world: WorldOption = None,
     config: ConfigOption = None,
     profile: ProfileOption = None,
     sets: SetOption = None,
 ) -> None:
     """Sample M responses per prompt from pi_{t-1}, score them with R, keep winner/loser pairs."""
-    from llm_auction.irpo.steps import pairs_step
+    from llm_auction.pipeline import steps
 
+    if feedback is not None and not feedback.is_dir():
+        raise InputError(f"--feedback {feedback}: not a folder")
+    start, end = (part.isoformat() for part in _window(window)) if window else ("", "")
+    if not window:
+        start, end = "1970-01-01T00:00:00+00:00", "2200-01-01T00:00:00+00:00"
     settings = _settings(
         config, profile, sets, seed, irpo__n_prompts=prompts, irpo__m_samples=m, irpo__delta_th=delta_th
     )
-    stats = pairs_step(
-        build_environment(settings, world), policy, pctr, out, _online_request_ids(feedback), {"epoch": epoch}
+    stats = steps.build_preferences(
+        settings.model_dump_json(),
+        str(policy),
+        str(pctr),
+        str(feedback or ""),
+        start,
+        end,
+        str(out),
+        epoch,
+        "",
     )
     keys = (
         "prompts", "pairs", "prompts_with_pairs", "share_prompts_without_pair", "pairs_per_prompt_mean",
@@ -656,7 +738,7 @@ def irpo_dpo(
 ) -> None:
     """DPO (Eq. 6) with TRL and LoRA; one process, or N under torchrun (gloo on CPU, NCCL on GPUs)."""
     from llm_auction.irpo.launch import run_torchrun
-    from llm_auction.irpo.steps import dpo_step, is_main_process
+    from llm_auction.pipeline.steps import dpo_step, is_main_process
 
     if settings_json is not None:
         settings = Settings.model_validate_json(settings_json.read_text())
@@ -704,17 +786,17 @@ def irpo_evaluate(
     ] = None,
     epoch: EpochOption = 1,
     json_path: JsonOption = None,
-    world: WorldOption = None,
     config: ConfigOption = None,
     profile: ProfileOption = None,
     sets: SetOption = None,
 ) -> None:
-    """Candidate vs champion vs baselines on held-out requests, audits, drift and the gate's verdict."""
-    from llm_auction.evaluation.steps import evaluate_step
+    """Candidate vs champion vs baselines on held-out requests under psi; audits, drift, the gate."""
+    from llm_auction.pipeline import steps
 
-    settings = _settings(config, profile, sets, None)
-    env = build_environment(settings, world)
-    summary = evaluate_step(env, candidate, champion, reference or champion, pctr, out, {"epoch": epoch})
+    settings_json = _settings(config, profile, sets, None).model_dump_json()
+    summary = steps.evaluate(
+        settings_json, str(candidate), str(champion), str(pctr), str(out), epoch, "", "", str(reference or "")
+    )
     _print_gate(summary["gate"])
     if json_path is not None:
         _write_json(json_path, summary)
@@ -741,7 +823,8 @@ def irpo_gate(
     sets: SetOption = None,
 ) -> None:
     """Write the review card and tags onto the version; promote it to champion when the gate passes."""
-    from llm_auction.evaluation.steps import EVALUATION_FILE, gate_step
+    from llm_auction.evaluation.candidate import EVALUATION_FILE
+    from llm_auction.pipeline.steps import gate_step
 
     path = evaluation / EVALUATION_FILE
     if not path.is_file():
@@ -898,7 +981,7 @@ def traffic(
     """Send the world's requests to the endpoint; simulated users click; clicks go to the collector."""
     import asyncio
 
-    from llm_auction.serving.traffic import send_traffic
+    from llm_auction.simulator.traffic import send_traffic
 
     settings = _settings(config, profile, sets, seed, loop__concurrency=concurrency)
     env = build_environment(settings, world)
@@ -957,7 +1040,7 @@ def run_closed_loop(
     sets: SetOption = None,
 ) -> None:
     """The closed loop: pi_0 and psi_0, then each epoch: serve the champion, traffic, irpo-epoch."""
-    from llm_auction.pipeline.loop import run_loop
+    from llm_auction.simulator.loop import run_loop
 
     report = run_loop(epochs, out, config, profile, _parse_sets(sets), pi0)
     metrics = ("revenue", "social_welfare", "itctr", "ad_load")

@@ -209,6 +209,18 @@ class PolicyConfig(_Section):
     held_out_requests: int = Field(500, ge=1, description="Requests at the stream's end kept for evaluation.")
 
 
+class PublicDataConfig(_Section):
+    """The platform's own exports (`llm_auction.public`): catalog, profiles and request files.
+
+    In simulation the world writes them (`llm-auction world export`); on a platform its own jobs do.
+    """
+
+    dir: Path | None = Field(
+        None,
+        description="Folder of ads/advertisers/users parquet and request files; None: <data_dir>/public.",
+    )
+
+
 class FeaturesConfig(_Section):
     """The Feast feature store: where it lives and how feedback statistics are computed."""
 
@@ -300,7 +312,10 @@ class IRPOConfig(_Section):
     n_prompts: int = Field(2000, ge=1, description="Prompts per epoch.")
     prompt_source: Literal["online", "synthetic", "mixed"] = Field(
         "mixed",
-        description="online: requests from the feedback window; synthetic: the world's stream; mixed: both.",
+        description=(
+            "online: the request log of the feedback window; synthetic: the public synthetic-request "
+            "file; mixed: half each."
+        ),
     )
     registered_model: str = Field("llm-auction-policy", description="MLflow registered model name.")
     dpo: DPOConfig = DPOConfig()
@@ -312,10 +327,6 @@ class GateConfig(_Section):
 
     mode: Literal["auto", "manual"] = Field(
         "auto", description="manual: promotion also waits for the registry tag approved=true."
-    )
-    gain_metric: Literal["reward", "revenue"] = Field(
-        "reward",
-        description="reward: R under psi (what production has); revenue: the simulator's oracle revenue.",
     )
     min_gain: float = Field(0.0, description="The gain's lower confidence bound must exceed this.")
     itctr_margin: float = Field(
@@ -395,6 +406,7 @@ class Settings(BaseModel):
     mechanism: MechanismConfig = MechanismConfig()
     baselines: BaselineConfig = BaselineConfig()
     policy: PolicyConfig = PolicyConfig()
+    public: PublicDataConfig = PublicDataConfig()
     features: FeaturesConfig = FeaturesConfig()
     pctr: PCTRConfig = PCTRConfig()
     reward: RewardConfig = RewardConfig()
@@ -403,6 +415,11 @@ class Settings(BaseModel):
     serving: ServingConfig = ServingConfig()
     loop: LoopConfig = LoopConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @property
+    def public_dir(self) -> Path:
+        """Where the platform's exports live (`public.dir`, else `<data_dir>/public`)."""
+        return self.public.dir if self.public.dir is not None else self.data_dir / "public"
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

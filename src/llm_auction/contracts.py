@@ -1,4 +1,4 @@
-"""The auction request: the one input contract shared by the CLI, the simulator and serving."""
+"""The auction request and the interfaces around it, shared by the CLI, the simulator and serving."""
 
 from __future__ import annotations
 
@@ -75,3 +75,23 @@ class Allocator(Protocol):
     name: str
 
     def allocate(self, requests: Sequence[AuctionRequest], rng: np.random.Generator) -> list[str]: ...
+
+
+class ClickModel(Protocol):
+    """Gives the probability that the user clicks each ad inserted in a response.
+
+    The simulator's users implement it with the hidden truth; production with the learned pCTR
+    (`reward.scorer.PCTRClickModel`), so the same audits run on either side.
+    """
+
+    def expected_ctr(
+        self, request: AuctionRequest, allocation: Sequence[int], response: str | None = None
+    ) -> np.ndarray:
+        """Click probability of each inserted ad, in allocation order (position 1 first).
+
+        Args:
+            request: the auction request the response answers.
+            allocation: 0-based candidate indices in the order they appear in the response.
+            response: the response text, for models that read it; may be None.
+        """
+        ...

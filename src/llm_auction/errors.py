@@ -15,3 +15,14 @@ class LaunchError(RuntimeError):
 
 class RegistryError(ValueError):
     """A registry action that cannot be done (no such version, nothing to roll back to)."""
+
+
+class InputError(ValueError):
+    """The user's input cannot be used; the message names the field (or the file and line)."""
+
+
+class UnknownEntityError(KeyError):
+    """A request names a user, query or ad that the data at hand knows nothing about."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown entity"

@@ -1,5 +1,23 @@
-"""Non-LLM allocation baselines."""
+"""Non-LLM allocation baselines a platform could deploy (priced with the learned pCTR)."""
 
-from llm_auction.baselines.allocators import BASELINES, make_baseline
+from llm_auction.baselines.allocators import (
+    BASELINES,
+    PRICED,
+    CtrEstimator,
+    PostGeneration,
+    PreGeneration,
+    limit_of,
+    make_baseline,
+    spread_slots,
+)
 
-__all__ = ["BASELINES", "make_baseline"]
+__all__ = [
+    "BASELINES",
+    "PRICED",
+    "CtrEstimator",
+    "PostGeneration",
+    "PreGeneration",
+    "limit_of",
+    "make_baseline",
+    "spread_slots",
+]

@@ -6,11 +6,11 @@
   around the winners, best first.
 - `post_generation`: write the answer first, then auction its fixed slots (after the first sentence,
   then at the end, ...) by bid * pCTR.
-- `oracle_greedy`: knows the true CTR with positions and externalities and picks the ordered set
-  that maximises expected revenue (an upper reference, not a mechanism one could deploy).
 
-pCTR here is any `CtrEstimator`: the reward model once trained; the simulator's standalone
-(position-1, externality-free) CTR stands in until then.
+These are deployable: pre- and post-generation rank with a `CtrEstimator` that production has,
+psi_t's standalone pCTR (`reward.scorer.RewardScorer.ctr_estimator`), the same pCTR the policy
+is rewarded with. The upper references priced with the simulator's truth (`pre_generation@oracle`,
+`post_generation@oracle`, `oracle_greedy`) live on the oracle side, `simulator.references`.
 """
 
 from __future__ import annotations
@@ -20,24 +20,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llm_auction.baselines.organic import organic_answer
 from llm_auction.config import Settings
 from llm_auction.contracts import Allocator, AuctionRequest
 from llm_auction.mechanism.grammar import render_response
-from llm_auction.simulator.parametric import ParametricClickModel
+from llm_auction.text.organic import organic_answer
 
 CtrEstimator = Callable[[AuctionRequest], np.ndarray]
-BASELINES = ("no_ads", "random", "pre_generation", "post_generation", "oracle_greedy")
+BASELINES = ("no_ads", "random", "pre_generation", "post_generation")
+PRICED = ("pre_generation", "post_generation")
+"""The baselines that rank by bid x pCTR: they need a `CtrEstimator`."""
 
 
-def _spread_slots(n_ads: int, n_sentences: int) -> list[int]:
+def spread_slots(n_ads: int, n_sentences: int) -> list[int]:
     """Slots for `n_ads` ads in reading order: after the first sentence, then evenly to the end."""
     if n_ads == 0:
         return []
     return [int(s) for s in np.linspace(1, n_sentences, n_ads).round()]
 
 
-def _limit(request: AuctionRequest, max_ads: int) -> int:
+def limit_of(request: AuctionRequest, max_ads: int) -> int:
     return max_ads if request.max_ads is None else min(max_ads, request.max_ads)
 
 
@@ -60,7 +61,7 @@ class RandomInsertion:
         out = []
         for r in requests:
             sentences = organic_answer(r.query, self.n_sentences, rng)
-            n = int(rng.integers(0, min(_limit(r, self.max_ads), len(r.ads)) + 1))
+            n = int(rng.integers(0, min(limit_of(r, self.max_ads), len(r.ads)) + 1))
             chosen = rng.permutation(len(r.ads))[:n]
             slots = sorted(int(s) for s in rng.integers(0, len(sentences) + 1, n))
             out.append(render_response(sentences, list(zip(slots, (int(i) for i in chosen)))))
@@ -78,10 +79,10 @@ class PreGeneration:
         out = []
         for r in requests:
             score = np.asarray(r.bids) * self.ctr_estimator(r)
-            winners = [int(i) for i in np.argsort(-score, kind="stable")[: _limit(r, self.max_ads)]]
+            winners = [int(i) for i in np.argsort(-score, kind="stable")[: limit_of(r, self.max_ads)]]
             sentences = organic_answer(r.query, self.n_sentences, rng)
             out.append(
-                render_response(sentences, list(zip(_spread_slots(len(winners), len(sentences)), winners)))
+                render_response(sentences, list(zip(spread_slots(len(winners), len(sentences)), winners)))
             )
         return out
 
@@ -97,48 +98,24 @@ class PostGeneration:
         out = []
         for r in requests:
             sentences = organic_answer(r.query, self.n_sentences, rng)
-            slots = _spread_slots(min(_limit(r, self.slots), len(r.ads)), len(sentences))
+            slots = spread_slots(min(limit_of(r, self.slots), len(r.ads)), len(sentences))
             score = np.asarray(r.bids) * self.ctr_estimator(r)
             winners = [int(i) for i in np.argsort(-score, kind="stable")[: len(slots)]]
             out.append(render_response(sentences, list(zip(slots, winners))))
         return out
 
 
-@dataclass
-class OracleGreedy:
-    click_model: ParametricClickModel
-    n_sentences: int
-    max_ads: int
-    max_subsets: int
-    name: str = "oracle_greedy"
-
-    def allocate(self, requests: Sequence[AuctionRequest], rng: np.random.Generator) -> list[str]:
-        out = []
-        for r in requests:
-            best, _ = self.click_model.best_allocation(
-                r, np.asarray(r.bids), _limit(r, self.max_ads), self.max_subsets
-            )
-            sentences = organic_answer(r.query, self.n_sentences, rng)
-            out.append(render_response(sentences, list(zip(_spread_slots(len(best), len(sentences)), best))))
-        return out
-
-
-def make_baseline(
-    name: str,
-    settings: Settings,
-    click_model: ParametricClickModel,
-    ctr_estimator: CtrEstimator | None = None,
-) -> Allocator:
-    """Build a baseline by name; `ctr_estimator` defaults to the simulator's standalone CTR."""
+def make_baseline(name: str, settings: Settings, ctr_estimator: CtrEstimator | None = None) -> Allocator:
+    """Build a deployable baseline by name; the priced ones (`PRICED`) need psi's `ctr_estimator`."""
     b, max_ads = settings.baselines, settings.mechanism.max_ads
-    estimator = ctr_estimator or click_model.standalone_ctr
+    if name in PRICED and ctr_estimator is None:
+        raise ValueError(f"policy: {name} ranks by bid x pCTR; it needs a trained pCTR (--pctr DIR)")
     builders: dict[str, Callable[[], Allocator]] = {
         "no_ads": lambda: NoAds(b.organic_sentences),
         "random": lambda: RandomInsertion(b.organic_sentences, min(b.random_max_ads, max_ads)),
-        "pre_generation": lambda: PreGeneration(estimator, b.organic_sentences, max_ads),
-        "post_generation": lambda: PostGeneration(estimator, b.organic_sentences, b.post_generation_slots),
-        "oracle_greedy": lambda: OracleGreedy(
-            click_model, b.organic_sentences, max_ads, b.oracle_max_subsets
+        "pre_generation": lambda: PreGeneration(ctr_estimator, b.organic_sentences, max_ads),
+        "post_generation": lambda: PostGeneration(
+            ctr_estimator, b.organic_sentences, b.post_generation_slots
         ),
     }
     if name not in builders:

@@ -68,7 +68,11 @@ def _check(name: str, value: float | None, op: Op, bound: float, detail: str = "
 
 @dataclass(frozen=True)
 class GateInputs:
-    """What the gate reads from an evaluation (candidate against the champion, same requests)."""
+    """What the gate reads from an evaluation (candidate against the champion, same requests).
+
+    Every value is one production can measure: the gain in R under psi_t, ITCTR as psi_t predicts
+    it, ad load, format errors, drift, and monotonicity under psi_t. No oracle metric reaches it.
+    """
 
     gain_mean: float
     gain_ci: tuple[float, float]
@@ -85,7 +89,7 @@ def decide(inputs: GateInputs, cfg: GateConfig, approved: bool | None = None) ->
     floor = None if inputs.champion_itctr is None else inputs.champion_itctr * (1 - cfg.itctr_margin)
     checks = [
         _check(
-            f"{cfg.gain_metric} gain lower bound",
+            "reward gain lower bound",
             inputs.gain_ci[0],
             ">",
             cfg.min_gain,

@@ -1,8 +1,9 @@
-"""Offline evaluation on held-out requests: the reward model's estimate beside the simulator's oracle.
+"""Offline evaluation on held-out requests, the reward model's side: what production can measure.
 
-Production has only the reward model: R of the sampled responses under psi (`reward`). The
-simulator adds what production cannot see, the expected-click metrics under the true click model.
-Both are bootstrapped over requests, on the same requests and the same samples.
+Each policy writes one sampled response per request; psi_t prices them. Per request: R (Eq. 5),
+the expected revenue under psi (first-price: sum of b_i * pCTR_i), the clicks psi expects, ads
+shown and format errors; metrics are bootstrapped over requests. The same responses are kept, so
+that in simulation the oracle (`simulator.oracle`) scores exactly these samples.
 """
 
 from __future__ import annotations
@@ -10,32 +11,71 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 
+from llm_auction.config import Settings
 from llm_auction.contracts import Allocator, AuctionRequest
-from llm_auction.irpo.sampling import Scorer
+from llm_auction.mechanism.grammar import parse_response
 from llm_auction.mechanism.metrics import Estimate, bootstrap
-from llm_auction.simulator.experiment import Environment, evaluate_policy
-from llm_auction.simulator.rollout import Rollout
+from llm_auction.reward.scorer import RewardScorer
+
+REWARD_MODEL_METRICS = ("reward", "revenue", "itctr", "ad_load", "fill_rate", "format_error_rate")
+"""Metric names of the reward model's side; `revenue` and `itctr` are psi's estimates here."""
 
 
-def evaluate_allocator(
-    env: Environment,
-    allocator: Allocator,
-    requests: Sequence[AuctionRequest],
-    seed: int,
-    scorer: Scorer | None = None,
-) -> tuple[Rollout, dict[str, Estimate]]:
-    """Oracle metrics of one sampled response per request, plus `reward` (R under psi) when scored.
+def sample_responses(allocator: Allocator, requests: Sequence[AuctionRequest], seed: int) -> list[str]:
+    """One response per request, seeded so that every policy of a comparison sees the same stream."""
+    return allocator.allocate(list(requests), np.random.default_rng([seed, 1]))
 
-    With a scorer, each request's R is also kept in the rollout's request table (`reward`), so a
-    paired comparison needs no second scoring pass.
-    """
-    result, metrics = evaluate_policy(env, allocator, requests, seed)
-    if scorer is not None:
-        rewards = scorer(requests, result.requests["response"].tolist())
-        result.requests["reward"] = rewards
-        m = env.settings.mechanism
-        metrics["reward"] = bootstrap(
-            rewards, None, m.bootstrap_samples, m.ci_level, np.random.default_rng([seed, 3])
-        )
-    return result, metrics
+
+def price_responses(
+    scorer: RewardScorer, requests: Sequence[AuctionRequest], responses: Sequence[str]
+) -> pd.DataFrame:
+    """One row per request: the response, R, psi's expected revenue and clicks, ads and format errors."""
+    scored = scorer.score(requests, responses)
+    ads = scored.ads
+    per = (
+        ads.groupby("response_number")[["expected_payment", "pctr"]].sum()
+        if len(ads)
+        else pd.DataFrame(columns=["expected_payment", "pctr"], dtype=float)
+    )
+    per = per.reindex(range(len(responses)), fill_value=0.0)
+    parsed = [_ads_and_errors(r, y, scorer.max_ads) for r, y in zip(requests, responses, strict=True)]
+    return pd.DataFrame(
+        {
+            "request_id": [r.request_id for r in requests],
+            "response": list(responses),
+            "reward": scored.rewards,
+            "revenue": per["expected_payment"].to_numpy(float),
+            "clicks": per["pctr"].to_numpy(float),
+            "n_ads": [n for n, _ in parsed],
+            "n_format_errors": [e for _, e in parsed],
+        }
+    )
+
+
+def _ads_and_errors(request: AuctionRequest, response: str, max_ads: int) -> tuple[int, int]:
+    """(ads inserted, format errors) of a response, under the request's own ad limit."""
+    parsed = parse_response(
+        response, len(request.ads), max_ads if request.max_ads is None else request.max_ads
+    )
+    return len(parsed.allocation), parsed.n_errors
+
+
+def reward_model_metrics(priced: pd.DataFrame, settings: Settings, seed: int) -> dict[str, Estimate]:
+    """The reward model's metrics of one policy's priced responses, with bootstrap intervals."""
+    m = settings.mechanism
+    rng = np.random.default_rng([seed, 3])
+    ads = priced["n_ads"].to_numpy(float)
+
+    def boot(values: np.ndarray, denominator: np.ndarray | None = None) -> Estimate:
+        return bootstrap(values, denominator, m.bootstrap_samples, m.ci_level, rng)
+
+    return {
+        "reward": boot(priced["reward"].to_numpy(float)),
+        "revenue": boot(priced["revenue"].to_numpy(float)),
+        "itctr": boot(priced["clicks"].to_numpy(float), ads),
+        "ad_load": boot(ads),
+        "fill_rate": boot((ads > 0).astype(float)),
+        "format_error_rate": boot((priced["n_format_errors"].to_numpy() > 0).astype(float)),
+    }

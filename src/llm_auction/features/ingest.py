@@ -34,7 +34,7 @@ from feast.infra.offline_stores.file_source import FileSource
 from llm_auction.config import FeaturesConfig, Settings
 from llm_auction.features.encoder import TextEncoder
 from llm_auction.features.store import absolute_features, is_remote
-from llm_auction.simulator.feedback import CLICK_COLUMNS, IMPRESSION_COLUMNS, read_feedback
+from llm_auction.public.feedback import CLICK_COLUMNS, IMPRESSION_COLUMNS, read_feedback
 
 logger = logging.getLogger(__name__)
 

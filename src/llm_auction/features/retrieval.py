@@ -110,6 +110,22 @@ def training_frame(
     return frame if features is None else fill_missing_stats(frame, features)
 
 
+def pctr_inputs(frame: pd.DataFrame) -> pd.DataFrame:
+    """Feast's `<view>__<feature>` columns under the names the pCTR model reads (`user_ctr_7d`, `ad_text`)."""
+    renamed = {}
+    for column in frame.columns:
+        view, sep, feature = column.partition("__")
+        if not sep:
+            continue
+        if view == "user_stats_fv":
+            renamed[column] = f"user_{feature}"
+        elif view == "ad_stats_fv":
+            renamed[column] = f"ad_{feature}"
+        else:
+            renamed[column] = feature
+    return frame.rename(columns=renamed)
+
+
 def online_profile(store: FeatureStore, user_ids: Sequence[str]) -> dict[str, str]:
     """Profile text h of each known user, as the auction request needs it; unknown users are left out."""
     response = store.get_online_features(
@@ -153,8 +169,6 @@ def online_lookups(
     Each reads only the views of its own entity, so scoring M responses of one prompt asks for a
     user once and for each distinct ad once, not for every (user, ad) pair.
     """
-    from llm_auction.reward.training import pctr_inputs
-
     views: dict[str, list[str]] = {}
     for keys, refs in _view_requests(store, store.get_feature_service(FEATURE_SERVICE)):
         if len(keys) == 1:

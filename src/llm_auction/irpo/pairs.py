@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+PAIRS_FILE = "pairs.parquet"
+SAMPLES_FILE = "samples.parquet"
+STATS_FILE = "pairs_stats.json"
 PAIR_COLUMNS = [
     "request_id",
     "prompt",
@@ -101,3 +105,11 @@ def pair_statistics(pairs: pd.DataFrame, n_prompts: int) -> dict[str, float]:
         "reward_chosen_mean": float(pairs["reward_chosen"].mean()) if len(pairs) else float("nan"),
         "reward_rejected_mean": float(pairs["reward_rejected"].mean()) if len(pairs) else float("nan"),
     }
+
+
+def read_pairs(path: Path) -> pd.DataFrame:
+    """A pair set written by `the build_preferences step` (a folder or the parquet file itself)."""
+    file = path / PAIRS_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"pairs {path}: no {PAIRS_FILE} found; run `llm-auction irpo pairs` first")
+    return pd.read_parquet(file)

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from llm_auction.contracts import Allocator, AuctionRequest
+from llm_auction.contracts import Allocator, AuctionRequest, ClickModel
 from llm_auction.mechanism.grammar import parse_response
-from llm_auction.simulator.base import ClickModel
+from llm_auction.mechanism.payments import payment_per_click as first_price
 
 
 @dataclass(frozen=True)
@@ -50,11 +50,16 @@ def _expected_clicks(
     """Mean and standard error of candidate `ad_index`'s expected clicks over sampled responses."""
     responses = allocator.allocate([request] * n_samples, np.random.default_rng(list(seed)))
     clicks = np.zeros(n_samples)
-    for s, response in enumerate(responses):
-        parsed = parse_response(response, len(request.ads), max_ads)
-        if ad_index in parsed.allocation:
-            ctr = click_model.expected_ctr(request, parsed.allocation, response)
-            clicks[s] = ctr[parsed.allocation.index(ad_index)]
+    parsed = [parse_response(response, len(request.ads), max_ads) for response in responses]
+    shown = [s for s, p in enumerate(parsed) if ad_index in p.allocation]
+    # A click model may score many responses in one pass (psi does: one encoder and network call).
+    many = getattr(click_model, "expected_ctr_many", None)
+    if many is not None:
+        ctrs = many([request] * len(shown), [responses[s] for s in shown])
+    else:
+        ctrs = [click_model.expected_ctr(request, parsed[s].allocation, responses[s]) for s in shown]
+    for s, ctr in zip(shown, ctrs):
+        clicks[s] = ctr[parsed[s].allocation.index(ad_index)]
     stderr = clicks.std(ddof=1) / np.sqrt(n_samples) if n_samples > 1 else 0.0
     return float(clicks.mean()), float(stderr)
 
@@ -126,7 +131,7 @@ def audit_individual_rationality(
     `payment_per_click` defaults to the bid (first price); pass another rule's payments to audit it.
     """
     bids = impressions["bid"].to_numpy(float)
-    paid = bids if payment_per_click is None else np.asarray(payment_per_click, dtype=float)
+    paid = first_price(bids) if payment_per_click is None else np.asarray(payment_per_click, dtype=float)
     utility = (impressions["value_per_click"].to_numpy(float) - paid) * impressions["expected_ctr"].to_numpy(
         float
     )

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from llm_auction.mechanism.payments import expected_payments
+
 METRICS = ("revenue", "social_welfare", "itctr", "ad_load", "fill_rate", "format_error_rate")
 
 
@@ -58,7 +60,7 @@ def bootstrap(
 def per_request_outcomes(requests: pd.DataFrame, impressions: pd.DataFrame, clicks: str) -> pd.DataFrame:
     """Sum impressions up to one row per request: payments, welfare, clicks and ads shown."""
     shown = impressions.assign(
-        payment=impressions["bid"] * impressions[clicks],
+        payment=expected_payments(impressions["bid"], impressions[clicks]),
         welfare=impressions["value_per_click"] * impressions[clicks],
         clicks=impressions[clicks].astype(float),
     )

@@ -1,28 +1,66 @@
-"""One function per pipeline step: strings and paths in, a JSON-able summary out.
+"""The irpo-epoch steps: strings and paths in, a JSON-able summary out; each calls the library directly.
 
 KFP components (`components/`) are thin wrappers over these, so the same code runs in a pod on the
-cluster, in a `kfp.local` subprocess, and in a test. The settings travel between steps as the JSON
-that `resolve_settings` validated once at the start of the run.
+cluster, in a `kfp.local` subprocess, and in a test: component -> step -> library, nothing between.
+The settings travel between steps as the JSON that `resolve_settings` validated once at the start.
+
+Every step reads only the public side: the platform's exports (`Settings.public_dir`: catalog,
+profiles, held-out and synthetic request files), the feedback store (request log, impressions,
+clicks), the feature store and the registry. Nothing here imports the simulator.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
+import math
+import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import yaml
+from mlflow.tracking import MlflowClient
 
 from llm_auction.config import Settings, load_config
 from llm_auction.errors import LaunchError
+from llm_auction.evaluation.candidate import (
+    EVALUATION_FILE,
+    CandidateEvaluation,
+    epoch_history,
+    evaluate_candidate,
+    review_card,
+    write_evaluation_report,
+)
+from llm_auction.evaluation.gate import GateDecision, GateInputs, decide
+from llm_auction.features.encoder import TextEncoder
+from llm_auction.features.ingest import IngestReport, ingest_window, labeled_impressions
+from llm_auction.features.retrieval import pctr_inputs, training_frame
+from llm_auction.features.store import open_store
+from llm_auction.irpo.dpo import file_digest
+from llm_auction.irpo.dpo import train_dpo as run_dpo_training
+from llm_auction.irpo.launch import run_torchrun
+from llm_auction.irpo.pairs import PAIRS_FILE, SAMPLES_FILE, STATS_FILE, read_pairs
+from llm_auction.irpo.sampling import build_preference_set, prompt_requests
+from llm_auction.irpo.trainjob import run_trainjob
+from llm_auction.policy.generation import make_generator
+from llm_auction.public.catalog import HELD_OUT_FILE, SYNTHETIC_FILE, Catalog, read_requests
+from llm_auction.public.feedback import logged_requests
+from llm_auction.reward.scorer import feast_reward_scorer
+from llm_auction.reward.training import train_and_register
+from llm_auction.serving.rollout import roll_out
+from llm_auction.tracking import registry
+from llm_auction.tracking.registry import register_version, resolve_model
+from llm_auction.tracking.runs import lineage_tags, open_run, tracked_run
 
 logger = logging.getLogger(__name__)
-
-MODELS_PREFIX = "models:/"
 
 
 def resolve_settings(profile: str, config_path: str = "", overrides_yaml: str = "") -> str:
@@ -34,8 +72,6 @@ def resolve_settings(profile: str, config_path: str = "", overrides_yaml: str = 
 
 def finite_metrics(values: Mapping[str, Any], keys: tuple[str, ...] | None = None) -> dict[str, float]:
     """What KFP's Metrics artifact can hold: finite numbers; NaN (e.g. no logged loss) is left out."""
-    import math
-
     chosen = values if keys is None else {k: values[k] for k in keys if k in values}
     return {
         k: float(v)
@@ -50,8 +86,6 @@ def settings_from(settings_json: str) -> Settings:
 
 def start_epoch(settings_json: str, epoch: int, run_name: str = "") -> str:
     """The epoch's parent MLflow run, left RUNNING until the gate step (or a failing step) ends it."""
-    from llm_auction.tracking.runs import open_run
-
     settings = settings_from(settings_json)
     if settings.tracking.uri is None:
         return ""
@@ -62,8 +96,6 @@ def finish_epoch(settings_json: str, parent_run_id: str, status: str, tags: Mapp
     settings = settings_from(settings_json)
     if not parent_run_id or settings.tracking.uri is None:
         return
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient(tracking_uri=settings.tracking.uri)
     for key, value in tags.items():
         client.set_tag(parent_run_id, key, str(value))
@@ -82,42 +114,8 @@ def failing_epoch(settings_json: str, parent_run_id: str) -> Iterator[None]:
         raise
 
 
-def resolve_policy(settings: Settings, uri: str, into: Path) -> Path:
-    """A policy directory from a path, or from the registry: `models:/NAME@ALIAS` or `models:/NAME/VERSION`.
-
-    The version is looked up through this run's tracking server (not MLflow's process-global
-    registry URI), then its files are fetched from their artifact location into `into`.
-    """
-    if not uri.startswith(MODELS_PREFIX):
-        return Path(uri)
-    import mlflow.artifacts
-
-    from llm_auction.errors import RegistryError
-    from llm_auction.tracking import registry
-
-    reference = uri.removeprefix(MODELS_PREFIX)
-    name, _, alias = reference.partition("@")
-    if not alias:
-        name, _, version = reference.partition("/")
-    else:
-        version = registry.alias_version(settings.tracking, name, alias) or ""
-    if not name or not version:
-        raise RegistryError(
-            f"policy_uri {uri!r}: no such registered version (is there a {alias or 'version'}?)"
-        )
-    into.mkdir(parents=True, exist_ok=True)
-    source = registry.version_source(settings.tracking, name, version)
-    return Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=source, dst_path=str(into), tracking_uri=settings.tracking.uri
-        )
-    )
-
-
 def resolve_window(window_start: str, window_end: str, hours: float) -> tuple[str, str]:
     """The feedback window; a scheduled run passes only its end (`[[ScheduledTime]]`): start = end - hours."""
-    import pandas as pd
-
     end = pd.Timestamp(window_end) if window_end else pd.Timestamp.now(tz="UTC")
     end = end.tz_localize("UTC") if end.tzinfo is None else end.tz_convert("UTC")
     start = pd.Timestamp(window_start) if window_start else end - pd.Timedelta(hours=hours)
@@ -125,30 +123,30 @@ def resolve_window(window_start: str, window_end: str, hours: float) -> tuple[st
     return start.isoformat(), end.isoformat()
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or a plain process: the one that logs, saves and registers."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def ingest(
     settings_json: str, feedback_dir: str, window_start: str, window_end: str, parent_run_id: str
 ) -> dict:
-    """Step 1: the feedback window into Feast (validated, labeled, statistics, materialized)."""
-    import dataclasses
+    """Step 1: the feedback window into Feast (validated, labeled, statistics, materialized).
 
-    from llm_auction.features.encoder import TextEncoder
-    from llm_auction.features.ingest import ingest_window
-    from llm_auction.features.store import open_store
-    from llm_auction.tracking.runs import tracked_run
-    from llm_auction.world import generate_world
-
+    Users and ads come from the platform's catalog export, never from anywhere else.
+    """
     settings = settings_from(settings_json)
     window_start, window_end = resolve_window(window_start, window_end, settings.features.window_hours)
     if not Path(feedback_dir).is_dir():
         raise FileNotFoundError(f"feedback_dir {feedback_dir}: not a folder")
-    world = generate_world(settings.world, settings.seed)
+    catalog = Catalog.load(settings.public_dir)
     encoder = TextEncoder(cache_path=settings.data_dir / "encoder-cache.parquet")
-    report = ingest_window(
+    report: IngestReport = ingest_window(
         open_store(settings),
         settings,
         Path(feedback_dir),
-        world.users,
-        world.ads,
+        catalog.users,
+        catalog.ads,
         window_start,
         window_end,
         encoder,
@@ -168,12 +166,6 @@ def train_pctr(
     settings_json: str, out_dir: str, window_start: str, window_end: str, epoch: int, parent_run_id: str
 ) -> dict:
     """Step 2: psi_t on the point-in-time training set of every impression before the window's end."""
-    from llm_auction.features.encoder import TextEncoder
-    from llm_auction.features.ingest import labeled_impressions
-    from llm_auction.features.retrieval import training_frame
-    from llm_auction.features.store import open_store
-    from llm_auction.reward.training import pctr_inputs, train_and_register
-
     settings = settings_from(settings_json)
     window_start, window_end = resolve_window(window_start, window_end, settings.features.window_hours)
     labeled = labeled_impressions(settings, None, window_end)
@@ -192,28 +184,64 @@ def build_preferences(
     policy_uri: str,
     pctr_dir: str,
     feedback_dir: str,
+    window_start: str,
+    window_end: str,
     out_dir: str,
     epoch: int,
     parent_run_id: str,
 ) -> dict:
-    """Step 3: M samples per prompt from pi_{t-1}, scored by R under psi_t, paired."""
-    from llm_auction.irpo.steps import pairs_step
-    from llm_auction.simulator.experiment import build_environment
-    from llm_auction.simulator.feedback import read_feedback
+    """Step 3: M samples per prompt from pi_{t-1}, scored by R under psi_t, paired.
 
+    The prompts are the requests the server logged in the window (`irpo.prompt_source: online`),
+    the public synthetic-request file, or both; user and ad features come from Feast's online
+    store, as they would for a live request.
+    """
     settings = settings_from(settings_json)
+    cfg = settings.irpo
+    start, end = resolve_window(window_start, window_end, settings.features.window_hours)
+    online = (
+        logged_requests(Path(feedback_dir), pd.Timestamp(start), pd.Timestamp(end)) if feedback_dir else []
+    )
+    synthetic_path = settings.public_dir / SYNTHETIC_FILE
+    synthetic = (
+        read_requests(synthetic_path, settings.mechanism.max_bid)
+        if cfg.prompt_source != "online" or not online
+        else []
+    )
+    profiles = Catalog.load(settings.public_dir).profiles()
+    rng = np.random.default_rng([settings.seed, 11, epoch])
+    requests = prompt_requests(online, synthetic, cfg, rng)
+    if not requests:
+        raise ValueError(f"window {start}/{end}: no logged requests and no synthetic requests to prompt with")
+    lineage = {"epoch": epoch, "policy": policy_uri, "parent_run_id": parent_run_id}
+    scorer = feast_reward_scorer(settings, Path(pctr_dir))
+    out = Path(out_dir)
     with tempfile.TemporaryDirectory() as scratch:
-        policy = resolve_policy(settings, policy_uri, Path(scratch))
-        impressions, _ = read_feedback(Path(feedback_dir))
-        lineage = {"epoch": epoch, "policy": policy_uri, "parent_run_id": parent_run_id}
-        return pairs_step(
-            build_environment(settings),
-            policy,
-            Path(pctr_dir),
-            Path(out_dir),
-            impressions["request_id"].tolist(),
-            lineage,
-        )
+        policy_dir = resolve_model(settings.tracking, policy_uri, Path(scratch))
+        generator = make_generator(settings.policy.generation, policy_dir)
+        result = build_preference_set(generator, scorer, requests, profiles, cfg, int(rng.integers(2**31)))
+    scorer.flush()
+    out.mkdir(parents=True, exist_ok=True)
+    result.pairs.to_parquet(out / PAIRS_FILE, index=False)
+    result.samples.to_parquet(out / SAMPLES_FILE, index=False)
+    stats = {
+        **result.stats,
+        "prompts_online": sum(1 for r in requests if r in set(online)),
+        "policy": policy_uri,
+        "pctr": pctr_dir,
+        "pairs_sha256": file_digest(out / PAIRS_FILE),
+        "lineage": lineage,
+    }
+    (out / STATS_FILE).write_text(json.dumps(stats, indent=2, default=str) + "\n")
+    tags = lineage_tags("build_preferences", lineage)
+    with tracked_run(settings.tracking, "irpo-pairs", tags, parent_run_id=parent_run_id or None) as run:
+        if run is not None:
+            params = cfg.model_dump(exclude={"dpo", "distributed"})
+            run.log_params({"policy": policy_uri, "pctr": pctr_dir, **params})
+            run.log_metrics({k: v for k, v in result.stats.items() if isinstance(v, float)})
+            run.log_artifacts(out, "pairs")
+            stats["mlflow_run_id"] = run.run_id
+    return stats
 
 
 def _dpo_args(
@@ -239,25 +267,18 @@ def train_dpo(
 
     A TrainJob's nodes share only the workspace volume, so its inputs and output live there.
     """
-    from llm_auction.irpo.launch import run_torchrun
-    from llm_auction.irpo.steps import dpo_step
-
     settings = settings_from(settings_json)
     dist = settings.irpo.distributed
     lineage = {"pctr_version": pctr_version, "parent_run_id": parent_run_id}
     work = (
         Path(dist.workspace_mount) / "irpo" / f"epoch-{epoch}" if dist.num_nodes > 1 else Path(out_dir).parent
     )
-    policy = resolve_policy(settings, policy_uri, work / "reference")
+    policy = resolve_model(settings.tracking, policy_uri, work / "reference")
     config = work / "settings.json"
     if dist.num_nodes > 1 or dist.nproc_per_node > 1:
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(settings_json)
     if dist.num_nodes > 1:
-        import shutil
-
-        from llm_auction.irpo.trainjob import run_trainjob
-
         staged = work / "pairs"
         shutil.copytree(pairs_dir, staged, dirs_exist_ok=True)
         result = work / "policy"
@@ -283,6 +304,71 @@ def train_dpo(
     }
 
 
+def dpo_step(
+    settings: Settings,
+    policy_dir: Path,
+    pairs_path: Path,
+    out_dir: Path,
+    lineage: Mapping[str, Any] | None = None,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    """DPO of pi_{t-1} on the pairs -> pi_t; rank 0 logs to MLflow and registers the new policy version.
+
+    Lineage (epoch, pCTR version, pipeline run, ...) goes into the run's and the version's tags,
+    beside the pair set's digest and the parent policy.
+    """
+    pairs = read_pairs(pairs_path)
+    pairs_file = pairs_path / PAIRS_FILE if pairs_path.is_dir() else pairs_path
+    lineage = {
+        "pairs": str(pairs_file),
+        "pairs_sha256": file_digest(pairs_file),
+        "parent": str(policy_dir),
+        **(lineage or {}),
+    }
+    tags = lineage_tags("train_dpo", lineage)
+    main = is_main_process()
+    parent = lineage.get("parent_run_id")
+    run_context = (
+        tracked_run(settings.tracking, "irpo-dpo", tags, parent_run_id=parent)
+        if main
+        else contextlib.nullcontext()
+    )
+    with run_context as run:
+        log = (lambda metrics, step: run.log_metrics(metrics, step=step)) if run is not None else None
+        summary = run_dpo_training(settings, policy_dir, pairs, out_dir, log, max_steps)
+        if run is not None:
+            run.log_params(
+                {
+                    "seed": settings.seed,
+                    **settings.irpo.dpo.model_dump(),
+                    **{f"lora_{k}": v for k, v in settings.policy.lora.model_dump().items()},
+                    **{f"distributed_{k}": v for k, v in settings.irpo.distributed.model_dump().items()},
+                }
+            )
+            run.log_metrics({f"final_{k}": summary[k] for k in ("train_loss", "seconds", "steps")})
+            run.log_artifacts(out_dir, "policy")
+            summary["mlflow_run_id"] = run.run_id
+            summary["registered_version"] = register_version(
+                settings.tracking,
+                settings.irpo.registered_model,
+                run.run_id,
+                "policy",
+                tags=tags,
+                description=(
+                    f"IRPO policy from {policy_dir.name}: DPO on {summary['pairs']} pairs of "
+                    f"{summary['prompts']} prompts, final loss {summary['last_loss']:.4f}"
+                ),
+            )
+    if main:
+        card_path = out_dir / "policy_card.json"
+        card = json.loads(card_path.read_text())
+        card["lineage"] = lineage
+        card["mlflow_run_id"] = summary.get("mlflow_run_id")
+        card["registered_version"] = summary.get("registered_version")
+        card_path.write_text(json.dumps(card, indent=2, default=str) + "\n")
+    return summary
+
+
 def evaluate(
     settings_json: str,
     candidate_dir: str,
@@ -292,19 +378,51 @@ def evaluate(
     epoch: int,
     version: str,
     parent_run_id: str,
+    reference_policy_uri: str = "",
 ) -> dict:
-    """Step 5: the candidate against the champion (also its DPO reference) and the baselines; the verdict."""
-    from llm_auction.evaluation.steps import evaluate_step
-    from llm_auction.simulator.experiment import build_environment
+    """Step 5: the candidate against the champion and the baselines, under psi_t.
 
+    On the public held-out request file; writes the report, logs it all to MLflow (child run
+    `evaluate`) and returns the summary the gate reads. The drift KL is measured against the
+    candidate's DPO reference, which in the pipeline is the champion (the default).
+    """
     settings = settings_from(settings_json)
+    requests = read_requests(settings.public_dir / HELD_OUT_FILE, settings.mechanism.max_bid)
+    profiles = Catalog.load(settings.public_dir).profiles()
+    lineage = {"epoch": epoch, "candidate_version": version, "parent_run_id": parent_run_id}
+    scorer = feast_reward_scorer(settings, Path(pctr_dir))
+    out = Path(out_dir)
     with tempfile.TemporaryDirectory() as scratch:
-        champion = resolve_policy(settings, champion_policy_uri, Path(scratch) / "champion")
-        lineage = {"epoch": epoch, "candidate_version": version, "parent_run_id": parent_run_id}
-        env = build_environment(settings)
-        return evaluate_step(
-            env, Path(candidate_dir), champion, champion, Path(pctr_dir), Path(out_dir), lineage
+        champion = resolve_model(settings.tracking, champion_policy_uri, Path(scratch) / "champion")
+        reference = (
+            resolve_model(settings.tracking, reference_policy_uri, Path(scratch) / "reference")
+            if reference_policy_uri
+            else champion
         )
+        evaluation: CandidateEvaluation = evaluate_candidate(
+            settings, requests, profiles, Path(candidate_dir), champion, reference, scorer
+        )
+    scorer.flush()
+    summary = evaluation.summary
+    summary["lineage"] = lineage
+    write_evaluation_report(evaluation, out, epoch_history(settings, summary))
+    tags = lineage_tags("evaluate", lineage)
+    with tracked_run(settings.tracking, "evaluate", tags, parent_run_id=parent_run_id or None) as run:
+        if run is not None:
+            metrics: dict[str, float] = {
+                "kl": summary["kl"],
+                "gate_promote": float(summary["gate"]["promoted"]),
+            }
+            for label, values in summary["policies"].items():
+                metrics |= {f"{label}_{k}": v["mean"] for k, v in values.items() if v["mean"] is not None}
+            for name, gain in summary["gain"].items():
+                metrics |= {f"gain_{name}": gain["mean"], f"gain_{name}_lo": gain["ci"][0]}
+            run.log_metrics(metrics)
+            run.log_params(settings.gate.model_dump())
+            run.log_artifacts(out, "evaluation")
+            summary["mlflow_run_id"] = run.run_id
+            (out / EVALUATION_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
 
 
 def gate(settings_json: str, evaluation_dir: str, version: str, parent_run_id: str) -> dict:
@@ -312,8 +430,6 @@ def gate(settings_json: str, evaluation_dir: str, version: str, parent_run_id: s
 
     Both branches of the pipeline's `dsl.If` end here: a held candidate is recorded just the same.
     """
-    from llm_auction.evaluation.steps import EVALUATION_FILE, gate_step
-
     settings = settings_from(settings_json)
     summary = json.loads((Path(evaluation_dir) / EVALUATION_FILE).read_text())
     decision = gate_step(settings, summary, version).to_dict()
@@ -321,8 +437,52 @@ def gate(settings_json: str, evaluation_dir: str, version: str, parent_run_id: s
     return decision
 
 
+def gate_step(
+    settings: Settings, summary: Mapping[str, Any], candidate_version: str, who: str = "irpo-pipeline"
+) -> GateDecision:
+    """Tag the candidate version with its card, make it the challenger, and promote it if the gate says so.
+
+    In manual mode the decision is taken again with the version's `approved` tag, so a reviewer's
+    `registry approve` followed by a re-run of this step promotes.
+    """
+    name = settings.irpo.registered_model
+    inputs = dict(summary["gate_inputs"])
+    inputs["gain_ci"] = tuple(inputs["gain_ci"])
+    manual = settings.gate.mode == "manual"
+    approved = registry.is_approved(settings.tracking, name, candidate_version) if manual else None
+    decision = decide(GateInputs(**inputs), settings.gate, approved)
+    run_id = summary.get("mlflow_run_id")
+    links = (
+        {
+            "report": f"runs:/{run_id}/evaluation/report.html",
+            "plot": f"runs:/{run_id}/evaluation/comparison.png",
+        }
+        if run_id
+        else None
+    )
+    card = review_card({**summary, "gate": decision.to_dict()}, f"{name} v{candidate_version}", links)
+    candidate = summary["policies"]["candidate"]
+    tags = {
+        **{f"lineage.{k}": v for k, v in summary.get("lineage", {}).items()},
+        "gate.promote": str(decision.promote).lower(),
+        "gate.mode": decision.mode,
+        "gate.failed": ",".join(decision.failed) or "none",
+        "metric.kl": round(summary["kl"], 5),
+        **{
+            f"metric.gain_{k}": round(g["mean"], 5)
+            for k, g in summary["gain"].items()
+            if g["mean"] is not None
+        },
+        **{f"metric.{k}": round(v["mean"], 5) for k, v in candidate.items() if v["mean"] is not None},
+    }
+    registry.annotate_version(settings.tracking, name, candidate_version, tags, description=card)
+    if registry.alias_version(settings.tracking, name, registry.CHAMPION) != candidate_version:
+        registry.set_alias(settings.tracking, name, registry.CHALLENGER, candidate_version)
+    if decision.promote:
+        registry.promote(settings.tracking, name, candidate_version, who, decision.reason)
+    return decision
+
+
 def deploy(settings_json: str, version: str) -> dict:
     """Roll serving to the champion: the local pointer file, or the InferenceService canary."""
-    from llm_auction.serving.rollout import roll_out
-
     return roll_out(settings_from(settings_json), version)

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from llm_auction.contracts import AuctionRequest
+from llm_auction.errors import UnknownEntityError
 from llm_auction.policy.generation import Generator
 from llm_auction.policy.prompt import build_prompt
-from llm_auction.simulator.base import UnknownEntityError
 
 
 def prompts_for(requests: Sequence[AuctionRequest], profiles: Mapping[str, str]) -> list[str]:

@@ -15,6 +15,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, 
 
 from llm_auction.config import GenerationConfig
 from llm_auction.mechanism.grammar import marker
+from llm_auction.policy.model import load_policy
 from llm_auction.policy.tokenizer import MAX_MARKERS
 
 logger = logging.getLogger(__name__)
@@ -152,7 +153,5 @@ def make_generator(
     if cfg.backend == "vllm":
         return VLLMGenerator(model_dir, cfg)
     if model is None or tokenizer is None:
-        from llm_auction.policy.model import load_policy
-
         model, tokenizer = load_policy(model_dir)
     return TransformersGenerator(model, tokenizer, cfg)

@@ -11,7 +11,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +21,17 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer
 
-from llm_auction.baselines.organic import organic_answer, text_relevance, topic_of
 from llm_auction.config import Settings, WarmStartConfig
 from llm_auction.contracts import AuctionRequest
+from llm_auction.errors import RegistryError
 from llm_auction.mechanism.diagnostics import bid_sensitivity, format_report
 from llm_auction.mechanism.grammar import render_response
 from llm_auction.policy.allocator import LLMPolicy, prompts_for
 from llm_auction.policy.generation import TransformersGenerator
 from llm_auction.policy.model import build_model, count_parameters, load_policy, save_policy
 from llm_auction.policy.tokenizer import train_tokenizer
-from llm_auction.simulator.experiment import Environment, split_requests, user_profiles
+from llm_auction.text.organic import organic_answer, text_relevance, topic_of
+from llm_auction.tracking import registry
 from llm_auction.tracking.runs import tracked_run
 
 logger = logging.getLogger(__name__)
@@ -114,8 +115,6 @@ def train_sft(
 
 def register_bootstrap_policy(settings: Settings, run_id: str, card: dict[str, Any]) -> str:
     """pi_0 is version 1 of the policy's lineage, and the champion until IRPO promotes a better one."""
-    from llm_auction.tracking import registry
-
     name = settings.irpo.registered_model
     held = card["held_out"]
     version = registry.register_version(
@@ -140,16 +139,23 @@ def register_bootstrap_policy(settings: Settings, run_id: str, card: dict[str, A
     return version
 
 
-def init_policy(env: Environment, out_dir: Path, n_eval: int | None = None) -> dict[str, Any]:
+def init_policy(
+    settings: Settings,
+    train: Sequence[AuctionRequest],
+    held_out: Sequence[AuctionRequest],
+    profiles: Mapping[str, str],
+    out_dir: Path,
+    n_eval: int | None = None,
+) -> dict[str, Any]:
     """Tokenizer + base model + SFT -> pi_0 in `out_dir`; returns its card (also saved beside it).
 
+    `train` are the requests pi_0 imitates a plain LLM on (the first `policy.warm_start.n_requests`
+    are used), `held_out` those its card reports on; both public request files in production.
     With `policy.base_model_dir` set (cluster), that model and its tokenizer are fine-tuned instead
     of building the tiny local one.
     """
-    settings = env.settings
     policy_cfg = settings.policy
-    train, held_out = split_requests(env)
-    profiles = user_profiles(env.world)
+    train = list(train[: policy_cfg.warm_start.n_requests])
     rng = np.random.default_rng([settings.seed, 3])
     max_ads, n_sentences = settings.mechanism.max_ads, settings.baselines.organic_sentences
     responses = [imitation_response(r, policy_cfg.warm_start, n_sentences, max_ads, rng) for r in train]
@@ -206,8 +212,6 @@ def init_policy(env: Environment, out_dir: Path, n_eval: int | None = None) -> d
 
 def register_existing_policy(settings: Settings, directory: Path) -> str:
     """A pi_0 made earlier (`policy init`, its card beside it) becomes a registered version and champion."""
-    from llm_auction.errors import RegistryError
-
     card_path = directory / "policy_card.json"
     if not card_path.is_file():
         raise FileNotFoundError(f"pi_0 {directory}: no policy_card.json; is it a `policy init` output?")

@@ -1,14 +1,19 @@
 """The pCTR reward model psi (LLM-Auction Eq. 3) and its BCE training (Eq. 4).
 
     z = W phi(.)  (one learned projection)
-    p_i = sigmoid(MLP([z_x; z_y; z_h; z_a; z_x*z_a; z_h*z_a; cosines; e_h; e_{a_i}; e_pos; numeric]))
+    p_i = sigmoid(MLP([z_x; z_y; z_h; z_a; z_x*z_a; z_h*z_a; cosines; matches; e_h; e_{a_i}; e_pos; numeric]))
+    matches = (overlap(x, a_i), overlap(h, a_i)),   overlap(s, t) = |W(s) & W(t)| / min(|W(s)|, |W(t)|)
 
 phi is the frozen sentence encoder (query x, response y, profile text h, ad text a_i); e_h and
 e_{a_i} are learnable user and ad embeddings, with index 0 for users and ads never seen (and ids
 dropped to 0 at random during training, so that new ads and users are not blind: their text
-still speaks). Position and the other ads shown (how many, how many of the same category) let the
-model learn position bias and externalities. A Platt scaling fitted on the validation split keeps
-the probabilities calibrated, which the reward R = sum b_i p_i needs.
+still speaks). W(s) is the set of content words of a text (lower-cased word tokens, a short list
+of English stopwords removed, a plural "s" folded): the classic exact-match features of ad
+ranking, computed from the texts alone, so that a word the encoder blurs (a product name) still
+counts, and no knowledge of how the world was generated reaches psi. Position and the other ads
+shown (how many, how many of the same category) let the model learn position bias and
+externalities. A Platt scaling fitted on the validation split keeps the probabilities calibrated,
+which the reward R = sum b_i p_i needs.
 
 An input frame has one row per ad impression with the columns `INPUT_COLUMNS`, plus either the
 embeddings `profile_embedding`/`ad_embedding` or the texts `profile_text`/`ad_text`, plus any
@@ -17,6 +22,7 @@ click-history statistics named like `user_ctr_7d` or `ad_impressions_1d` (found 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -31,7 +37,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llm_auction.baselines.organic import profile_match, text_relevance, topic_of
 from llm_auction.config import PCTRConfig
 from llm_auction.features.encoder import EMBEDDING_DIM, TextEncoder
 from llm_auction.reward.metrics import auc, calibration_by, expected_calibration_error, log_loss
@@ -42,7 +47,14 @@ INPUT_COLUMNS = ("query", "response", "user_id", "ad_id", "position", "n_ads", "
 CONTEXT_NUMERIC = ("n_ads", "n_same_category")
 STAT_PATTERN = re.compile(r"^(user|ad)_(ctr|clicks|impressions)_\d+d$")
 WEIGHTS, CONFIG = "model.safetensors", "pctr_config.json"
-N_SIMILARITIES = 6
+N_SIMILARITIES = 6  # four embedding cosines and the two word overlaps of `text_matches`
+WORD = re.compile(r"[a-z0-9]+")
+# Function words of English only: a generic list, nothing picked for this world's vocabulary.
+STOPWORDS = frozenset(
+    "a about an and any are as at be but by can could do does for from had has have how i if in into is it"
+    " its me my no not of on or our should so some than that the their them there these they this those to"
+    " was we were what when where which who why will with would you your".split()
+)
 
 
 class PCTRNet(nn.Module):
@@ -102,17 +114,38 @@ def _embeddings(frame: pd.DataFrame, column: str, text_column: str, encoder: Tex
     raise KeyError(f"pCTR input needs `{column}` or `{text_column}`")
 
 
-def keyword_matches(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Query-ad and profile-ad keyword matches on the ad taxonomy's public terms (the classic
-    match features of ad ranking); zeros where the texts are not in the frame.
+@functools.lru_cache(maxsize=1 << 16)
+def content_words(text: str) -> frozenset[str]:
+    """Lower-cased word tokens minus `STOPWORDS`; a trailing plural "s" is dropped ("flights" and
+    "flight" match) from words of four letters or more that do not end in "ss".
     """
+    words = (w for w in WORD.findall(text.lower()) if w not in STOPWORDS)
+    return frozenset(w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w for w in words)
+
+
+def word_overlap(first: str, second: str) -> float:
+    """Overlap coefficient of the two texts' content words, in [0, 1]; 0 when either has none.
+
+    Divided by the smaller set rather than the union (Jaccard), so that an ad's brand and
+    adjectives do not dilute a short query's match.
+    """
+    a, b = content_words(first), content_words(second)
+    return len(a & b) / min(len(a), len(b)) if a and b else 0.0
+
+
+def text_matches(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Query-ad and profile-ad word overlaps (`word_overlap`) of each row, from the public texts
+    only; zeros where the ad text (or, for the second, the profile text) is not in the frame.
+    """
+    n = len(frame)
     if "ad_text" not in frame.columns:
-        return np.zeros(len(frame)), np.zeros(len(frame))
+        return np.zeros(n), np.zeros(n)
     ads = frame["ad_text"].astype(str).tolist()
-    query = [text_relevance(topic_of(q), a) for q, a in zip(frame["query"].astype(str), ads)]
-    profiles = frame["profile_text"].astype(str) if "profile_text" in frame.columns else [""] * len(frame)
-    interest = [profile_match(p, a) for p, a in zip(profiles, ads)]
-    return np.asarray(query, dtype=float), np.asarray(interest, dtype=float)
+    query = [word_overlap(q, a) for q, a in zip(frame["query"].astype(str), ads)]
+    if "profile_text" not in frame.columns:
+        return np.asarray(query, dtype=float), np.zeros(n)
+    profile = [word_overlap(h, a) for h, a in zip(frame["profile_text"].astype(str), ads)]
+    return np.asarray(query, dtype=float), np.asarray(profile, dtype=float)
 
 
 @dataclass
@@ -142,14 +175,15 @@ class PCTRModel:
         profile = _embeddings(frame, "profile_embedding", "profile_text", encoder)
         ad = _embeddings(frame, "ad_embedding", "ad_text", encoder)
         # Relevance and interest are similarities: give the MLP the products and cosines directly
-        # (phi is L2-normalised), instead of asking it to learn them from a few thousand clicks.
+        # (phi is L2-normalised), instead of asking it to learn them from a few thousand clicks;
+        # the word overlaps add the exact matches.
         similarities = np.stack(
             [
                 (query * ad).sum(1),
                 (profile * ad).sum(1),
                 (response * ad).sum(1),
                 (query * profile).sum(1),
-                *keyword_matches(frame),
+                *text_matches(frame),
             ],
             axis=1,
         )

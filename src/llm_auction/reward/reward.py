@@ -19,6 +19,7 @@ import pandas as pd
 from llm_auction.contracts import AuctionRequest
 from llm_auction.features.encoder import TextEncoder
 from llm_auction.mechanism.grammar import parse_response
+from llm_auction.mechanism.payments import expected_payments
 from llm_auction.reward.pctr import PCTRModel
 
 AdFeatures = Callable[[Sequence[str]], pd.DataFrame]
@@ -93,9 +94,11 @@ def score_responses(
             rows.groupby(["response_number", "category"])["ad_id"].transform("count") - 1
         )
         rows["pctr"] = pctr.predict(rows, encoder)
-        revenue = (rows["bid"] * rows["pctr"]).groupby(rows["response_number"]).sum()
+        rows["expected_payment"] = expected_payments(rows["bid"], rows["pctr"])
+        revenue = rows["expected_payment"].groupby(rows["response_number"]).sum()
     else:
         rows["pctr"] = pd.Series(dtype=float)
+        rows["expected_payment"] = pd.Series(dtype=float)
         revenue = pd.Series(dtype=float)
     rewards = revenue.reindex(range(len(responses)), fill_value=0.0).to_numpy(float)
     return ScoredResponses(rewards + lambda_page * well_formed.astype(float), rows)

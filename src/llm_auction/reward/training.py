@@ -19,22 +19,6 @@ from llm_auction.tracking.runs import lineage_tags, tracked_run
 logger = logging.getLogger(__name__)
 
 
-def pctr_inputs(frame: pd.DataFrame) -> pd.DataFrame:
-    """Feast's `<view>__<feature>` columns under the names the pCTR model reads (`user_ctr_7d`, `ad_text`)."""
-    renamed = {}
-    for column in frame.columns:
-        view, sep, feature = column.partition("__")
-        if not sep:
-            continue
-        if view == "user_stats_fv":
-            renamed[column] = f"user_{feature}"
-        elif view == "ad_stats_fv":
-            renamed[column] = f"ad_{feature}"
-        else:
-            renamed[column] = feature
-    return frame.rename(columns=renamed)
-
-
 def train_and_register(
     settings: Settings,
     frame: pd.DataFrame,

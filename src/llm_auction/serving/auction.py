@@ -24,6 +24,7 @@ from pydantic import TypeAdapter, ValidationError
 from llm_auction.config import ServingConfig, describe_validation_error
 from llm_auction.contracts import AuctionRequest, check_bid_cap
 from llm_auction.mechanism.grammar import parse_response
+from llm_auction.mechanism.payments import expected_payments
 
 INSTANCES = TypeAdapter(list[AuctionRequest])
 
@@ -90,7 +91,7 @@ def prediction(
                 "position": position,
                 "bid": ad.bid,
                 "pctr": p,
-                "expected_payment": None if p is None else ad.bid * p,
+                "expected_payment": None if p is None else float(expected_payments([ad.bid], [p])[0]),
             }
         )
     payments = [a["expected_payment"] for a in allocation]

@@ -1,4 +1,4 @@
-"""From the collector's store to the feedback store that `ingest` reads (impressions/, clicks/).
+"""From the collector's store to the feedback store (requests/, impressions/, clicks/) the pipeline reads.
 
 The contract between the policy server and the collector, as the inference logger forwards it:
 
@@ -18,8 +18,9 @@ from typing import Any
 
 import pandas as pd
 
+from llm_auction.contracts import AuctionRequest
+from llm_auction.public.feedback import CLICK_COLUMNS, IMPRESSION_COLUMNS, request_rows, write_feedback
 from llm_auction.serving.collector import EventStore
-from llm_auction.simulator.feedback import CLICK_COLUMNS, IMPRESSION_COLUMNS, write_feedback
 
 
 def impression_rows(pairs: Iterable[tuple[str, Any, Any]]) -> pd.DataFrame:
@@ -53,10 +54,26 @@ def impression_rows(pairs: Iterable[tuple[str, Any, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(IMPRESSION_COLUMNS))
 
 
+def request_log(pairs: Iterable[tuple[str, Any, Any]]) -> pd.DataFrame:
+    """The request log: every auction request the server received, stamped when it was served.
+
+    A request whose response names no `served_at` (it failed) still counts; it takes the time of
+    any other prediction of its event, so the log never loses an accepted request.
+    """
+    requests, times = [], []
+    for _, request, response in pairs:
+        served = [pd.Timestamp(p["served_at"]) for p in response.get("predictions", []) if "served_at" in p]
+        for instance in request.get("instances", []):
+            requests.append(AuctionRequest.model_validate(instance))
+            times.append(min(served) if served else pd.NaT)
+    return request_rows(requests, times)
+
+
 def export_feedback(store: EventStore, feedback_dir: Path, name: str = "collector") -> list[Path]:
-    """Write the store's impressions and clicks as one batch `name` of the feedback store."""
-    impressions = impression_rows(store.inference_pairs())
+    """Write the store's request log, impressions and clicks as one batch `name` of the feedback store."""
+    pairs = store.inference_pairs()
+    impressions = impression_rows(pairs)
     clicks = pd.DataFrame(store.click_rows(), columns=list(CLICK_COLUMNS))
     clicks["event_timestamp"] = pd.to_datetime(clicks["event_timestamp"], utc=True)
     impressions["event_timestamp"] = pd.to_datetime(impressions["event_timestamp"], utc=True)
-    return write_feedback(feedback_dir, name, impressions, clicks)
+    return write_feedback(feedback_dir, name, impressions, clicks, request_log(pairs))

@@ -30,16 +30,24 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import httpx
+import mlflow.artifacts
 from prometheus_client import Counter, Gauge, Histogram
+from transformers import AutoConfig, AutoTokenizer
 
 from llm_auction.config import GenerationConfig, Settings
 from llm_auction.contracts import AuctionRequest
-from llm_auction.irpo.sampling import RewardScorer
+from llm_auction.features.retrieval import online_profile
+from llm_auction.features.store import open_store
 from llm_auction.policy.generation import TransformersGenerator
+from llm_auction.policy.model import load_policy
 from llm_auction.policy.prompt import build_prompt
+from llm_auction.reward.scorer import RewardScorer, feast_reward_scorer
 from llm_auction.serving.auction import AuctionInputError, parse_instances, prediction
 from llm_auction.serving.batcher import MicroBatcher
 from llm_auction.serving.inference_logger import InferenceLogger
+from llm_auction.serving.openai_routes import openai_router
+from llm_auction.tracking import registry
 
 # `kserve` parses sys.argv when imported (kserve.model_server): our own options, e.g. --config,
 # would be taken for its --configure_logging. It sees a bare command line instead.
@@ -100,14 +108,10 @@ WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".gguf")
 
 def _registry_dir(settings: Settings, name: str, version: str, into: Path, weights: bool = True) -> Path:
     """A registered version's files; without `weights`, only its configuration and tokenizer."""
-    from llm_auction.pipeline.steps import resolve_policy
-
     if weights:
-        return resolve_policy(settings, f"models:/{name}/{version}", into / f"{name}-{version}")
-    import mlflow.artifacts
-
-    from llm_auction.tracking import registry
-
+        return registry.resolve_model(
+            settings.tracking, f"models:/{name}/{version}", into / f"{name}-{version}"
+        )
     source = registry.version_source(settings.tracking, name, version)
     target = into / f"{name}-{version}-config"
     for info in mlflow.artifacts.list_artifacts(artifact_uri=source, tracking_uri=settings.tracking.uri):
@@ -122,8 +126,6 @@ def _registry_dir(settings: Settings, name: str, version: str, into: Path, weigh
 
 def current_versions(settings: Settings) -> tuple[str | None, str | None]:
     """(champion policy version, newest pCTR version) in the registry."""
-    from llm_auction.tracking import registry
-
     if settings.tracking.uri is None:
         return None, None
     champion = registry.alias_version(settings.tracking, settings.irpo.registered_model, registry.CHAMPION)
@@ -141,11 +143,6 @@ def load_served(
 
     Without `weights` (a transformer) only the tokenizer and the model's configuration are loaded.
     """
-    from transformers import AutoConfig, AutoTokenizer
-
-    from llm_auction.irpo.sampling import feast_reward_scorer
-    from llm_auction.policy.model import load_policy
-
     champion, pctr_version = versions or current_versions(settings)
     if model_dir is None:
         if champion is None:
@@ -206,8 +203,6 @@ class AuctionModel(kserve.Model):
 
     # --- loading -------------------------------------------------------------------------
     def load(self) -> bool:
-        from llm_auction.features.store import open_store
-
         self._store = open_store(self.settings)
         self.served = load_served(
             self.settings, self._scratch, self.model_dir, weights=self.predictor_url is None
@@ -247,8 +242,6 @@ class AuctionModel(kserve.Model):
 
     # --- the KServe handlers -------------------------------------------------------------
     async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> dict[str, Any]:
-        from llm_auction.features.retrieval import online_profile
-
         try:
             requests = parse_instances(payload, self.settings.serving, self.settings.mechanism.max_bid)
         except AuctionInputError as exc:
@@ -325,8 +318,6 @@ class AuctionModel(kserve.Model):
         assert served is not None
         if self.predictor_url is None:
             return await self.batcher.run_exclusive(lambda: served.generate(prompts, seed, cfg))
-        import httpx
-
         g = cfg or served.generation
         token = os.environ.get(self.settings.serving.predictor_token_env)
         headers = {"authorization": f"Bearer {token}"} if token else {}
@@ -406,8 +397,6 @@ def serve(
     server.register_model(model)
     app = kserve_server.app
     guard(app, token, settings.serving.max_body_bytes)
-    from llm_auction.serving.openai_routes import openai_router
-
     app.include_router(openai_router(model))
 
     @app.get("/served")

@@ -1,36 +1,13 @@
-"""The interface every click model implements: the simulated user behind an impression."""
+"""What the simulated users share: seeded Bernoulli clicks (the click models implement `ClickModel`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
-
 import numpy as np
 
-from llm_auction.contracts import AuctionRequest
+from llm_auction.contracts import ClickModel
+from llm_auction.errors import UnknownEntityError
 
-
-class UnknownEntityError(KeyError):
-    """A request names a user, query or ad the click model has no ground truth for."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "unknown entity"
-
-
-class ClickModel(Protocol):
-    """Gives the probability that the user clicks each ad inserted in a response."""
-
-    def expected_ctr(
-        self, request: AuctionRequest, allocation: Sequence[int], response: str | None = None
-    ) -> np.ndarray:
-        """Click probability of each inserted ad, in allocation order (position 1 first).
-
-        Args:
-            request: the auction request the response answers.
-            allocation: 0-based candidate indices in the order they appear in the response.
-            response: the response text, for models that read it (the LLM judge); may be None.
-        """
-        ...
+__all__ = ["ClickModel", "UnknownEntityError", "sample_clicks"]
 
 
 def sample_clicks(ctr: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydantic import ValidationError
 
-from llm_auction.config import Settings, describe_validation_error
-from llm_auction.contracts import Allocator, AuctionRequest, check_bid_cap
+from llm_auction.config import Settings
+from llm_auction.contracts import Allocator, AuctionRequest
+from llm_auction.errors import InputError
 from llm_auction.mechanism.metrics import Estimate, auction_metrics
+from llm_auction.public.catalog import HELD_OUT_FILE, SYNTHETIC_FILE, Catalog, write_requests
 from llm_auction.simulator.base import ClickModel
+from llm_auction.simulator.llm_judge import LLMJudgeClickModel
 from llm_auction.simulator.parametric import ParametricClickModel
 from llm_auction.simulator.rollout import Rollout, rollout
 from llm_auction.world import World, generate_world
-
-
-class InputError(ValueError):
-    """The user's input cannot be used; the message names the field."""
 
 
 @dataclass(frozen=True)
@@ -43,34 +40,8 @@ def build_environment(settings: Settings, world_dir: Path | None = None) -> Envi
     ground_truth = ParametricClickModel(world, settings.click_model)
     click_model: ClickModel = ground_truth
     if settings.click_model.kind == "llm_judge":
-        from llm_auction.simulator.llm_judge import LLMJudgeClickModel
-
         click_model = LLMJudgeClickModel(settings.llm_judge, user_profiles(world))
     return Environment(settings, world, ground_truth, click_model)
-
-
-def read_requests(path: Path, max_bid: float) -> list[AuctionRequest]:
-    """Auction requests from a JSON-lines file; the first bad line stops with its line and field."""
-    if not path.is_file():
-        raise InputError(f"requests file {path}: not found")
-    requests = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            request = AuctionRequest.model_validate(json.loads(line))
-            check_bid_cap(request, max_bid)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{where}: not valid JSON ({exc.msg})") from None
-        except ValidationError as exc:
-            raise InputError(describe_validation_error(exc, where)) from None
-        except ValueError as exc:
-            raise InputError(f"{where}: {exc}") from None
-        requests.append(request)
-    if not requests:
-        raise InputError(f"{path}: holds no requests")
-    return requests
 
 
 def evaluate_policy(
@@ -86,16 +57,45 @@ def evaluate_policy(
     return result, metrics
 
 
-def split_requests(env: Environment) -> tuple[list[AuctionRequest], list[AuctionRequest]]:
-    """Training requests from the stream's start and held-out ones from its end, never overlapping."""
+def split_requests(
+    env: Environment, limit_train: bool = True
+) -> tuple[list[AuctionRequest], list[AuctionRequest]]:
+    """Training requests from the stream's start and held-out ones from its end, never overlapping.
+
+    With `limit_train` the training part is pi_0's SFT set (`policy.warm_start.n_requests`).
+    """
     total = len(env.world.requests)
     policy = env.settings.policy
     held_out = policy.held_out_requests
     if held_out >= total:
         raise InputError(f"policy.held_out_requests: {held_out} leaves no training requests of the {total}")
-    n_train = min(policy.warm_start.n_requests, total - held_out)
+    n_train = min(policy.warm_start.n_requests, total - held_out) if limit_train else total - held_out
     return env.world.auction_requests(limit=n_train), env.world.auction_requests(offset=total - held_out)
 
 
 def user_profiles(world: World) -> dict[str, str]:
     return dict(zip(world.users["user_id"], world.users["profile_text"]))
+
+
+def catalog_of(world: World) -> Catalog:
+    """The platform's view of the world: ads, advertisers and profiles, without the hidden columns."""
+    return Catalog(
+        ads=world.ads[["ad_id", "advertiser_id", "text", "category"]].astype(str),
+        advertisers=world.advertisers[["advertiser_id", "name", "category"]].astype(str),
+        users=world.users[["user_id", "profile_text"]].astype(str),
+    )
+
+
+def export_public(env: Environment, directory: Path | None = None) -> dict[str, Path]:
+    """Write the files a platform would export (`public.catalog`) from the world, as a platform would.
+
+    Held-out requests are the stream's end (never trained on); the synthetic-request file is every
+    other request, which IRPO may use as prompts and pi_0's SFT draws from.
+    """
+    out = directory or env.settings.public_dir
+    paths = catalog_of(env.world).save(out)
+    train, held_out = split_requests(env, limit_train=False)
+    write_requests(out / HELD_OUT_FILE, held_out)
+    write_requests(out / SYNTHETIC_FILE, train)
+    names = ("ads", "advertisers", "users")
+    return {**dict(zip(names, paths)), "held_out": out / HELD_OUT_FILE, "synthetic": out / SYNTHETIC_FILE}

@@ -1,35 +1,18 @@
-"""Feedback logs of simulated traffic: the impression and click events a live endpoint would collect.
+"""Feedback logs of simulated traffic: the events a live endpoint would have collected from a rollout.
 
-They hold only what production sees (no true CTR, no private value). Schema, one file per window:
-
-    impressions: event_id, event_timestamp, request_id, response_id, user_id, ad_id, advertiser_id,
-                 position, n_ads, bid, policy_version, query, response
-    clicks:      event_id, event_timestamp, request_id, response_id, ad_id
-
-A click's `event_id` is unique (the collector deduplicates on it); it refers to its impression by
-(`response_id`, `ad_id`).
+They hold only what production sees (the `public.feedback` schemas: no true CTR, no private value).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from llm_auction.contracts import AuctionRequest
+from llm_auction.public.feedback import CLICK_COLUMNS, IMPRESSION_COLUMNS
 from llm_auction.simulator.rollout import Rollout
-
-IMPRESSION_COLUMNS = (
-    "event_id", "event_timestamp", "request_id", "response_id", "user_id", "ad_id", "advertiser_id",
-    "position", "n_ads", "bid", "policy_version", "query", "response",
-)  # fmt: skip
-CLICK_COLUMNS = ("event_id", "event_timestamp", "request_id", "response_id", "ad_id")
-
-
-class FeedbackFileError(ValueError):
-    """A feedback file that cannot be read (corrupted, truncated, not parquet)."""
 
 
 def feedback_logs(
@@ -75,35 +58,3 @@ def feedback_logs(
         columns=list(CLICK_COLUMNS),
     )
     return impressions.reset_index(drop=True), clicks.reset_index(drop=True)
-
-
-def write_feedback(store: Path, name: str, impressions: pd.DataFrame, clicks: pd.DataFrame) -> list[Path]:
-    """Append one batch of events to a feedback store folder as `<kind>/<name>.parquet`."""
-    paths = []
-    for kind, frame in (("impressions", impressions), ("clicks", clicks)):
-        path = store / kind / f"{name}.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_parquet(path, index=False)
-        paths.append(path)
-    return paths
-
-
-def _read_part(path: Path) -> pd.DataFrame:
-    try:
-        return pd.read_parquet(path)
-    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-        raise FeedbackFileError(f"feedback file {path}: not readable as parquet ({exc})") from None
-
-
-def read_feedback(store: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Every event in a feedback store folder (empty frames with the schema when there is none).
-
-    Raises:
-        FeedbackFileError: a file of the store cannot be read; the message names it.
-    """
-    frames = []
-    for kind, columns in (("impressions", IMPRESSION_COLUMNS), ("clicks", CLICK_COLUMNS)):
-        parts = sorted((store / kind).glob("*.parquet"))
-        frame = pd.concat([_read_part(p) for p in parts], ignore_index=True) if parts else None
-        frames.append(frame if frame is not None else pd.DataFrame(columns=list(columns)))
-    return frames[0], frames[1]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
+
+import mlflow.artifacts
 
 from llm_auction.config import TrackingConfig
 from llm_auction.errors import RegistryError
@@ -187,3 +190,32 @@ def latest_version(cfg: TrackingConfig, name: str) -> str | None:
     except MlflowException:
         return None
     return str(max(int(v.version) for v in versions)) if versions else None
+
+
+MODELS_PREFIX = "models:/"
+
+
+def resolve_model(cfg: TrackingConfig, uri: str, into: Path) -> Path:
+    """A model directory from a path, or from the registry: `models:/NAME@ALIAS` or `models:/NAME/VERSION`.
+
+    The version is looked up through this tracking server (not MLflow's process-global registry
+    URI), then its files are fetched from their artifact location into `into`.
+    """
+    if not uri.startswith(MODELS_PREFIX):
+        return Path(uri)
+    reference = uri.removeprefix(MODELS_PREFIX)
+    name, _, alias = reference.partition("@")
+    if not alias:
+        name, _, version = reference.partition("/")
+    else:
+        version = alias_version(cfg, name, alias) or ""
+    if not name or not version:
+        raise RegistryError(
+            f"policy_uri {uri!r}: no such registered version (is there a {alias or 'version'}?)"
+        )
+    into.mkdir(parents=True, exist_ok=True)
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=version_source(cfg, name, version), dst_path=str(into), tracking_uri=cfg.uri
+        )
+    )

@@ -21,10 +21,10 @@ import pyarrow.parquet as pq
 
 from llm_auction.config import WorldConfig
 from llm_auction.contracts import AdCandidate, AuctionRequest
-from llm_auction.world import catalog
+from llm_auction.text import bank
 
 TABLES = ("advertisers", "ads", "users", "queries", "requests")
-CATEGORY_NAMES: tuple[str, ...] = tuple(c.name for c in catalog.CATEGORIES)
+CATEGORY_NAMES: tuple[str, ...] = tuple(c.name for c in bank.CATEGORIES)
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class World:
 
 
 def _brand_names(rng: np.random.Generator, n: int) -> list[str]:
-    first, second = catalog.BRAND_PARTS
+    first, second = bank.BRAND_PARTS
     pairs = [a + b for a, b in itertools.product(first, second)]
     order = rng.permutation(len(pairs))
     return [pairs[order[i % len(pairs)]] + ("" if i < len(pairs) else str(i // len(pairs))) for i in range(n)]
@@ -119,15 +119,15 @@ def _advertisers(cfg: WorldConfig, rng: np.random.Generator) -> pd.DataFrame:
 
 
 def _ads(advertisers: pd.DataFrame, cfg: WorldConfig, rng: np.random.Generator) -> pd.DataFrame:
-    by_name = {c.name: c for c in catalog.CATEGORIES}
+    by_name = {c.name: c for c in bank.CATEGORIES}
     rows = []
     for adv in advertisers.itertuples(index=False):
         category = by_name[adv.category]
         for j in range(cfg.ads_per_advertiser):
             topic = category.topics[rng.integers(len(category.topics))]
             product = topic.products[rng.integers(len(topic.products))]
-            template = catalog.AD_TEMPLATES[rng.integers(len(catalog.AD_TEMPLATES))]
-            adjective = catalog.ADJECTIVES[rng.integers(len(catalog.ADJECTIVES))]
+            template = bank.AD_TEMPLATES[rng.integers(len(bank.AD_TEMPLATES))]
+            adjective = bank.ADJECTIVES[rng.integers(len(bank.ADJECTIVES))]
             rows.append(
                 {
                     "ad_id": f"{adv.advertiser_id}-{j}",
@@ -144,16 +144,16 @@ def _ads(advertisers: pd.DataFrame, cfg: WorldConfig, rng: np.random.Generator) 
 
 
 def _users(cfg: WorldConfig, rng: np.random.Generator) -> pd.DataFrame:
-    n_cat = len(catalog.CATEGORIES)
+    n_cat = len(bank.CATEGORIES)
     interests = rng.dirichlet(np.full(n_cat, cfg.interest_concentration), size=cfg.n_users)
     rows = []
     for i, weights in enumerate(interests):
         first, second = np.argsort(-weights)[:2]
-        template = catalog.PROFILE_TEMPLATES[rng.integers(len(catalog.PROFILE_TEMPLATES))]
+        template = bank.PROFILE_TEMPLATES[rng.integers(len(bank.PROFILE_TEMPLATES))]
         text = template.format(
             age=int(rng.integers(18, 70)),
-            first=catalog.CATEGORIES[first].interest,
-            second=catalog.CATEGORIES[second].interest,
+            first=bank.CATEGORIES[first].interest,
+            second=bank.CATEGORIES[second].interest,
         )
         rows.append(
             {
@@ -167,9 +167,9 @@ def _users(cfg: WorldConfig, rng: np.random.Generator) -> pd.DataFrame:
 
 
 def _all_queries() -> Iterator[dict[str, str]]:
-    for category in catalog.CATEGORIES:
+    for category in bank.CATEGORIES:
         for topic in category.topics:
-            for intent, templates in catalog.QUERY_TEMPLATES.items():
+            for intent, templates in bank.QUERY_TEMPLATES.items():
                 for template in templates:
                     fills = topic.products if "{product}" in template else (topic.name,)
                     for fill in fills:

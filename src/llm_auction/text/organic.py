@@ -6,16 +6,16 @@ import functools
 
 import numpy as np
 
-from llm_auction.world import catalog
+from llm_auction.text import bank
 
 _GENERIC_TIPS = ("compare a few options", "read honest reviews", "start small and adjust")
 
 
 @functools.cache
-def topic_of(query: str) -> catalog.Topic | None:
+def topic_of(query: str) -> bank.Topic | None:
     """The catalog topic a query is about, read from its words (public text only)."""
     text = query.lower()
-    for category in catalog.CATEGORIES:
+    for category in bank.CATEGORIES:
         for topic in category.topics:
             if topic.name in text or any(product in text for product in topic.products):
                 return topic
@@ -23,7 +23,7 @@ def topic_of(query: str) -> catalog.Topic | None:
 
 
 @functools.cache
-def text_relevance(query_topic: catalog.Topic | None, ad_text: str) -> float:
+def text_relevance(query_topic: bank.Topic | None, ad_text: str) -> float:
     """How well an ad's words match the query's topic: 1 same topic, 0.5 same category, else 0.
 
     A reader's judgement from public text, not the simulator's hidden ground truth.
@@ -33,7 +33,7 @@ def text_relevance(query_topic: catalog.Topic | None, ad_text: str) -> float:
     text = ad_text.lower()
     if any(product in text for product in query_topic.products):
         return 1.0
-    category = next(c for c in catalog.CATEGORIES if query_topic in c.topics)
+    category = next(c for c in bank.CATEGORIES if query_topic in c.topics)
     siblings = (p for t in category.topics if t is not query_topic for p in t.products)
     return 0.5 if any(product in text for product in siblings) else 0.0
 
@@ -42,18 +42,16 @@ def text_relevance(query_topic: catalog.Topic | None, ad_text: str) -> float:
 def profile_match(profile: str, ad_text: str) -> float:
     """How strongly a profile text names an interest in the ad's category: 1 first, 0.5 later, else 0."""
     topic = next(
-        (t for c in catalog.CATEGORIES for t in c.topics if any(p in ad_text.lower() for p in t.products)),
+        (t for c in bank.CATEGORIES for t in c.topics if any(p in ad_text.lower() for p in t.products)),
         None,
     )
     if topic is None:
         return 0.0
-    category = next(c for c in catalog.CATEGORIES if topic in c.topics)
+    category = next(c for c in bank.CATEGORIES if topic in c.topics)
     found = profile.lower().find(category.interest)
     if found < 0:
         return 0.0
-    first = min(
-        (i for c in catalog.CATEGORIES if (i := profile.lower().find(c.interest)) >= 0), default=found
-    )
+    first = min((i for c in bank.CATEGORIES if (i := profile.lower().find(c.interest)) >= 0), default=found)
     return 1.0 if found == first else 0.5
 
 
@@ -62,9 +60,9 @@ def organic_answer(query: str, n_sentences: int, rng: np.random.Generator) -> li
     topic = topic_of(query)
     name = topic.name if topic else "this"
     tips = list(topic.tips if topic else _GENERIC_TIPS)
-    opener = catalog.ANSWER_OPENERS[rng.integers(len(catalog.ANSWER_OPENERS))].format(topic=name)
+    opener = bank.ANSWER_OPENERS[rng.integers(len(bank.ANSWER_OPENERS))].format(topic=name)
     sentences = [opener]
     for i in rng.permutation(len(tips))[: n_sentences - 1]:
-        template = catalog.TIP_TEMPLATES[rng.integers(len(catalog.TIP_TEMPLATES))]
+        template = bank.TIP_TEMPLATES[rng.integers(len(bank.TIP_TEMPLATES))]
         sentences.append(template.format(tip=tips[i]))
     return sentences

@@ -5,7 +5,10 @@
                -> gate -> (promotion moves the alias; the server reloads) -> report
 
 The policy server and the collector are real processes on 127.0.0.1; users are the simulator's
-click model; everything the loop writes lives under `--out`.
+click model; everything the loop writes lives under `--out`. The loop is the simulation's driver
+(oracle side): it exports the world's public files as a platform would, then the production parts
+(server, collector, pipeline) see only those, and after each epoch the oracle scores the very
+responses the pipeline's evaluation sampled (`simulator.oracle`).
 """
 
 from __future__ import annotations
@@ -26,17 +29,33 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pandas as pd
 import yaml
 from rich.console import Console
 
 from llm_auction.config import ConfigError, Settings, load_config
 from llm_auction.contracts import AuctionRequest
+from llm_auction.evaluation.candidate import EVALUATION_FILE, RESPONSES_FILE
+from llm_auction.evaluation.report import plot_epoch_curves
+from llm_auction.evaluation.report import write_report as write_html
 from llm_auction.pipeline import steps
-from llm_auction.serving.traffic import TrafficReport, send_traffic
-from llm_auction.simulator.experiment import Environment, build_environment
+from llm_auction.pipeline.local import run_local
+from llm_auction.policy.warm_start import init_policy, register_existing_policy
+from llm_auction.public.catalog import HELD_OUT_FILE, SYNTHETIC_FILE, Catalog, read_requests
+from llm_auction.serving.collector import EventStore
+from llm_auction.serving.export import export_feedback
+from llm_auction.simulator.experiment import Environment, build_environment, export_public
+from llm_auction.simulator.oracle import ORACLE_LABEL, references, score_responses
+from llm_auction.simulator.traffic import TrafficReport, send_traffic
 from llm_auction.tracking import registry
 
-ORACLE_METRICS = ("revenue", "social_welfare", "itctr", "ad_load", "format_error_rate", "reward")
+ORACLE_METRICS = ("revenue", "social_welfare", "itctr", "ad_load", "format_error_rate")
+SECTIONS = {
+    "policy": ORACLE_LABEL + "; `reward` is R under the epoch's psi_t",
+    "reward_model": "psi_t's estimates of the same responses (what production measured)",
+    "baselines": "deployable: pre/post-generation ranked by bid x psi_t's pCTR; oracle metrics",
+    "oracle_references": "upper references priced with the simulator's truth, never deployable",
+}
 STATE_DIRS = ("data", "mlflow", "feedback", "collector", "pipeline", "pi0", "pctr0", "quarantine", "logs")
 
 
@@ -193,14 +212,21 @@ class Loop:
         self.feedback.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.settings.model_dump(mode="json"), sort_keys=False))
 
-    def bootstrap_policy(self, env: Environment) -> str:
-        from llm_auction.policy.warm_start import init_policy, register_existing_policy
+    def export_public(self, env: Environment) -> list[AuctionRequest]:
+        """The world's platform files (catalog, profiles, request files); returns the held-out requests."""
+        export_public(env)
+        self._say(f"public side: catalog, profiles and request files in {self.settings.public_dir}")
+        return read_requests(self.settings.public_dir / HELD_OUT_FILE, self.settings.mechanism.max_bid)
 
+    def bootstrap_policy(self, held_out: list[AuctionRequest]) -> str:
         if self.pi0 is not None:
             self._say(f"pi_0: {self.pi0} (no warm start)")
             return register_existing_policy(self.settings, self.pi0)
-        self._say("pi_0: SFT warm start of the tiny policy")
-        card = init_policy(env, self.out / "pi0")
+        self._say("pi_0: SFT warm start of the tiny policy (public request files)")
+        public = self.settings.public_dir
+        train = read_requests(public / SYNTHETIC_FILE, self.settings.mechanism.max_bid)
+        profiles = Catalog.load(public).profiles()
+        card = init_policy(self.settings, train, held_out, profiles, self.out / "pi0")
         return str(card["registered_version"])
 
     def send(
@@ -227,9 +253,6 @@ class Loop:
 
     def collect(self, served_total: int) -> None:
         """Wait until the collector holds every served inference, then export the feedback store."""
-        from llm_auction.serving.collector import EventStore
-        from llm_auction.serving.export import export_feedback
-
         store = EventStore(self.collector_store)
         try:
             wait_until(lambda: len(store.inference_pairs()) >= served_total, "the inference logs to arrive")
@@ -256,9 +279,8 @@ class Loop:
         wait_until(loaded, f"the server to load champion {champion} and pCTR {pctr}")
         return str(champion)
 
-    def run_epoch(self, epoch: int, window: tuple[str, str]) -> dict[str, Any]:
-        from llm_auction.pipeline.local import run_local
-
+    def run_epoch(self, epoch: int, window: tuple[str, str]) -> tuple[dict[str, Any], pd.DataFrame]:
+        """One irpo-epoch pipeline run; its evaluation summary and every policy's held-out responses."""
         root = self.out / "pipeline" / f"epoch-{epoch}"
         run_local(
             root,
@@ -271,22 +293,25 @@ class Loop:
             config_path=str(self.config_path),
             overrides="",
         )
-        (evaluation,) = root.glob("*/evaluate/evaluation/evaluation.json")
-        return json.loads(evaluation.read_text())
+        (evaluation,) = root.glob(f"*/evaluate/evaluation/{EVALUATION_FILE}")
+        return json.loads(evaluation.read_text()), pd.read_parquet(evaluation.parent / RESPONSES_FILE)
 
     def run(self) -> dict[str, Any]:
         started_all = time.perf_counter()
         self.prepare()
         env = build_environment(self.settings)
         plan = plan_traffic(env, self.epochs)
-        self.bootstrap_policy(env)
+        held_out = self.export_public(env)
+        self.bootstrap_policy(held_out)
+        self._say("oracle references (simulation only) on the held-out requests")
+        oracle_refs = references(env, held_out, self.settings.seed)
         self._say("feature store: users and ads sign up")
         sign_up(self.settings, self.feedback)
         collector_port, server_port = free_port(), free_port()
         collector = f"http://127.0.0.1:{collector_port}"
         endpoint = f"http://127.0.0.1:{server_port}"
         logs = self.out / "logs"
-        report: dict[str, Any] = {"epochs": [], "traffic": [], "out": str(self.out)}
+        report: dict[str, Any] = {"sections": SECTIONS, "epochs": [], "traffic": [], "out": str(self.out)}
         with (
             service(
                 "collector",
@@ -332,17 +357,17 @@ class Loop:
                 window = self.window(traffic, started)
                 report["traffic"].append({"phase": f"epoch-{epoch}", "window": window, **traffic.to_dict()})
                 self._say(f"epoch {epoch}: irpo-epoch pipeline (kfp.local)")
-                evaluation = self.run_epoch(epoch, window)
+                evaluation, responses = self.run_epoch(epoch, window)
+                oracle = score_responses(env, held_out, responses, self.settings.seed)
                 if epoch == 1:
-                    report["epochs"].append(report_entry(0, champion, evaluation, "champion", None))
+                    report["epochs"].append(
+                        report_entry(0, champion, evaluation, oracle, oracle_refs, "champion")
+                    )
                 name = self.settings.irpo.registered_model
                 after = registry.alias_version(self.settings.tracking, name, registry.CHAMPION)
                 promoted = bool(evaluation["gate"]["promoted"])
-                report["epochs"].append(
-                    report_entry(
-                        epoch, after, evaluation, "candidate" if promoted else "champion", evaluation["gate"]
-                    )
-                )
+                label = "candidate" if promoted else "champion"
+                report["epochs"].append(report_entry(epoch, after, evaluation, oracle, oracle_refs, label))
                 write_report(report, self.out)
             if self.epochs:  # the last promotion reaches the endpoint too
                 self.await_champion(endpoint)
@@ -352,20 +377,34 @@ class Loop:
         return report
 
 
+def _metrics(estimates: Mapping[str, Any], keys: tuple[str, ...] = ORACLE_METRICS) -> dict[str, Any]:
+    return {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in estimates.items() if k in keys}
+
+
 def report_entry(
-    epoch: int, version: str | None, evaluation: Mapping[str, Any], label: str, gate: Mapping[str, Any] | None
+    epoch: int,
+    version: str | None,
+    evaluation: Mapping[str, Any],
+    oracle: Mapping[str, Mapping[str, Any]],
+    oracle_refs: Mapping[str, Mapping[str, Any]],
+    label: str,
 ) -> dict[str, Any]:
-    """One `report.json` epoch: the champion after the gate, its oracle metrics on the held-out requests."""
-    policies = evaluation["policies"]
+    """One `report.json` epoch: the champion after the gate on the held-out requests, both sides.
+
+    `label` is the evaluation's policy that is champion after this epoch's gate ("candidate" when
+    it was promoted). Epoch 0 (pi_0) has no gate: it is the first evaluation's champion.
+    """
+    psi = evaluation["policies"]
+    deployable = [b for b in psi if b not in ("candidate", "champion")]
+    gate = evaluation["gate"] if epoch > 0 else None
     return {
         "epoch": epoch,
         "policy_version": version,
-        "policy": {k: v for k, v in policies[label].items() if k in ORACLE_METRICS},
-        "baselines": {
-            b: {k: v for k, v in policies[b].items() if k in ORACLE_METRICS}
-            for b in policies
-            if b not in ("candidate", "champion")
-        },
+        "policy": {**_metrics(oracle[label]), "reward": psi[label]["reward"]},
+        "reward_model": psi[label],
+        "baselines": {b: _metrics(oracle[b]) for b in deployable},
+        "baselines_reward_model": {b: psi[b] for b in deployable},
+        "oracle_references": {r: _metrics(m) for r, m in oracle_refs.items()},
         "gate": None
         if gate is None
         else {"promoted": bool(gate["promoted"]), "reason": gate.get("reason"), "checks": gate["checks"]},
@@ -375,12 +414,19 @@ def report_entry(
 
 def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
     """report.json, epochs.png, traffic.png and report.html."""
-    from llm_auction.evaluation.report import plot_epoch_curves
-    from llm_auction.evaluation.report import write_report as write_html
-
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     epochs = list(report["epochs"])
-    images = [plot_epoch_curves(epochs, out / "epochs.png")] if epochs else []
+    curves = [
+        {
+            **e,
+            "baselines": {
+                **{f"{b} (deployable, psi)": v for b, v in e["baselines"].items()},
+                **{f"{r} (oracle reference)": v for r, v in e["oracle_references"].items()},
+            },
+        }
+        for e in epochs
+    ]
+    images = [plot_epoch_curves(curves, out / "epochs.png")] if epochs else []
     images += [plot_traffic(report["traffic"], out / "traffic.png")] if report["traffic"] else []
 
     def fmt(estimate: Mapping[str, Any] | None) -> str:
@@ -393,6 +439,7 @@ def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
     metrics = ("revenue", "social_welfare", "itctr", "ad_load")
     rows = [
         [e["epoch"], e["policy_version"], *(fmt(e["policy"].get(m)) for m in metrics),
+         fmt(e["reward_model"].get("reward")), fmt(e["reward_model"].get("revenue")),
          "" if e["gate"] is None else ("promoted" if e["gate"]["promoted"] else "held")]
         for e in epochs
     ]  # fmt: skip
@@ -401,7 +448,15 @@ def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
          f"{t['latency_p50_ms']:.0f}", f"{t['latency_p99_ms']:.0f}", json.dumps(t["policy_versions"])]
         for t in report["traffic"]
     ]  # fmt: skip
-    baselines = epochs[-1]["baselines"] if epochs else {}
+    last = epochs[-1] if epochs else {"baselines": {}, "baselines_reward_model": {}, "oracle_references": {}}
+    baseline_rows = [
+        [f"{b} (deployable, ranked by psi_t)", *(fmt(v.get(m)) for m in metrics),
+         fmt(last["baselines_reward_model"][b].get("revenue"))]
+        for b, v in last["baselines"].items()
+    ] + [
+        [f"{r} (oracle reference, simulation only)", *(fmt(v.get(m)) for m in metrics), "n/a"]
+        for r, v in last["oracle_references"].items()
+    ]  # fmt: skip
     summary = {"epochs": str(max(len(epochs) - 1, 0)), "out": str(out)}
     if "wall_seconds" in report:
         summary["wall time"] = f"{report['wall_seconds'] / 60:.1f} min"
@@ -415,13 +470,14 @@ def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
         "LLM-Auction closed loop",
         summary,
         {
-            "champion after each epoch (oracle metrics, held-out requests)": (
-                ["epoch", "version", *metrics, "gate"],
+            "champion after each epoch (held-out requests): oracle metrics (simulation only) beside "
+            "psi_t's estimates": (
+                ["epoch", "version", *(f"{m} (oracle)" for m in metrics), "R (psi)", "revenue (psi)", "gate"],
                 rows,
             ),
-            "baselines (same requests)": (
-                ["baseline", *metrics],
-                [[b, *(fmt(v.get(m)) for m in metrics)] for b, v in baselines.items()],
+            "baselines on the same requests, last epoch": (
+                ["baseline", *(f"{m} (oracle)" for m in metrics), "revenue (psi)"],
+                baseline_rows,
             ),
             "live traffic per phase": (
                 ["phase", "served", "clicks", "revenue", "req/s", "p50 ms", "p99 ms", "versions"],

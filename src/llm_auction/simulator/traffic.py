@@ -20,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from llm_auction.contracts import AuctionRequest
+from llm_auction.mechanism.payments import payment_per_click
 from llm_auction.simulator.base import ClickModel, sample_clicks
 
 RETRIES = 3
@@ -155,7 +156,7 @@ async def send_traffic(
             )
             report.clicks += len(clicks)
             bids = {ad.ad_id: ad.bid for ad in request.ads}
-            report.revenue += sum(bids[c["ad_id"]] for c in clicks)  # first price: the bid per click
+            report.revenue += float(payment_per_click([bids[c["ad_id"]] for c in clicks]).sum())
             served_times.extend(datetime.fromisoformat(c["event_timestamp"]) for c in clicks)
             if clicks and clicks_url:
                 ack = await _post(client, clicks_url, clicks, _auth(collector_token))

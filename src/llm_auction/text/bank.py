@@ -1,4 +1,4 @@
-"""Text templates of the synthetic world: categories, their topics, and how people write about them.
+"""The sentence bank: categories, their topics, and how people write about them (public language).
 
 The vocabulary is deliberately small (a few hundred words) so that a tiny word-level language
 model can learn it, yet every text is natural language a sentence encoder can embed.

@@ -1,0 +1,288 @@
+"""Step 5 of an IRPO epoch, as a library: the candidate against the champion and the baselines.
+
+Only what production has: held-out auction requests (a public file), the user profiles, the two
+policies, and psi_t (R, its expected revenue and clicks, and the audits under it). The responses
+of every policy are kept (`responses.parquet`), so that in simulation the oracle can score exactly
+the same samples (`simulator.oracle`); nothing here reads the simulator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from llm_auction.baselines import PRICED, make_baseline
+from llm_auction.config import Settings
+from llm_auction.contracts import AuctionRequest
+from llm_auction.errors import RegistryError
+from llm_auction.evaluation.gate import GateInputs, decide
+from llm_auction.evaluation.offline import (
+    REWARD_MODEL_METRICS,
+    price_responses,
+    reward_model_metrics,
+    sample_responses,
+)
+from llm_auction.evaluation.report import plot_comparison, plot_epoch_curves, write_report
+from llm_auction.mechanism.audits import audit_monotonicity
+from llm_auction.mechanism.metrics import bootstrap
+from llm_auction.policy.allocator import LLMPolicy, prompts_for
+from llm_auction.policy.generation import make_generator
+from llm_auction.policy.likelihood import response_logprobs
+from llm_auction.policy.model import load_policy
+from llm_auction.reward.scorer import PCTRClickModel, RewardScorer
+from llm_auction.tracking import registry
+
+logger = logging.getLogger(__name__)
+
+EVALUATION_FILE = "evaluation.json"
+RESPONSES_FILE = "responses.parquet"
+BASELINES = PRICED
+CARD_METRICS = REWARD_MODEL_METRICS
+IR_NOTE = "first-price PPC is individually rational by construction: no one pays more than its bid per click"
+
+
+def _fmt(estimate: Mapping[str, Any]) -> str:
+    if estimate.get("mean") is None:
+        return "n/a"
+    lo, hi = estimate["ci"]
+    return f"{estimate['mean']:.4f} [{lo:.4f}, {hi:.4f}]"
+
+
+def drift_kl(
+    candidate_dir: Path, reference_dir: Path, prompts: Sequence[str], responses: Sequence[str]
+) -> float:
+    """KL(candidate || reference) in nats per response, Monte Carlo over the candidate's own samples."""
+    candidate = response_logprobs(*load_policy(candidate_dir), prompts, responses)
+    reference = response_logprobs(*load_policy(reference_dir), prompts, responses)
+    return float(np.mean(candidate - reference))
+
+
+@dataclasses.dataclass(frozen=True)
+class CandidateEvaluation:
+    """The summary (JSON-able, what the gate and the card read) and every policy's responses."""
+
+    summary: dict[str, Any]
+    responses: pd.DataFrame
+
+
+def evaluate_candidate(
+    settings: Settings,
+    requests: Sequence[AuctionRequest],
+    profiles: Mapping[str, str],
+    candidate_dir: Path,
+    champion_dir: Path,
+    reference_dir: Path,
+    scorer: RewardScorer,
+    baselines: Sequence[str] = BASELINES,
+) -> CandidateEvaluation:
+    """Candidate vs champion vs the deployable baselines on held-out requests, under psi_t.
+
+    Candidate and champion are compared on the same requests: the gain is the bootstrap of the
+    per-request difference (paired), which is tighter than two separate intervals. The baselines
+    rank by bid x psi_t's standalone pCTR, the very model the policy is rewarded with.
+    """
+    m = settings.mechanism
+    seed = settings.seed
+    generation = settings.policy.generation
+    candidate = LLMPolicy(make_generator(generation, candidate_dir), profiles, "candidate")
+    allocators = [
+        ("candidate", candidate),
+        ("champion", LLMPolicy(make_generator(generation, champion_dir), profiles, "champion")),
+        *[(name, make_baseline(name, settings, scorer.ctr_estimator())) for name in baselines],
+    ]
+    priced, rows = {}, {}
+    for label, allocator in allocators:
+        priced[label] = price_responses(scorer, requests, sample_responses(allocator, requests, seed))
+        rows[label] = reward_model_metrics(priced[label], settings, seed)
+    rng = np.random.default_rng([seed, 21])
+    gains = {
+        metric: bootstrap(
+            priced["candidate"][metric].to_numpy() - priced["champion"][metric].to_numpy(),
+            None,
+            m.bootstrap_samples,
+            m.ci_level,
+            rng,
+        )
+        for metric in ("reward", "revenue")
+    }
+    prompts = prompts_for(requests, profiles)
+    kl = drift_kl(candidate_dir, reference_dir, prompts, priced["candidate"]["response"].tolist())
+    audited = list(requests[: settings.gate.audit_requests])
+    audit = audit_monotonicity(
+        candidate,
+        audited,
+        PCTRClickModel(scorer),
+        m.monotonicity_factors,
+        n_samples=m.monotonicity_samples,
+        seed=seed,
+        max_ads=m.max_ads,
+    )
+    champion_itctr = rows["champion"]["itctr"].mean
+    inputs = GateInputs(
+        gain_mean=gains["reward"].mean,
+        gain_ci=gains["reward"].ci,
+        candidate_itctr=rows["candidate"]["itctr"].mean,
+        champion_itctr=None if np.isnan(champion_itctr) else champion_itctr,
+        ad_load=rows["candidate"]["ad_load"].mean,
+        format_error_rate=rows["candidate"]["format_error_rate"].mean,
+        kl=kl,
+        monotonicity_violation_rate=audit.violation_rate,
+    )
+    decision = decide(inputs, settings.gate)
+    summary = {
+        "gate_inputs": dataclasses.asdict(inputs),
+        "requests": len(requests),
+        "seed": seed,
+        "candidate": str(candidate_dir),
+        "champion": str(champion_dir),
+        "reference": str(reference_dir),
+        "section": "reward model: psi_t's estimates (what production measures)",
+        "policies": {label: {k: v.to_dict() for k, v in metrics.items()} for label, metrics in rows.items()},
+        "gain": {name: {"metric": name, **estimate.to_dict()} for name, estimate in gains.items()},
+        "kl": kl,
+        "monotonicity": {
+            "click_model": "psi_t",
+            "requests": len(audited),
+            "n_checks": audit.n_checks,
+            "violations": len(audit.violations),
+            "violation_rate": audit.violation_rate,
+        },
+        "ir": IR_NOTE,
+        "gate": decision.to_dict(),
+    }
+    responses = pd.concat(
+        [frame[["request_id", "response"]].assign(policy=label) for label, frame in priced.items()],
+        ignore_index=True,
+    )
+    return CandidateEvaluation(summary, responses[["policy", "request_id", "response"]])
+
+
+def review_card(summary: Mapping[str, Any], title: str, links: Mapping[str, str] | None = None) -> str:
+    """The version's description in the registry: candidate vs champion vs baselines, and the gate."""
+    policies = summary["policies"]
+    lines = [
+        f"## {title}",
+        "",
+        "| policy | " + " | ".join(CARD_METRICS) + " |",
+        "|---" * (len(CARD_METRICS) + 1) + "|",
+    ]
+    for label, metrics in policies.items():
+        lines.append(f"| {label} | " + " | ".join(_fmt(metrics.get(k, {})) for k in CARD_METRICS) + " |")
+    gain, audit = summary["gain"], summary["monotonicity"]
+    lines += [
+        "",
+        "Metrics are psi_t's estimates (the reward model's side); in simulation the closed loop's "
+        "report adds the oracle metrics of the same responses.",
+        "",
+        f"Paired gain over the champion on {summary['requests']} held-out requests: "
+        f"reward {_fmt(gain['reward'])}, revenue under psi {_fmt(gain['revenue'])}. "
+        f"Drift KL(candidate || reference) = {summary['kl']:.3f} nats per response; "
+        f"monotonicity violations under psi {audit['violations']} of {audit['n_checks']}; "
+        f"{summary['ir']}.",
+        "",
+        f"**Gate ({summary['gate']['mode']}): {'PROMOTE' if summary['gate']['promoted'] else 'HOLD'}** "
+        f"— {summary['gate']['reason']}",
+        "",
+        "| check | value | bound | result |",
+        "|---|---|---|---|",
+    ]
+    for check in summary["gate"]["checks"]:
+        verdict = "pass" if check["passed"] else "fail"
+        lines.append(
+            f"| {check['name']} | {check['value']:.4g} | {check['op']} {check['bound']:.4g} | {verdict} |"
+        )
+    if links:
+        lines += ["", " · ".join(f"[{name}]({url})" for name, url in links.items())]
+    return "\n".join(lines) + "\n"
+
+
+def epoch_history(settings: Settings, summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Metrics by IRPO epoch: earlier gated versions from the registry's tags, then this candidate.
+
+    The champion stands for the epoch before when the registry has no gated version yet.
+    """
+    name = settings.irpo.registered_model
+    epoch = int(summary.get("lineage", {}).get("epoch", 1))
+    policies = summary["policies"]
+    baselines = {b: policies[b] for b in BASELINES if b in policies}
+    versions = []
+    if settings.tracking.uri is not None:
+        try:
+            versions = registry.show(settings.tracking, name)["versions"]
+        except RegistryError:
+            versions = []
+    history = []
+    for version in reversed(versions):
+        tags = version["tags"]
+        if "gate.promote" in tags and int(tags.get("lineage.epoch", epoch)) < epoch:
+            metrics = {
+                k.removeprefix("metric."): float(v) for k, v in tags.items() if k.startswith("metric.")
+            }
+            history.append(
+                {
+                    "epoch": int(tags["lineage.epoch"]),
+                    "policy_version": version["version"],
+                    "policy": {k: {"mean": v, "ci": [None, None]} for k, v in metrics.items()},
+                    "baselines": {},
+                }
+            )
+    if not history:
+        history.append(
+            {
+                "epoch": epoch - 1,
+                "policy_version": "champion",
+                "policy": policies["champion"],
+                "baselines": {},
+            }
+        )
+    return [
+        *history,
+        {
+            "epoch": epoch,
+            "policy_version": "candidate",
+            "policy": policies["candidate"],
+            "baselines": baselines,
+        },
+    ]
+
+
+def write_evaluation_report(
+    evaluation: CandidateEvaluation, out_dir: Path, history: Sequence[Mapping[str, Any]] = ()
+) -> list[Path]:
+    """evaluation.json, responses.parquet, comparison.png, epochs.png (with a history), report.html."""
+    summary = evaluation.summary
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / EVALUATION_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    evaluation.responses.to_parquet(out_dir / RESPONSES_FILE, index=False)
+    image = plot_comparison(summary["policies"], out_dir / "comparison.png")
+    images = [image]
+    if history:
+        images.append(plot_epoch_curves(list(history), out_dir / "epochs.png"))
+    header = ["policy", *CARD_METRICS]
+    table = [[label, *(_fmt(m.get(k, {})) for k in CARD_METRICS)] for label, m in summary["policies"].items()]
+    checks = [
+        [c["name"], f"{c['value']:.4g}", f"{c['op']} {c['bound']:.4g}", "pass" if c["passed"] else "fail"]
+        for c in summary["gate"]["checks"]
+    ]
+    report = write_report(
+        out_dir,
+        f"Candidate evaluation: {'promote' if summary['gate']['promoted'] else 'hold'}",
+        {
+            "held-out requests": str(summary["requests"]),
+            "metrics": "psi_t's estimates (reward model side)",
+            "reward gain": _fmt(summary["gain"]["reward"]),
+            "revenue gain under psi": _fmt(summary["gain"]["revenue"]),
+            "KL to reference": f"{summary['kl']:.4f}",
+            "gate": summary["gate"]["reason"],
+        },
+        {"policies": (header, table), "gate checks": (["check", "value", "bound", "result"], checks)},
+        images,
+    )
+    return [out_dir / EVALUATION_FILE, out_dir / RESPONSES_FILE, *images, report]

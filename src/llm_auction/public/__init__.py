@@ -1,0 +1,1 @@
+"""The public side: what an ad platform owns (catalog, profiles, request log, feedback), as files."""

@@ -1,0 +1,65 @@
+"""The oracle section of evaluation (simulation only): the true expected clicks of given responses.
+
+Production evaluates with psi_t (`evaluation.candidate`) and keeps every policy's responses; here
+the simulator's click model scores exactly those responses on the same held-out requests, and
+prices the upper references (`simulator.references`) that only the truth can build. Nothing a
+platform could run reads this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from llm_auction.contracts import AuctionRequest
+from llm_auction.mechanism.metrics import Estimate, auction_metrics
+from llm_auction.simulator.experiment import Environment, evaluate_policy
+from llm_auction.simulator.references import ORACLE_REFERENCES, make_reference
+from llm_auction.simulator.rollout import rollout
+
+ORACLE_LABEL = "oracle (simulation only): expected clicks under the simulator's click model"
+
+
+@dataclass
+class Replay:
+    """An `Allocator` that answers each request with a response written earlier (by request id)."""
+
+    responses: Mapping[str, str]
+    name: str = "replay"
+
+    def allocate(self, requests: Sequence[AuctionRequest], rng: np.random.Generator) -> list[str]:
+        return [self.responses[r.request_id] for r in requests]
+
+
+def score_responses(
+    env: Environment, requests: Sequence[AuctionRequest], responses: pd.DataFrame, seed: int
+) -> dict[str, dict[str, Estimate]]:
+    """Oracle metrics of each policy's responses (`policy`, `request_id`, `response` rows)."""
+    m = env.settings.mechanism
+    out = {}
+    for policy, frame in responses.groupby("policy", sort=False):
+        replay = Replay(dict(zip(frame["request_id"], frame["response"])), str(policy))
+        result = rollout(
+            replay, requests, env.click_model, env.values, np.random.default_rng([seed, 1]), m.max_ads
+        )
+        out[str(policy)] = auction_metrics(
+            result.requests,
+            result.impressions,
+            m.bootstrap_samples,
+            m.ci_level,
+            np.random.default_rng([seed, 2]),
+        )
+    return out
+
+
+def references(
+    env: Environment, requests: Sequence[AuctionRequest], seed: int, names: Sequence[str] = ORACLE_REFERENCES
+) -> dict[str, dict[str, Estimate]]:
+    """Oracle metrics of the upper references on the same requests (they do not train: once per run)."""
+    return {
+        name: evaluate_policy(env, make_reference(name, env.settings, env.ground_truth), requests, seed)[1]
+        for name in names
+    }

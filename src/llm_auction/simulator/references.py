@@ -1,0 +1,57 @@
+"""Upper references priced with the simulator's truth (simulation only, never called deployable).
+
+- `pre_generation@oracle`, `post_generation@oracle`: the deployable rules ranking by the true
+  standalone CTR instead of psi_t's (what perfect click prediction would buy a decoupled auction);
+- `oracle_greedy`: knows the true CTR with positions and externalities and picks the ordered set
+  that maximises expected revenue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from llm_auction.baselines import PostGeneration, PreGeneration, limit_of, spread_slots
+from llm_auction.config import Settings
+from llm_auction.contracts import Allocator, AuctionRequest
+from llm_auction.mechanism.grammar import render_response
+from llm_auction.simulator.parametric import ParametricClickModel
+from llm_auction.text.organic import organic_answer
+
+ORACLE_REFERENCES = ("pre_generation@oracle", "post_generation@oracle", "oracle_greedy")
+
+
+@dataclass
+class OracleGreedy:
+    click_model: ParametricClickModel
+    n_sentences: int
+    max_ads: int
+    max_subsets: int
+    name: str = "oracle_greedy"
+
+    def allocate(self, requests: Sequence[AuctionRequest], rng: np.random.Generator) -> list[str]:
+        out = []
+        for r in requests:
+            best, _ = self.click_model.best_allocation(
+                r, np.asarray(r.bids), limit_of(r, self.max_ads), self.max_subsets
+            )
+            sentences = organic_answer(r.query, self.n_sentences, rng)
+            out.append(render_response(sentences, list(zip(spread_slots(len(best), len(sentences)), best))))
+        return out
+
+
+def make_reference(name: str, settings: Settings, click_model: ParametricClickModel) -> Allocator:
+    """An oracle reference by name (`ORACLE_REFERENCES`)."""
+    b, max_ads = settings.baselines, settings.mechanism.max_ads
+    truth = click_model.standalone_ctr
+    if name == "pre_generation@oracle":
+        return PreGeneration(truth, b.organic_sentences, max_ads, name=name)
+    if name == "post_generation@oracle":
+        return PostGeneration(truth, b.organic_sentences, b.post_generation_slots, name=name)
+    if name == "oracle_greedy":
+        return OracleGreedy(click_model, b.organic_sentences, max_ads, b.oracle_max_subsets)
+    raise ValueError(
+        f"policy: unknown oracle reference {name!r}; choose one of {', '.join(ORACLE_REFERENCES)}"
+    )
