@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.serving import bench_collector, bench_serving
-from llm_auction.baselines import BASELINES, make_baseline
+from llm_auction.baselines import BASELINES, PRICED, make_baseline
 from llm_auction.config import Settings, load_config
 from llm_auction.mechanism.grammar import parse_response
 from llm_auction.simulator.experiment import (
@@ -31,6 +31,7 @@ from llm_auction.simulator.experiment import (
     split_requests,
     user_profiles,
 )
+from llm_auction.simulator.references import make_reference
 
 OUT = Path("runs/bench")
 
@@ -54,7 +55,9 @@ def bench_policy(settings: Settings, env: Environment) -> Path:
         small = settings.model_copy(
             update={"policy": settings.policy.model_copy(update={"held_out_requests": 200})}
         )
-        init_policy(Environment(small, env.world, env.ground_truth, env.click_model), directory, n_eval=50)
+        small_env = Environment(small, env.world, env.ground_truth, env.click_model)
+        train, held_out = split_requests(small_env)
+        init_policy(small, train, held_out, user_profiles(env.world), directory, n_eval=50)
     return directory
 
 
@@ -110,10 +113,10 @@ def bench_dpo(settings: Settings, env: Environment, directory: Path, rows: list[
 
     from llm_auction.irpo.dpo import train_dpo
     from llm_auction.irpo.pairs import build_pairs
-    from llm_auction.reward.scorer import bid_sum_scorer
     from llm_auction.policy.allocator import prompts_for
     from llm_auction.policy.generation import make_generator
     from llm_auction.policy.model import load_policy
+    from llm_auction.reward.scorer import bid_sum_scorer
 
     requests = env.world.auction_requests(limit=128)
     prompts = prompts_for(requests, user_profiles(env.world))
@@ -170,8 +173,14 @@ def main() -> None:
         }
     )
 
-    for name in BASELINES:
-        allocator = make_baseline(name, settings, env.ground_truth)
+    # Simulation speed of each rule; the priced rules rank by the true CTR here (@oracle), since the
+    # bench has no trained psi and measures the simulator, not the ranking.
+    for name in (*BASELINES, "oracle_greedy"):
+        allocator = (
+            make_baseline(name, settings, env.ground_truth.standalone_ctr if name in PRICED else None)
+            if name in BASELINES
+            else make_reference(name, settings, env.ground_truth)
+        )
         seconds = _best_of(lambda a=allocator: evaluate_policy(env, a, requests, seed=0), repeats=2)
         rows.append(
             {

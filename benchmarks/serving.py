@@ -19,9 +19,9 @@ import numpy as np
 import yaml
 
 from llm_auction.config import Settings
+from llm_auction.simulator.experiment import Environment, export_public
 from llm_auction.simulator.loop import free_port, service, sign_up
 from llm_auction.simulator.traffic import send_traffic
-from llm_auction.simulator.experiment import Environment
 
 CONCURRENCY = (1, 8, 32)
 
@@ -44,7 +44,9 @@ def bench_serving(
             "tracking": {"uri": None},
         }
         (root / "config.yaml").write_text(yaml.safe_dump(config))
-        sign_up(Settings.model_validate(config), root / "feedback")
+        bench_settings = Settings.model_validate(config)
+        export_public(env, bench_settings.public_dir)
+        sign_up(bench_settings, root / "feedback")
         requests = env.world.auction_requests(limit=max(map(_requests_for, CONCURRENCY)))
         for batching in (True, False):
             port = free_port()

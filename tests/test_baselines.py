@@ -35,7 +35,9 @@ def outcomes(env: Environment, scorer):
 
 def _revenue_by_request(rollout) -> np.ndarray:
     imp = rollout.impressions
-    per = imp.assign(revenue=expected_payments(imp["bid"], imp["expected_ctr"])).groupby("request_id")["revenue"]
+    per = imp.assign(revenue=expected_payments(imp["bid"], imp["expected_ctr"])).groupby("request_id")[
+        "revenue"
+    ]
     return rollout.requests["request_id"].map(per.sum()).fillna(0.0).to_numpy()
 
 

@@ -30,7 +30,7 @@ def test_simulate_prints_a_table_and_writes_json(tmp_path: Path):
     result = run(
         "simulate",
         "--policy",
-        "baseline:pre_generation",
+        "oracle:pre_generation@oracle",
         "--requests",
         "200",
         "--seed",
@@ -40,9 +40,9 @@ def test_simulate_prints_a_table_and_writes_json(tmp_path: Path):
         *SMALL,
     )
     assert result.returncode == 0, result.stderr
-    assert "pre_generation" in result.stdout and "revenue" in result.stdout
+    assert "pre_generation@oracle" in result.stdout and "revenue" in result.stdout
     payload = json.loads(out.read_text())
-    assert payload["policy"] == "baseline:pre_generation"
+    assert payload["policy"] == "oracle:pre_generation@oracle"
     for metric in ("revenue", "social_welfare", "itctr", "ad_load", "format_error_rate"):
         entry = payload["metrics"][metric]
         lo, hi = entry["ci"]
@@ -77,7 +77,7 @@ def test_simulate_on_a_saved_world_and_a_requests_file(tmp_path: Path):
     result = run(
         "simulate",
         "--policy",
-        "baseline:oracle_greedy",
+        "oracle:oracle_greedy",
         "--requests",
         "1",
         "--world",
@@ -96,15 +96,29 @@ def test_compare_lists_every_baseline(tmp_path: Path):
     result = run("compare", "--requests", "150", "--json", str(out), *SMALL)
     assert result.returncode == 0, result.stderr
     policies = json.loads(out.read_text())["policies"]
-    assert set(policies) == {"no_ads", "random", "pre_generation", "post_generation", "oracle_greedy"}
-    assert policies["oracle_greedy"]["revenue"]["mean"] >= policies["pre_generation"]["revenue"]["mean"]
+    # Without a psi only the bid-blind deployable baselines run; the truth-priced ones are references.
+    references = {"pre_generation@oracle", "post_generation@oracle", "oracle_greedy"}
+    assert set(policies) == {"no_ads", "random", *references}
+    assert "simulation only" in result.stdout and "--pctr" in result.stderr
+    best = policies["oracle_greedy"]["revenue"]["mean"]
+    assert (
+        best >= policies["pre_generation@oracle"]["revenue"]["mean"] > policies["random"]["revenue"]["mean"]
+    )
+
+
+def test_a_priced_baseline_without_a_pctr_is_a_clear_error():
+    result = run("simulate", "--policy", "baseline:pre_generation", "--requests", "5", *SMALL)
+    assert result.returncode == 2
+    assert "pre_generation ranks by bid x pCTR" in result.stderr and "--pctr" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_audits(tmp_path: Path):
-    result = run("audit", "monotonicity", "--policy", "baseline:pre_generation", "--requests", "5", *SMALL)
+    policy = "oracle:pre_generation@oracle"
+    result = run("audit", "monotonicity", "--policy", policy, "--requests", "5", *SMALL)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 violations" in result.stdout
-    result = run("audit", "ir", "--policy", "baseline:post_generation", "--requests", "100", *SMALL)
+    result = run("audit", "ir", "--policy", "oracle:post_generation@oracle", "--requests", "100", *SMALL)
     assert result.returncode == 0 and "IR holds" in result.stdout
 
 
@@ -170,7 +184,7 @@ def test_unknown_user_in_requests_file_is_a_user_error(tmp_path: Path):
     result = run(
         "simulate",
         "--policy",
-        "baseline:oracle_greedy",
+        "oracle:oracle_greedy",
         "--requests",
         "1",
         "--requests-file",

@@ -187,15 +187,13 @@ def test_export_turns_logged_inferences_and_clicks_into_the_feedback_that_ingest
     import pandas as pd
 
     from llm_auction.baselines import make_baseline
+    from llm_auction.public.feedback import read_feedback
     from llm_auction.serving.export import export_feedback
     from llm_auction.simulator.experiment import evaluate_policy
-    from llm_auction.public.feedback import read_feedback
     from llm_auction.simulator.feedback import feedback_logs
 
     requests = env.world.auction_requests(limit=60)
-    result, _ = evaluate_policy(
-        env, make_baseline("random", env.settings), requests, seed=4
-    )
+    result, _ = evaluate_policy(env, make_baseline("random", env.settings), requests, seed=4)
     served_at = env.world.requests.set_index("request_id")["timestamp"]
     impressions, clicks = feedback_logs(result, requests, served_at, "v3", np.random.default_rng(4))
 

@@ -20,8 +20,8 @@ from llm_auction.features.encoder import TextEncoder
 from llm_auction.features.ingest import IngestReport, ingest_window, labeled_impressions
 from llm_auction.features.retrieval import online_features, online_profile, training_frame
 from llm_auction.features.store import open_store, repo_dir
+from llm_auction.public.feedback import write_feedback
 from llm_auction.simulator.experiment import Environment, build_environment, evaluate_policy
-from llm_auction.public.feedback import request_rows, write_feedback
 from llm_auction.simulator.feedback import feedback_logs
 
 SMALL_WORLD = {"n_advertisers": 8, "n_users": 30, "n_queries": 40, "n_requests": 160}

@@ -22,8 +22,8 @@ from llm_auction.features.encoder import TextEncoder
 from llm_auction.features.ingest import ingest_window, labeled_impressions
 from llm_auction.features.retrieval import online_features, online_profile
 from llm_auction.features.store import open_store
+from llm_auction.public.feedback import write_feedback
 from llm_auction.simulator.experiment import build_environment, evaluate_policy
-from llm_auction.public.feedback import request_rows, write_feedback
 from llm_auction.simulator.feedback import feedback_logs
 
 PG_HOST, PG_PORT, PG_DATABASE = "127.0.0.1", 5432, "test"

@@ -13,13 +13,12 @@ import pytest
 
 from llm_auction.config import load_config
 from llm_auction.irpo.dpo import train_dpo
-from llm_auction.irpo.pairs import build_pairs
-from llm_auction.reward.scorer import bid_sum_scorer
-from llm_auction.irpo.pairs import PAIRS_FILE
+from llm_auction.irpo.pairs import PAIRS_FILE, build_pairs
 from llm_auction.pipeline.steps import dpo_step
 from llm_auction.policy.allocator import prompts_for
 from llm_auction.policy.generation import make_generator
 from llm_auction.policy.model import load_policy
+from llm_auction.reward.scorer import bid_sum_scorer
 from llm_auction.simulator.experiment import user_profiles
 
 pytestmark = pytest.mark.slow

@@ -94,13 +94,22 @@ def test_the_sampler_draws_prompts_uniformly_whatever_their_number_of_losers():
 
 
 def test_prompt_sources(env):
-    train = env.world.auction_requests(limit=200)
-    online = [r.request_id for r in train[:30]] * 2  # impressions repeat a request once per ad
+    """Online prompts are the logged requests themselves (deduplicated); synthetic ones never repeat them."""
+    synthetic_file = env.world.auction_requests(limit=200)
+    logged = synthetic_file[:30] * 2  # a request logged twice (a retry) is one prompt
+    online_ids = {r.request_id for r in logged}
     rng = np.random.default_rng(0)
-    only_online = prompt_requests(train, online, IRPOConfig(n_prompts=50, prompt_source="online"), rng)
-    assert len(only_online) == 30 and {r.request_id for r in only_online} == set(online)
-    mixed = prompt_requests(train, online, IRPOConfig(n_prompts=50, prompt_source="mixed"), rng)
+    only_online = prompt_requests(
+        logged, synthetic_file, IRPOConfig(n_prompts=50, prompt_source="online"), rng
+    )
+    assert len(only_online) == 30 and {r.request_id for r in only_online} == online_ids
+    assert all(r in logged for r in only_online)  # exactly what the server received
+    mixed = prompt_requests(logged, synthetic_file, IRPOConfig(n_prompts=50, prompt_source="mixed"), rng)
     assert len(mixed) == 50 and len({r.request_id for r in mixed}) == 50
-    assert sum(r.request_id in set(online) for r in mixed) == 25
-    synthetic = prompt_requests(train, online, IRPOConfig(n_prompts=50, prompt_source="synthetic"), rng)
-    assert not {r.request_id for r in synthetic} & set(online)
+    assert sum(r.request_id in online_ids for r in mixed) == 25
+    synthetic = prompt_requests(
+        logged, synthetic_file, IRPOConfig(n_prompts=50, prompt_source="synthetic"), rng
+    )
+    assert len(synthetic) == 50 and not {r.request_id for r in synthetic} & online_ids
+    fallback = prompt_requests([], synthetic_file, IRPOConfig(n_prompts=20, prompt_source="online"), rng)
+    assert len(fallback) == 20  # no logged request yet: the synthetic file rather than nothing

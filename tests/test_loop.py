@@ -9,8 +9,8 @@ import yaml
 
 from helpers import TINY_EPOCH
 from llm_auction.mechanism.payments import expected_payments
-from llm_auction.simulator.loop import run_loop
 from llm_auction.serving.collector import EventStore
+from llm_auction.simulator.loop import run_loop
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,17 @@ def test_one_epoch_of_the_closed_loop(pi0, tmp_path):
             for metric in METRICS:
                 lo, hi = rows[metric]["ci"]
                 assert lo <= rows[metric]["mean"] <= hi
-        assert {"pre_generation", "post_generation"} <= set(entry["baselines"])
+        assert set(entry["baselines"]) == {"pre_generation", "post_generation"}  # deployable: ranked by psi
+        assert set(entry["oracle_references"]) == {
+            "pre_generation@oracle",
+            "post_generation@oracle",
+            "oracle_greedy",
+        }
+        assert set(entry["baselines_reward_model"]) == set(entry["baselines"])
+        assert entry["reward_model"]["reward"] == entry["policy"]["reward"]  # R under psi beside the oracle
+        greedy = entry["oracle_references"]["oracle_greedy"]["revenue"]["mean"]
+        assert greedy >= entry["baselines"]["pre_generation"]["revenue"]["mean"]
+    assert "simulation only" in report["sections"]["policy"] and "psi_t" in report["sections"]["baselines"]
     assert report["final_served"]["policy_version"] == last["policy_version"]  # the server followed the gate
 
     bootstrap, epoch = report["traffic"]
@@ -50,8 +60,12 @@ def test_one_epoch_of_the_closed_loop(pi0, tmp_path):
         store.close()
     assert len(predictions) == 200
     priced = [a for p in predictions[120:] for a in p["allocation"]]  # served after psi_0 was registered
-    assert priced and all(a["expected_payment"] == pytest.approx(expected_payments([a["bid"]], [a["pctr"]])[0]) for a in priced)
+    assert priced and all(
+        a["expected_payment"] == pytest.approx(expected_payments([a["bid"]], [a["pctr"]])[0]) for a in priced
+    )
     assert all(a["expected_payment"] is None for p in predictions[:120] for a in p["allocation"])
 
     html = (out / "report.html").read_text()
+    assert "pre_generation (deployable, ranked by psi_t)" in html
+    assert "oracle_greedy (oracle reference, simulation only)" in html and "R (psi)" in html
     assert html.count("<img") == 2 and (out / "epochs.png").is_file() and (out / "traffic.png").is_file()

@@ -10,8 +10,8 @@ from llm_auction.mechanism.audits import audit_individual_rationality, audit_mon
 from llm_auction.mechanism.grammar import render_response
 from llm_auction.mechanism.metrics import bootstrap
 from llm_auction.mechanism.payments import expected_payments, payment_per_click
-from llm_auction.simulator.references import make_reference
 from llm_auction.simulator.experiment import Environment, evaluate_policy
+from llm_auction.simulator.references import make_reference
 
 
 def test_first_price_pays_the_bid_per_click():

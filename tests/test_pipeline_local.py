@@ -1,8 +1,16 @@
-"""One complete IRPO epoch through kfp.local, then a run that fails on corrupted feedback."""
+"""One complete IRPO epoch through kfp.local, then a run that fails on corrupted feedback.
+
+The pipeline sees only the public side: the platform's files (catalog, profiles, request files),
+the collector's logs (exported to the feedback store) and the feature store. Every step's process
+runs with `llm_auction.simulator` and `llm_auction.world` made unimportable, and no world folder
+exists: a step that reached for the hidden truth would fail the run.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,17 +20,104 @@ import yaml
 from helpers import TINY_EPOCH, register_champion
 from llm_auction.config import load_config
 from llm_auction.pipeline.local import run_local
-from llm_auction.simulator.experiment import evaluate_policy
-from llm_auction.public.feedback import request_rows, write_feedback
-from llm_auction.simulator.feedback import feedback_logs
+from llm_auction.policy.allocator import LLMPolicy
+from llm_auction.policy.generation import make_generator
+from llm_auction.serving.auction import prediction
+from llm_auction.serving.collector import Click, EventStore
+from llm_auction.serving.export import export_feedback
+from llm_auction.simulator.experiment import evaluate_policy, export_public, user_profiles
 from llm_auction.tracking import registry
 
 pytestmark = pytest.mark.slow
 
+BLOCK_ORACLE = """
+import importlib.abc, sys
+
+class _OracleSide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[:2] in (["llm_auction", "simulator"], ["llm_auction", "world"]):
+            raise ImportError(f"{name}: the oracle side is not available to the pipeline")
+        return None
+
+sys.meta_path.insert(0, _OracleSide())
+"""
+
 
 @pytest.fixture(scope="module")
-def workspace(pi0, policy_env, tmp_path_factory):
-    """A config on temporary stores, pi_0 registered as champion, and pi_0's traffic as feedback."""
+def oracle_blocked(tmp_path_factory):
+    """Each kfp.local step starts with a sitecustomize that refuses the simulator and the world."""
+    folder = tmp_path_factory.mktemp("block-oracle")
+    (folder / "sitecustomize.py").write_text(BLOCK_ORACLE)
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(folder), before) if p)
+    yield folder
+    if before is None:
+        os.environ.pop("PYTHONPATH")
+    else:
+        os.environ["PYTHONPATH"] = before
+
+
+def test_the_block_really_refuses_the_oracle_side(oracle_blocked):
+    import subprocess
+
+    probe = (
+        "import llm_auction.pipeline.steps\n"
+        "try:\n    import llm_auction.simulator\nexcept ImportError as e:\n    print(e)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "the oracle side is not available" in out.stdout
+
+
+def collector_feedback(policy_env, settings, policy_dir, root: Path):
+    """pi_0 serves 700 requests to simulated users; what the collector stores is exported as feedback."""
+    batch = policy_env.world.auction_requests(limit=700)
+    policy = LLMPolicy(
+        make_generator(settings.policy.generation, policy_dir), user_profiles(policy_env.world)
+    )
+    result, _ = evaluate_policy(policy_env, policy, batch, seed=1)
+    served_at = policy_env.world.requests.set_index("request_id")["timestamp"]
+    responses = result.requests.set_index("request_id")["response"]
+    clicked = result.impressions[result.impressions["clicked"]]
+    store = EventStore(root / "collector")
+    for request in batch:
+        ce_id = f"ce-{request.request_id}"
+        response_id = f"1:{request.request_id}"
+        answer = prediction(
+            request,
+            responses[request.request_id],
+            response_id=response_id,
+            policy_version="1",
+            served_at=served_at[request.request_id].to_pydatetime(),
+            max_ads=settings.mechanism.max_ads,
+            pctr=None,
+        )
+        store.add_inference(ce_id, "request", "org.kubeflow.serving.inference.request", "test", {
+            "instances": [request.model_dump()]
+        })  # fmt: skip
+        store.add_inference(ce_id, "response", "org.kubeflow.serving.inference.response", "test", {
+            "predictions": [answer]
+        })  # fmt: skip
+    store.add_clicks(
+        [
+            Click(
+                event_id=f"clk:{row.request_id}:{row.ad_id}",
+                request_id=row.request_id,
+                response_id=f"1:{row.request_id}",
+                ad_id=row.ad_id,
+                event_timestamp=served_at[row.request_id].to_pydatetime() + np.timedelta64(5, "s"),
+            )
+            for row in clicked.itertuples(index=False)
+        ]
+    )
+    export_feedback(store, root / "feedback", "collector")
+    store.close()
+    return (str(served_at[batch[0].request_id].floor("D")), str(served_at[batch[-1].request_id].ceil("h")))
+
+
+@pytest.fixture(scope="module")
+def workspace(pi0, policy_env, oracle_blocked, tmp_path_factory):
+    """A config on temporary stores, the world's public files, pi_0 as champion, its traffic as feedback."""
     root = tmp_path_factory.mktemp("epoch")
     config = {
         **TINY_EPOCH,
@@ -32,23 +127,9 @@ def workspace(pi0, policy_env, tmp_path_factory):
     }
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     settings = load_config(root / "config.yaml", environ={})
+    export_public(policy_env, settings.public_dir)
     register_champion(settings, pi0[0])
-    from llm_auction.policy.allocator import LLMPolicy
-    from llm_auction.policy.generation import make_generator
-    from llm_auction.simulator.experiment import user_profiles
-
-    batch = policy_env.world.auction_requests(limit=700)
-    policy = LLMPolicy(
-        make_generator(settings.policy.generation, pi0[0]), user_profiles(policy_env.world), "pi_0"
-    )
-    result, _ = evaluate_policy(policy_env, policy, batch, seed=1)
-    timestamps = policy_env.world.requests.set_index("request_id")["timestamp"]
-    impressions, clicks = feedback_logs(result, batch, timestamps, "1", np.random.default_rng(2))
-    write_feedback(root / "feedback", "pi0", impressions, clicks)
-    window = (
-        str(timestamps[batch[0].request_id].floor("D")),
-        str(timestamps[batch[-1].request_id].ceil("h")),
-    )
+    window = collector_feedback(policy_env, settings, pi0[0], root)
     return root, settings, window
 
 
@@ -79,8 +160,14 @@ def test_one_epoch_through_kfp_local(workspace):
     ] > 0
     assert (next(run_dir.glob("train-pctr/pctr")) / "pctr_config.json").is_file()
     assert (next(run_dir.glob("train-dpo/policy")) / "adapter" / "adapter_model.safetensors").is_file()
+    stats = json.loads((pairs / "pairs_stats.json").read_text())
+    assert stats["prompts_online"] > 0  # the prompts are the requests the collector logged
     evaluation = json.loads((next(run_dir.glob("evaluate/evaluation")) / "evaluation.json").read_text())
     assert "<html" in next(run_dir.glob("evaluate/report")).read_text().lower()
+    assert set(evaluation["policies"]) == {"candidate", "champion", "pre_generation", "post_generation"}
+    assert "psi_t" in evaluation["section"] and evaluation["monotonicity"]["click_model"] == "psi_t"
+    responses = next(run_dir.glob("evaluate/evaluation")) / "responses.parquet"
+    assert responses.is_file()  # the samples the oracle can score afterwards, outside the pipeline
 
     client = MlflowClient(tracking_uri=settings.tracking.uri)
     experiment = client.get_experiment_by_name(settings.tracking.experiment)

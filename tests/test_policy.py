@@ -185,7 +185,18 @@ def test_policy_cli_init_logs_to_mlflow_and_sample_writes_json(tmp_path: Path, p
         f"tracking.uri={uri}",
         "--set",
         f"tracking.artifact_location={tmp_path}/artifacts",
+        "--set",
+        f"data_dir={tmp_path}/data",
     ]
+    missing = subprocess.run(
+        [cli, "policy", "init", "--out", str(tmp_path / "p"), *small],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 2 and "synthetic_requests.jsonl: not found" in missing.stderr
+    exported = subprocess.run([cli, "world", "export", *small], capture_output=True, text=True, timeout=120)
+    assert exported.returncode == 0, exported.stderr[-2000:]
     result = subprocess.run(
         [cli, "policy", "init", "--out", str(tmp_path / "p"), *small],
         capture_output=True,
@@ -204,6 +215,8 @@ def test_policy_cli_init_logs_to_mlflow_and_sample_writes_json(tmp_path: Path, p
 
     out = tmp_path / "samples.json"
     sets = ["--set", "world.n_requests=2600", "--set", "policy.held_out_requests=300"]
+    sets += ["--set", f"data_dir={tmp_path}/sample-data"]
+    assert subprocess.run([cli, "world", "export", *sets], capture_output=True, timeout=120).returncode == 0
     result = subprocess.run(
         [
             cli,
@@ -244,7 +257,7 @@ def test_policy_cli_init_logs_to_mlflow_and_sample_writes_json(tmp_path: Path, p
 def test_init_fine_tunes_a_model_directory_when_one_is_configured(tmp_path: Path, pi0):
     """The cluster path: any causal LM directory with its own tokenizer is the starting point."""
     from llm_auction.policy.warm_start import init_policy
-    from llm_auction.simulator.experiment import build_environment
+    from llm_auction.simulator.experiment import build_environment, split_requests, user_profiles
 
     settings = load_config(
         environ={},
@@ -258,7 +271,8 @@ def test_init_fine_tunes_a_model_directory_when_one_is_configured(tmp_path: Path
             "tracking": {"uri": None},
         },
     )
-    card = init_policy(build_environment(settings), tmp_path / "tuned")
+    env = build_environment(settings)
+    card = init_policy(settings, *split_requests(env), user_profiles(env.world), tmp_path / "tuned")
     assert card["base_model_dir"] == str(pi0[0])
     assert card["vocab_size"] == pi0[1]["vocab_size"] and card["parameters"] == pi0[1]["parameters"]
     assert card["sft"]["steps"] == 2

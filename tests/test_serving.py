@@ -19,11 +19,11 @@ import yaml
 from helpers import register_champion
 from llm_auction.config import Settings, load_config
 from llm_auction.contracts import AuctionRequest
-from llm_auction.simulator.loop import free_port, service, sign_up, wait_until
 from llm_auction.policy.prompt import build_prompt
 from llm_auction.serving.collector import EventStore
+from llm_auction.simulator.experiment import Environment, export_public, user_profiles
+from llm_auction.simulator.loop import free_port, service, sign_up, wait_until
 from llm_auction.simulator.traffic import send_traffic
-from llm_auction.simulator.experiment import Environment, user_profiles
 from llm_auction.tracking import registry
 
 pytestmark = pytest.mark.slow
@@ -61,6 +61,7 @@ def stack(pi0, policy_env: Environment, tmp_path_factory):
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     settings = load_config(root / "config.yaml", environ={})
     register_champion(settings, pi0[0])
+    export_public(policy_env, settings.public_dir)
     sign_up(settings, root / "feedback")
     collector_port, server_port = free_port(), free_port()
     collector, endpoint = f"http://127.0.0.1:{collector_port}", f"http://127.0.0.1:{server_port}"

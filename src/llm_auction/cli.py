@@ -270,7 +270,9 @@ def compare(
     with console.status("simulating baselines") as status:
         for spec in specs:
             status.update(f"simulating {spec} on {len(batch)} requests")
-            _, rows[spec] = evaluate_policy(env, _policy(spec, env, pctr), batch, settings.seed)
+            _, rows[spec.partition(":")[2]] = evaluate_policy(
+                env, _policy(spec, env, pctr), batch, settings.seed
+            )
     title = (
         f"baselines on {len(batch)} requests (expected clicks, seed {settings.seed}; oracle: simulation only)"
     )
