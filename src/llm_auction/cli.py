@@ -64,7 +64,7 @@ app.add_typer(registry_app, name="registry")
 
 # Wide enough for the metric table when the output is a file or a CI log (rich assumes 80 there).
 console = Console(width=None if sys.stdout.isatty() else 200)
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # a path in an error is never broken across lines
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML file merged over the profile.")]
 ProfileOption = Annotated[str | None, typer.Option("--profile", help="local or cluster.")]

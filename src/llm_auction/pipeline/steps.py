@@ -226,7 +226,7 @@ def build_preferences(
     result.samples.to_parquet(out / SAMPLES_FILE, index=False)
     stats = {
         **result.stats,
-        "prompts_online": sum(1 for r in requests if r in set(online)),
+        "prompts_online": len({r.request_id for r in requests} & {r.request_id for r in online}),
         "policy": policy_uri,
         "pctr": pctr_dir,
         "pairs_sha256": file_digest(out / PAIRS_FILE),

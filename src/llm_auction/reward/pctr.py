@@ -39,6 +39,7 @@ from torch import nn
 
 from llm_auction.config import PCTRConfig
 from llm_auction.features.encoder import EMBEDDING_DIM, TextEncoder
+from llm_auction.policy.model import check_safetensors
 from llm_auction.reward.metrics import auc, calibration_by, expected_calibration_error, log_loss
 
 logger = logging.getLogger(__name__)
@@ -240,8 +241,6 @@ class PCTRModel:
     @classmethod
     def load(cls, directory: Path) -> PCTRModel:
         """Load weights (safetensors only) and the spec saved beside them."""
-        from llm_auction.policy.model import check_safetensors
-
         check_safetensors(directory)
         spec = json.loads((directory / CONFIG).read_text())
         cfg = PCTRConfig.model_validate(spec["config"])
