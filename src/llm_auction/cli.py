@@ -637,7 +637,8 @@ def evaluate(
             psi = reward_model_metrics(price_responses(scorer, held_out, ys), settings, settings.seed)
             rows[spec] = {"reward": psi["reward"], **rows[spec]}
     columns = (("reward",) if scorer else ()) + METRICS
-    console.print(_table(f"{len(held_out)} held-out requests (seed {settings.seed})", rows, columns))
+    title = f"{len(held_out)} held-out requests (seed {settings.seed}): oracle metrics, simulation only"
+    console.print(_table(title + ("; reward = R under psi" if scorer else ""), rows, columns))
     if json_path is not None:
         payload = {name: {m: metrics[m].to_dict() for m in columns} for name, metrics in rows.items()}
         _write_json(json_path, {"requests": len(held_out), "seed": settings.seed, "policies": payload})
