@@ -98,7 +98,9 @@ def plot_epoch_curves(
                 if not math.isnan(level):
                     break
             if not math.isnan(level):
-                ax.axhline(level, linestyle="--", linewidth=1.2, color=f"C{(i + 1) % 10}", label=name)
+                # Upper references (priced with the truth) dotted, deployable baselines dashed.
+                style = ":" if "oracle" in name else "--"
+                ax.axhline(level, linestyle=style, linewidth=1.2, color=f"C{(i + 1) % 10}", label=name)
 
         ax.set_title(metric)
         ax.set_xlabel("IRPO epoch")
