@@ -31,7 +31,7 @@ from llm_auction.simulator.experiment import (
     split_requests,
     user_profiles,
 )
-from llm_auction.simulator.references import make_reference
+from llm_auction.simulator.references import make_reference, true_standalone_ctr
 
 OUT = Path("runs/bench")
 
@@ -177,7 +177,7 @@ def main() -> None:
     # bench has no trained psi and measures the simulator, not the ranking.
     for name in (*BASELINES, "oracle_greedy"):
         allocator = (
-            make_baseline(name, settings, env.ground_truth.standalone_ctr if name in PRICED else None)
+            make_baseline(name, settings, true_standalone_ctr(env.ground_truth) if name in PRICED else None)
             if name in BASELINES
             else make_reference(name, settings, env.ground_truth)
         )

@@ -60,7 +60,13 @@ def untrained_scorer(env: Environment, lambda_page: float = 0.0):
     users, ads = sorted(catalog.users["user_id"]), sorted(catalog.ads["ad_id"])
     numeric = list(CONTEXT_NUMERIC)
     model = PCTRModel(
-        PCTRNet(len(users), len(ads), len(numeric), cfg), cfg, users, ads, numeric, [0.0] * 2, [1.0] * 2
+        PCTRNet(len(users), len(ads), len(numeric), cfg),
+        cfg,
+        users,
+        ads,
+        numeric,
+        [0.0] * len(numeric),
+        [1.0] * len(numeric),
     )
     ad_table = catalog.ads.rename(columns={"text": "ad_text"})[["ad_id", "ad_text", "category"]]
     return RewardScorer(

@@ -21,7 +21,7 @@ def scorer(env: Environment):
 def _allocator(name: str, env: Environment, scorer):
     if name in ORACLE_REFERENCES:
         return make_reference(name, env.settings, env.ground_truth)
-    return make_baseline(name, env.settings, scorer.ctr_estimator() if name in PRICED else None)
+    return make_baseline(name, env.settings, scorer.standalone_pctr if name in PRICED else None)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_request_max_ads_is_respected(env: Environment, scorer):
 
 
 def _winners(name: str, env: Environment, scorer, requests) -> list[tuple[int, ...]]:
-    responses = make_baseline(name, env.settings, scorer.ctr_estimator()).allocate(
+    responses = make_baseline(name, env.settings, scorer.standalone_pctr).allocate(
         requests, np.random.default_rng(0)
     )
     return [parse_response(y, len(r.ads)).allocation for r, y in zip(requests, responses)]

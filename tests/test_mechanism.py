@@ -11,7 +11,7 @@ from llm_auction.mechanism.grammar import render_response
 from llm_auction.mechanism.metrics import bootstrap
 from llm_auction.mechanism.payments import expected_payments, payment_per_click
 from llm_auction.simulator.experiment import Environment, evaluate_policy
-from llm_auction.simulator.references import make_reference
+from llm_auction.simulator.references import make_reference, true_standalone_ctr
 
 
 def test_first_price_pays_the_bid_per_click():
@@ -48,7 +48,7 @@ class LowestBidsWin:
 def test_monotonicity_audit_passes_pre_generation_and_flags_a_non_monotone_rule(env: Environment):
     requests = env.world.auction_requests(limit=25)
     factors = env.settings.mechanism.monotonicity_factors
-    pre = make_baseline("pre_generation", env.settings, env.ground_truth.standalone_ctr)
+    pre = make_baseline("pre_generation", env.settings, true_standalone_ctr(env.ground_truth))
     report = audit_monotonicity(pre, requests, env.ground_truth, factors, max_ads=3)
     assert report.n_checks == 25 * len(requests[0].ads) * (len(factors) - 1)
     assert report.violations == []
@@ -71,7 +71,7 @@ def test_monotonicity_audit_handles_sampled_rules(env: Environment):
 def test_individual_rationality_holds_for_truthful_first_price(env: Environment):
     requests = env.world.auction_requests(limit=200)
     rollout, _ = evaluate_policy(
-        env, make_baseline("pre_generation", env.settings, env.ground_truth.standalone_ctr), requests, 0
+        env, make_baseline("pre_generation", env.settings, true_standalone_ctr(env.ground_truth)), requests, 0
     )
     report = audit_individual_rationality(rollout.impressions)
     assert report.holds

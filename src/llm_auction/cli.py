@@ -136,7 +136,7 @@ def _policy(spec: str, env: Environment, pctr: Path | None = None) -> Allocator:
             return make_reference(name, env.settings, env.ground_truth)
         if kind == "baseline" and name:
             scorer = _scorer(env.settings, pctr) if name in PRICED else None
-            return make_baseline(name, env.settings, scorer.ctr_estimator() if scorer else None)
+            return make_baseline(name, env.settings, scorer.standalone_pctr if scorer else None)
     except ValueError as exc:
         raise InputError(str(exc)) from None
     raise InputError(
@@ -631,7 +631,7 @@ def evaluate(
             for r, y in zip(held_out, ys)
         ]
     )
-    rows = oracle.score_responses(env, held_out, frame, settings.seed)
+    rows = oracle.oracle_metrics(env, held_out, frame, settings.seed)
     if scorer is not None:
         for spec, ys in responses.items():
             psi = reward_model_metrics(price_responses(scorer, held_out, ys), settings, settings.seed)

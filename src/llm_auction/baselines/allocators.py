@@ -8,7 +8,7 @@
   then at the end, ...) by bid * pCTR.
 
 These are deployable: pre- and post-generation rank with a `CtrEstimator` that production has,
-psi_t's standalone pCTR (`reward.scorer.RewardScorer.ctr_estimator`), the same pCTR the policy
+psi_t's standalone pCTR (`reward.scorer.RewardScorer.standalone_pctr`), the same pCTR the policy
 is rewarded with. The upper references priced with the simulator's truth (`pre_generation@oracle`,
 `post_generation@oracle`, `oracle_greedy`) live on the oracle side, `simulator.references`.
 """
@@ -25,7 +25,8 @@ from llm_auction.contracts import Allocator, AuctionRequest
 from llm_auction.mechanism.grammar import render_response
 from llm_auction.text.organic import organic_answer
 
-CtrEstimator = Callable[[AuctionRequest], np.ndarray]
+CtrEstimator = Callable[[Sequence[AuctionRequest]], list[np.ndarray]]
+"""requests -> the pCTR of each candidate of each request (one call per batch: psi scores in one pass)."""
 BASELINES = ("no_ads", "random", "pre_generation", "post_generation")
 PRICED = ("pre_generation", "post_generation")
 """The baselines that rank by bid x pCTR: they need a `CtrEstimator`."""
@@ -77,8 +78,8 @@ class PreGeneration:
 
     def allocate(self, requests: Sequence[AuctionRequest], rng: np.random.Generator) -> list[str]:
         out = []
-        for r in requests:
-            score = np.asarray(r.bids) * self.ctr_estimator(r)
+        for r, ctr in zip(requests, self.ctr_estimator(requests), strict=True):
+            score = np.asarray(r.bids) * ctr
             winners = [int(i) for i in np.argsort(-score, kind="stable")[: limit_of(r, self.max_ads)]]
             sentences = organic_answer(r.query, self.n_sentences, rng)
             out.append(
@@ -96,10 +97,10 @@ class PostGeneration:
 
     def allocate(self, requests: Sequence[AuctionRequest], rng: np.random.Generator) -> list[str]:
         out = []
-        for r in requests:
+        for r, ctr in zip(requests, self.ctr_estimator(requests), strict=True):
             sentences = organic_answer(r.query, self.n_sentences, rng)
             slots = spread_slots(min(limit_of(r, self.slots), len(r.ads)), len(sentences))
-            score = np.asarray(r.bids) * self.ctr_estimator(r)
+            score = np.asarray(r.bids) * ctr
             winners = [int(i) for i in np.argsort(-score, kind="stable")[: len(slots)]]
             out.append(render_response(sentences, list(zip(slots, winners))))
         return out

@@ -95,7 +95,7 @@ def evaluate_candidate(
     allocators = [
         ("candidate", candidate),
         ("champion", LLMPolicy(make_generator(generation, champion_dir), profiles, "champion")),
-        *[(name, make_baseline(name, settings, scorer.ctr_estimator())) for name in baselines],
+        *[(name, make_baseline(name, settings, scorer.standalone_pctr)) for name in baselines],
     ]
     priced, rows = {}, {}
     for label, allocator in allocators:

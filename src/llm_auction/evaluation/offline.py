@@ -15,7 +15,6 @@ import pandas as pd
 
 from llm_auction.config import Settings
 from llm_auction.contracts import Allocator, AuctionRequest
-from llm_auction.mechanism.grammar import parse_response
 from llm_auction.mechanism.metrics import Estimate, bootstrap
 from llm_auction.reward.scorer import RewardScorer
 
@@ -40,7 +39,7 @@ def price_responses(
         else pd.DataFrame(columns=["expected_payment", "pctr"], dtype=float)
     )
     per = per.reindex(range(len(responses)), fill_value=0.0)
-    parsed = [_ads_and_errors(r, y, scorer.max_ads) for r, y in zip(requests, responses, strict=True)]
+    n_ads = ads.groupby("response_number").size().reindex(range(len(responses)), fill_value=0)
     return pd.DataFrame(
         {
             "request_id": [r.request_id for r in requests],
@@ -48,18 +47,10 @@ def price_responses(
             "reward": scored.rewards,
             "revenue": per["expected_payment"].to_numpy(float),
             "clicks": per["pctr"].to_numpy(float),
-            "n_ads": [n for n, _ in parsed],
-            "n_format_errors": [e for _, e in parsed],
+            "n_ads": n_ads.to_numpy(int),
+            "n_format_errors": scored.format_errors,
         }
     )
-
-
-def _ads_and_errors(request: AuctionRequest, response: str, max_ads: int) -> tuple[int, int]:
-    """(ads inserted, format errors) of a response, under the request's own ad limit."""
-    parsed = parse_response(
-        response, len(request.ads), max_ads if request.max_ads is None else request.max_ads
-    )
-    return len(parsed.allocation), parsed.n_errors
 
 
 def reward_model_metrics(priced: pd.DataFrame, settings: Settings, seed: int) -> dict[str, Estimate]:

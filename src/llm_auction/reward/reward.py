@@ -30,22 +30,24 @@ UserFeatures = Callable[[Sequence[str]], pd.DataFrame]
 
 @dataclass(frozen=True)
 class ScoredResponses:
-    """Rewards per response, and per inserted ad the pCTR behind them."""
+    """Rewards per response, its format errors, and per inserted ad the pCTR behind them."""
 
     rewards: np.ndarray
     ads: pd.DataFrame
+    format_errors: np.ndarray
+    """Format errors of each response (the parser's count; 0 for a well-formed page)."""
 
 
 def impression_rows(
     requests: Sequence[AuctionRequest], responses: Sequence[str], max_ads: int | None
 ) -> tuple[pd.DataFrame, np.ndarray]:
-    """One row per inserted ad (the pCTR input's context columns), and which responses are well formed."""
-    rows, well_formed = [], []
+    """One row per inserted ad (the pCTR input's context columns), and each response's format errors."""
+    rows, errors = [], []
     for number, (request, response) in enumerate(zip(requests, responses, strict=True)):
         parsed = parse_response(
             response, len(request.ads), request.max_ads if request.max_ads is not None else max_ads
         )
-        well_formed.append(parsed.well_formed)
+        errors.append(parsed.n_errors)
         for position, index in enumerate(parsed.allocation, start=1):
             ad = request.ads[index]
             rows.append(
@@ -72,7 +74,7 @@ def impression_rows(
         "position",
         "n_ads",
     ]
-    return pd.DataFrame(rows, columns=columns), np.asarray(well_formed, dtype=bool)
+    return pd.DataFrame(rows, columns=columns), np.asarray(errors, dtype=int)
 
 
 def score_responses(
@@ -86,7 +88,7 @@ def score_responses(
     max_ads: int | None = None,
 ) -> ScoredResponses:
     """R for each (request, response) pair; requests may repeat (M samples of one prompt)."""
-    rows, well_formed = impression_rows(requests, responses, max_ads)
+    rows, errors = impression_rows(requests, responses, max_ads)
     if not rows.empty:
         rows = rows.merge(ad_features(rows["ad_id"].unique().tolist()), on="ad_id", how="left")
         rows = rows.merge(user_features(rows["user_id"].unique().tolist()), on="user_id", how="left")
@@ -101,7 +103,7 @@ def score_responses(
         rows["expected_payment"] = pd.Series(dtype=float)
         revenue = pd.Series(dtype=float)
     rewards = revenue.reindex(range(len(responses)), fill_value=0.0).to_numpy(float)
-    return ScoredResponses(rewards + lambda_page * well_formed.astype(float), rows)
+    return ScoredResponses(rewards + lambda_page * (errors == 0).astype(float), rows, errors)
 
 
 def table_lookup(table: pd.DataFrame, key: str) -> Callable[[Sequence[str]], pd.DataFrame]:

@@ -56,7 +56,8 @@ class RewardScorer:
         """Psi of each candidate shown alone at position 1: the ranking score of decoupled auctions.
 
         The answer is not written yet when a pre-generation auction ranks, so each candidate is
-        scored in a response holding only its own marker (one batch for all requests).
+        scored in a response holding only its own marker (one batch for all requests): the
+        baselines' `CtrEstimator`.
         """
         flat = [(r, k) for r in requests for k in range(len(r.ads))]
         scored = self.score([r for r, _ in flat], [marker(k + 1) for _, k in flat])
@@ -66,10 +67,6 @@ class RewardScorer:
             out.append(values[start : start + len(request.ads)])
             start += len(request.ads)
         return out
-
-    def ctr_estimator(self) -> Callable[[AuctionRequest], np.ndarray]:
-        """`standalone_pctr` for one request, in the shape the baselines take."""
-        return lambda request: self.standalone_pctr([request])[0]
 
     def flush(self) -> None:
         """Keep the text embeddings computed so far (the next step reuses them)."""

@@ -38,6 +38,7 @@ from llm_auction.contracts import AuctionRequest
 from llm_auction.evaluation.candidate import EVALUATION_FILE, RESPONSES_FILE
 from llm_auction.evaluation.report import plot_epoch_curves
 from llm_auction.evaluation.report import write_report as write_html
+from llm_auction.mechanism.metrics import Estimate
 from llm_auction.pipeline import steps
 from llm_auction.pipeline.local import run_local
 from llm_auction.policy.warm_start import init_policy, register_existing_policy
@@ -45,7 +46,7 @@ from llm_auction.public.catalog import HELD_OUT_FILE, SYNTHETIC_FILE, Catalog, r
 from llm_auction.serving.collector import EventStore
 from llm_auction.serving.export import export_feedback
 from llm_auction.simulator.experiment import Environment, build_environment, export_public
-from llm_auction.simulator.oracle import ORACLE_LABEL, references, score_responses
+from llm_auction.simulator.oracle import ORACLE_LABEL, oracle_metrics, references
 from llm_auction.simulator.traffic import TrafficReport, send_traffic
 from llm_auction.tracking import registry
 
@@ -358,7 +359,7 @@ class Loop:
                 report["traffic"].append({"phase": f"epoch-{epoch}", "window": window, **traffic.to_dict()})
                 self._say(f"epoch {epoch}: irpo-epoch pipeline (kfp.local)")
                 evaluation, responses = self.run_epoch(epoch, window)
-                oracle = score_responses(env, held_out, responses, self.settings.seed)
+                oracle = oracle_metrics(env, held_out, responses, self.settings.seed)
                 if epoch == 1:
                     report["epochs"].append(
                         report_entry(0, champion, evaluation, oracle, oracle_refs, "champion")
@@ -377,16 +378,16 @@ class Loop:
         return report
 
 
-def _metrics(estimates: Mapping[str, Any], keys: tuple[str, ...] = ORACLE_METRICS) -> dict[str, Any]:
-    return {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in estimates.items() if k in keys}
+def _metrics(estimates: Mapping[str, Estimate]) -> dict[str, Any]:
+    return {k: v.to_dict() for k, v in estimates.items() if k in ORACLE_METRICS}
 
 
 def report_entry(
     epoch: int,
     version: str | None,
     evaluation: Mapping[str, Any],
-    oracle: Mapping[str, Mapping[str, Any]],
-    oracle_refs: Mapping[str, Mapping[str, Any]],
+    oracle: Mapping[str, Mapping[str, Estimate]],
+    oracle_refs: Mapping[str, Mapping[str, Estimate]],
     label: str,
 ) -> dict[str, Any]:
     """One `report.json` epoch: the champion after the gate on the held-out requests, both sides.

@@ -34,7 +34,7 @@ class Replay:
         return [self.responses[r.request_id] for r in requests]
 
 
-def score_responses(
+def oracle_metrics(
     env: Environment, requests: Sequence[AuctionRequest], responses: pd.DataFrame, seed: int
 ) -> dict[str, dict[str, Estimate]]:
     """Oracle metrics of each policy's responses (`policy`, `request_id`, `response` rows)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llm_auction.baselines import PostGeneration, PreGeneration, limit_of, spread_slots
+from llm_auction.baselines import CtrEstimator, PostGeneration, PreGeneration, limit_of, spread_slots
 from llm_auction.config import Settings
 from llm_auction.contracts import Allocator, AuctionRequest
 from llm_auction.mechanism.grammar import render_response
@@ -42,10 +42,15 @@ class OracleGreedy:
         return out
 
 
+def true_standalone_ctr(click_model: ParametricClickModel) -> CtrEstimator:
+    """The simulator's standalone CTR (position 1, no externalities) as a baselines' `CtrEstimator`."""
+    return lambda requests: [click_model.standalone_ctr(r) for r in requests]
+
+
 def make_reference(name: str, settings: Settings, click_model: ParametricClickModel) -> Allocator:
     """An oracle reference by name (`ORACLE_REFERENCES`)."""
     b, max_ads = settings.baselines, settings.mechanism.max_ads
-    truth = click_model.standalone_ctr
+    truth = true_standalone_ctr(click_model)
     if name == "pre_generation@oracle":
         return PreGeneration(truth, b.organic_sentences, max_ads, name=name)
     if name == "post_generation@oracle":
