@@ -171,6 +171,16 @@ def test_the_endpoint_sees_model_profile_query_and_rendered_ads(judge_server: tu
     assert '"clicks"' in user
 
 
+def test_the_judge_is_asked_the_click_models_criteria(judge_server: tuple[FakeJudge, str]) -> None:
+    fake, url = judge_server
+    _model(url).expected_ctr(_request(), [2, 0], RESPONSE)
+    (sent,) = fake.requests
+    user = next(m["content"] for m in sent["body"]["messages"] if m["role"] == "user")
+    for criterion in ("Relevance:", "Nativeness:", "Position and competition:", "flooding:"):
+        assert criterion in user
+    assert "native ad" in user and "hard ad" in user and "dominate the answer" in user
+
+
 def test_without_response_text_the_inserted_ads_are_listed(judge_server: tuple[FakeJudge, str]) -> None:
     fake, url = judge_server
     ctr = _model(url).expected_ctr(_request(), [1, 2, 0])

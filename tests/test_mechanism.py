@@ -12,6 +12,7 @@ from llm_auction.mechanism.metrics import bootstrap
 from llm_auction.mechanism.payments import expected_payments, payment_per_click
 from llm_auction.simulator.experiment import Environment, evaluate_policy
 from llm_auction.simulator.references import make_reference, true_standalone_ctr
+from llm_auction.text.organic import organic_answer
 
 
 def test_first_price_pays_the_bid_per_click():
@@ -40,7 +41,9 @@ class LowestBidsWin:
 
     def allocate(self, requests: list[AuctionRequest], rng: np.random.Generator) -> list[str]:
         return [
-            render_response(["Answer."], [(1, int(i)) for i in np.argsort(r.bids, kind="stable")[:2]])
+            render_response(
+                organic_answer(r.query, 3, rng), [(1, int(i)) for i in np.argsort(r.bids, kind="stable")[:2]]
+            )
             for r in requests
         ]
 

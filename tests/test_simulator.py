@@ -3,9 +3,15 @@ import itertools
 import numpy as np
 import pytest
 
+from llm_auction.baselines import make_baseline, spread_slots
 from llm_auction.contracts import AdCandidate, AuctionRequest
+from llm_auction.mechanism.grammar import parse_response, render_response
 from llm_auction.simulator.base import UnknownEntityError, sample_clicks
-from llm_auction.simulator.experiment import Environment
+from llm_auction.simulator.experiment import Environment, evaluate_policy
+from llm_auction.simulator.references import make_reference
+from llm_auction.text import bank
+from llm_auction.text.organic import organic_answer
+from llm_auction.text.reading import bridge_for, is_bridge, split_sentences
 
 
 def _request_with(env: Environment, categories: list[str], topic_of_query: bool = True) -> AuctionRequest:
@@ -22,7 +28,7 @@ def _request_with(env: Environment, categories: list[str], topic_of_query: bool 
                 ad_id=row["ad_id"],
                 advertiser_id=row["advertiser_id"],
                 text=row["text"],
-                bid=float(row["bid"]),
+                bid=float(row["base_bid"]),
             )
         )
     return AuctionRequest(request_id="t", user_id=world.users["user_id"].iat[0], query=query, ads=tuple(ads))
@@ -91,24 +97,143 @@ def test_clicks_are_seeded_bernoulli_draws():
     assert np.allclose(draws.mean(axis=0), ctr, atol=0.03)
 
 
-def test_best_allocation_matches_brute_force(env: Environment):
+def _layouts(request: AuctionRequest, sentences: list[str], slots: list[list[int]]):
+    """Every ordered set of up to 3 ads, each with or without its bridge, written out as text."""
+    for n in range(1, 4):
+        for order in itertools.permutations(range(len(request.ads)), n):
+            for bridged in itertools.product((False, True), repeat=n):
+                leads = {i: bridge_for(request.ads[i].text) for i, b in zip(order, bridged) if b}
+                yield order, render_response(sentences, list(zip(slots[n], order)), leads)
+
+
+def test_oracle_layout_matches_brute_force_on_the_written_text(env: Environment):
     cm = env.ground_truth
-    for request in env.world.auction_requests(limit=15):
+    rng = np.random.default_rng(0)
+    bridged_any = False
+    for request in env.world.auction_requests(limit=12):
         bids = np.asarray(request.bids)
-        best, value = cm.best_allocation(request, bids, max_ads=3)
+        sentences = organic_answer(request.query, 3, rng)
+        slots = [spread_slots(n, 3) for n in range(4)]
+        best = cm.best_layout(request, bids, sentences, slots)
         brute = max(
-            (float(bids[list(p)] @ cm.expected_ctr(request, p)), p)
-            for n in range(0, 4)
-            for p in itertools.permutations(range(len(request.ads)), n)
+            float(bids[list(order)] @ cm.expected_ctr(request, order, text))
+            for order, text in _layouts(request, sentences, slots)
         )
-        assert value == pytest.approx(brute[0])
-        assert float(bids[list(best)] @ cm.expected_ctr(request, best)) == pytest.approx(brute[0])
+        assert best.value == pytest.approx(brute)
+        bridged_any |= any(best.bridged)
+    assert bridged_any, "the oracle never bridges: the text terms do not matter"
 
 
-def test_greedy_search_is_used_beyond_the_subset_budget(env: Environment):
+def test_oracle_greedy_writes_the_layout_it_valued(env: Environment):
+    cm = env.ground_truth
+    oracle = make_reference("oracle_greedy", env.settings, cm)
+    requests = env.world.auction_requests(limit=20)
+    for request, text in zip(requests, oracle.allocate(requests, np.random.default_rng(1))):
+        parsed = parse_response(text, len(request.ads), 3)
+        sentences = [s for s in split_sentences(parsed.organic_text) if not is_bridge(s)]
+        slots = [spread_slots(n, len(sentences)) for n in range(4)]
+        best = cm.best_layout(request, np.asarray(request.bids), sentences, slots)
+        assert parsed.allocation == best.order
+        realised = float(
+            np.asarray(request.bids)[list(parsed.allocation)]
+            @ cm.expected_ctr(request, parsed.allocation, text)
+        )
+        assert realised == pytest.approx(best.value)
+
+
+def test_candidate_pool_shrinks_beyond_the_layout_budget(env: Environment):
     request = env.world.auction_requests(limit=1)[0]
     bids = np.asarray(request.bids)
-    exact, exact_value = env.ground_truth.best_allocation(request, bids, max_ads=3)
-    greedy, greedy_value = env.ground_truth.best_allocation(request, bids, max_ads=3, max_subsets=1)
-    assert 0 < greedy_value <= exact_value + 1e-12
-    assert len(set(greedy)) == len(greedy) <= 3
+    sentences = organic_answer(request.query, 3, np.random.default_rng(0))
+    slots = [spread_slots(n, 3) for n in range(4)]
+    exact = env.ground_truth.best_layout(request, bids, sentences, slots)
+    small = env.ground_truth.best_layout(request, bids, sentences, slots, max_layouts=50)
+    assert 0 < small.value <= exact.value + 1e-12
+    assert len(set(small.order)) == len(small.order) <= 3
+
+
+# The text terms: nativeness, answer quality, flooding (a flights query; see the module docstring).
+
+OPENER, TIP_1, TIP_2 = (
+    "Good question about flights.",
+    "First, book about six weeks ahead.",
+    "Remember to pack a light bag.",
+)
+
+
+def _one_ad_ctr(env: Environment, request: AuctionRequest, text: str, index: int = 0) -> float:
+    return float(env.ground_truth.expected_ctr(request, [index], text)[0])
+
+
+def test_a_native_ad_gets_at_least_one_and_a_half_times_a_hard_ads_clicks(env: Environment):
+    request = _request_with(env, ["travel"])
+    bridge = bridge_for(request.ads[0].text)
+    native = _one_ad_ctr(env, request, f"{OPENER} {TIP_1} {bridge} [AD 1] {TIP_2}")
+    hard = _one_ad_ctr(env, request, f"{OPENER} {TIP_1} Remember to keep fees low. [AD 1] {TIP_2}")
+    assert native / hard >= 1.5
+    assert native / hard == pytest.approx(1 / env.settings.click_model.hard_ad_factor)
+
+
+def test_context_of_the_category_is_partly_native_and_a_stacked_ad_is_hard(env: Environment):
+    request = _request_with(env, ["travel", "travel"])
+    cm = env.ground_truth
+    topic = env.world.ads.set_index("ad_id").loc[request.ads[0].ad_id, "topic"]
+    tips = {t.name: t.tips for c in bank.CATEGORIES for t in c.topics}
+    other = next(t for t in ("flights", "hotels", "gear") if t != topic)
+    own, sibling = f"Remember to {tips[topic][0]}.", f"Remember to {tips[other][0]}."
+    native = _one_ad_ctr(env, request, f"{OPENER} {TIP_1} {own} [AD 1]")
+    partial = _one_ad_ctr(env, request, f"{OPENER} {TIP_1} {sibling} [AD 1]")
+    assert partial < native
+    assert partial / native == pytest.approx((1 + env.settings.click_model.hard_ad_factor) / 2)
+    spread = cm.expected_ctr(request, [0, 1], f"{OPENER} {TIP_1} {own} [AD 1] {own} [AD 2]")
+    stacked = cm.expected_ctr(request, [0, 1], f"{OPENER} {TIP_1} {own} [AD 1] [AD 2] {own}")
+    assert stacked[0] == pytest.approx(spread[0])
+    assert stacked[1] < spread[1]
+
+
+def test_an_answer_below_the_quality_floor_lowers_every_ads_clicks(env: Environment):
+    request = _request_with(env, ["travel", "tech"])
+    cm = env.ground_truth
+    useful = cm.expected_ctr(request, [0, 1], f"{OPENER} [AD 1] {TIP_1} [AD 2] {TIP_2}")
+    # the same units, but the answer repeats itself: one distinct useful sentence, below the floor of 2
+    repeated = cm.expected_ctr(request, [0, 1], f"{OPENER} [AD 1] {OPENER} [AD 2] {OPENER}")
+    penalty = 1 - env.settings.click_model.low_quality_penalty
+    assert repeated == pytest.approx(useful * penalty)
+
+
+def test_ads_and_ad_talk_flooding_the_answer_drive_clicks_to_zero(env: Environment):
+    request = _request_with(env, ["travel", "tech", "home"])
+    cm = env.ground_truth
+    bridges = [bridge_for(ad.text) for ad in request.ads]
+    light = cm.expected_ctr(request, [0], f"{OPENER} [AD 1] {TIP_1} {TIP_2}")[0]
+    talk = cm.expected_ctr(request, [0], f"{OPENER} [AD 1] {bridges[1]} {bridges[2]} {TIP_2}")[0]
+    flooded = cm.expected_ctr(request, [0, 1, 2], f"{OPENER} [AD 1] {bridges[1]} [AD 2] {bridges[2]} [AD 3]")
+    ads_only = cm.expected_ctr(request, [0, 1, 2], "[AD 1] [AD 2] [AD 3]")
+    assert talk < light
+    assert (
+        flooded[0]
+        < 0.25 * cm.expected_ctr(request, [0, 1, 2], f"{OPENER} [AD 1] {TIP_1} [AD 2] {TIP_2} [AD 3]")[0]
+    )
+    assert np.all(ads_only == 0)
+
+
+def test_user_utility_rewards_a_useful_uncrowded_answer(env: Environment):
+    request = _request_with(env, ["travel"])
+    cm = env.ground_truth
+    full = cm.user_utility(request, f"{OPENER} {TIP_1} {TIP_2}", 0)
+    assert full == pytest.approx(env.settings.click_model.user_weight)
+    with_ad = cm.user_utility(request, f"{OPENER} {TIP_1} [AD 1] {TIP_2}", 1)
+    thin = cm.user_utility(request, f"{OPENER} Remember to keep fees low.", 0)
+    assert 0 < with_ad < full and 0 < thin < full
+    assert cm.user_utility(request, "[AD 1]", 1) == 0
+
+
+def test_welfare_is_advertisers_value_plus_the_users_utility(env: Environment):
+    requests = env.world.auction_requests(limit=100)
+    for name in ("no_ads", "random"):
+        rollout, metrics = evaluate_policy(env, make_baseline(name, env.settings), requests, 0)
+        ad_value = (rollout.impressions["value_per_click"] * rollout.impressions["expected_ctr"]).sum()
+        user = rollout.requests["user_utility"].sum()
+        assert user > 0
+        assert metrics["social_welfare"].mean == pytest.approx((ad_value + user) / len(requests))
+        assert metrics["social_welfare"].mean != pytest.approx(metrics["revenue"].mean)

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from llm_auction.config import WorldConfig
 from llm_auction.world import CATEGORY_NAMES, World, generate_world
@@ -48,13 +49,42 @@ def test_round_trip_and_shapes(tmp_path: Path):
     assert set(loaded.ads["category"]) <= set(CATEGORY_NAMES)
 
 
-def test_truthful_bids_equal_values_and_strategies_shift_them():
+def test_truthful_base_bids_equal_values_and_strategies_shift_them():
     truthful = generate_world(SMALL, seed=2)
-    assert np.allclose(truthful.ads["bid"], truthful.ads["value_per_click"])
+    assert np.allclose(truthful.ads["base_bid"], truthful.ads["value_per_click"])
     shaded = generate_world(SMALL.model_copy(update={"bid_strategy": "shade"}), seed=2)
-    assert (shaded.ads["bid"] < shaded.ads["value_per_click"]).all()
+    assert (shaded.ads["base_bid"] < shaded.ads["value_per_click"]).all()
     inflated = generate_world(SMALL.model_copy(update={"bid_strategy": "inflate"}), seed=2)
-    assert (inflated.ads["bid"] > inflated.ads["value_per_click"]).all()
+    assert (inflated.ads["base_bid"] > inflated.ads["value_per_click"]).all()
+
+
+def _bids_by_ad(world: World) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            (a, b)
+            for ids, bids in zip(world.requests["ad_ids"], world.requests["bids"])
+            for a, b in zip(ids, bids)
+        ],
+        columns=["ad_id", "bid"],
+    ).join(world.ads.set_index("ad_id")["base_bid"], on="ad_id")
+
+
+def test_bids_change_per_auction_around_the_base_bid():
+    world = generate_world(SMALL.model_copy(update={"n_requests": 2000}), seed=2)
+    bids = _bids_by_ad(world)
+    spread = bids.groupby("ad_id")["bid"].agg(["nunique", "count"])
+    repeated = spread[spread["count"] >= 5]
+    assert len(repeated) > 10 and (repeated["nunique"] > 1).all()
+    ratio = bids["bid"] / bids["base_bid"]
+    assert 0.9 < ratio.mean() < 1.1 and ratio.std() > 0.15
+    requests = world.auction_requests(limit=50)
+    assert [r.bids for r in requests] == [tuple(b) for b in world.requests["bids"].iloc[:50]]
+
+
+def test_bids_without_noise_or_campaigns_are_the_base_bids():
+    fixed = SMALL.model_copy(update={"bid_noise": 0.0, "campaign_amplitude": 0.0})
+    bids = _bids_by_ad(generate_world(fixed, seed=2))
+    assert np.allclose(bids["bid"], bids["base_bid"].round(2))
 
 
 def test_retrieval_is_mostly_on_category():

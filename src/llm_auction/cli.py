@@ -34,6 +34,7 @@ from llm_auction.mechanism.metrics import METRICS, Estimate
 from llm_auction.public.catalog import HELD_OUT_FILE, Catalog, read_requests
 from llm_auction.public.feedback import FeedbackFileError
 from llm_auction.simulator.experiment import Environment, build_environment, evaluate_policy
+from llm_auction.simulator.oracle import headroom
 from llm_auction.simulator.references import ORACLE_REFERENCES, make_reference
 from llm_auction.world import generate_world
 
@@ -266,22 +267,35 @@ def compare(
     batch = _requests(env, requests, None)
     specs = [f"baseline:{b}" for b in BASELINES if pctr is not None or b not in PRICED]
     specs += [f"oracle:{r}" for r in ORACLE_REFERENCES]
-    rows = {}
+    rows, rollouts = {}, {}
     with console.status("simulating baselines") as status:
         for spec in specs:
             status.update(f"simulating {spec} on {len(batch)} requests")
-            _, rows[spec.partition(":")[2]] = evaluate_policy(
-                env, _policy(spec, env, pctr), batch, settings.seed
-            )
+            name = spec.partition(":")[2]
+            rollouts[name], rows[name] = evaluate_policy(env, _policy(spec, env, pctr), batch, settings.seed)
     title = (
         f"baselines on {len(batch)} requests (expected clicks, seed {settings.seed}; oracle: simulation only)"
     )
     console.print(_table(title, rows))
+    m = settings.mechanism
+    deployable = {name: rollouts[name] for name in BASELINES if name in rollouts}
+    gaps = headroom(rollouts["oracle_greedy"], deployable, m.bootstrap_samples, m.ci_level, settings.seed)
+    _print_fields(
+        "headroom: oracle_greedy over the best deployable baseline (paired 95% interval)",
+        [
+            (f"{g.metric} (vs {g.best})", f"x{g.ratio.mean:.3f} [{g.ratio.ci[0]:.3f}, {g.ratio.ci[1]:.3f}]")
+            for g in gaps
+        ],
+    )
     if pctr is None:
         err_console.print(f"{', '.join(PRICED)} rank by bid x pCTR: pass --pctr DIR to include them")
     if json_path is not None:
         payload = {name: {m: metrics[m].to_dict() for m in METRICS} for name, metrics in rows.items()}
-        _write_json(json_path, {"requests": len(batch), "seed": settings.seed, "policies": payload})
+        gap_payload = {g.metric: {"best_deployable": g.best, "ratio": g.ratio.to_dict()} for g in gaps}
+        _write_json(
+            json_path,
+            {"requests": len(batch), "seed": settings.seed, "policies": payload, "headroom": gap_payload},
+        )
 
 
 @audit_app.command("monotonicity")

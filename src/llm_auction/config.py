@@ -49,6 +49,12 @@ class WorldConfig(_Section):
     bid_factor: float = Field(
         0.2, ge=0.0, lt=1.0, description="Shading bids value*(1-f); inflating bids value*(1+f)."
     )
+    bid_noise: float = Field(
+        0.25, ge=0.0, description="Sigma of the per-request lognormal noise on each bid (mean-one)."
+    )
+    campaign_amplitude: float = Field(
+        0.3, ge=0.0, lt=1.0, description="Most amplitude of an advertiser's daily campaign multiplier."
+    )
     interest_concentration: float = Field(
         0.4, gt=0.0, description="Dirichlet concentration of user interests: lower is pickier."
     )
@@ -79,6 +85,22 @@ class ClickModelConfig(_Section):
         0.1, ge=0.0, lt=1.0, description="CTR loss per ad shown beyond `fatigue_free_ads`."
     )
     fatigue_free_ads: int = Field(1, ge=0, description="Ads a user tolerates without fatigue.")
+    hard_ad_factor: float = Field(
+        0.5, gt=0.0, le=1.0, description="CTR multiplier of a hard ad (context off its category); native: 1."
+    )
+    quality_floor: int = Field(
+        2, ge=0, description="Distinct sentences on the query's topic an answer needs to be useful."
+    )
+    low_quality_penalty: float = Field(
+        0.5, ge=0.0, lt=1.0, description="CTR loss per sentence the answer falls short of the floor."
+    )
+    flood_threshold: float = Field(
+        0.5, ge=0.0, lt=1.0, description="Share of ads and ad talk in the answer above which clicks fall."
+    )
+    flood_power: float = Field(2.0, gt=0.0, description="How fast clicks fall to zero above the threshold.")
+    user_weight: float = Field(
+        0.5, ge=0.0, description="The user's utility of a useful, uncrowded answer, in welfare units."
+    )
 
 
 class LLMJudgeConfig(_Section):
@@ -123,10 +145,15 @@ class BaselineConfig(_Section):
 
     post_generation_slots: int = Field(2, ge=0, description="Fixed ad slots of post-generation.")
     random_max_ads: int = Field(2, ge=0, description="Most ads random insertion places.")
-    oracle_max_subsets: int = Field(
-        20000, ge=1, description="Above this many ad subsets the oracle searches greedily."
+    oracle_max_layouts: int = Field(
+        20000,
+        ge=1,
+        description="Above this many layouts the oracle searches its best-valued candidates only.",
     )
     organic_sentences: int = Field(3, ge=1, le=8, description="Organic sentences per answer.")
+    pre_generation_bridges: int = Field(
+        1, ge=0, description="Most off-topic winners pre-generation writes a bridge sentence for."
+    )
 
 
 class PolicyModelConfig(_Section):
@@ -159,6 +186,9 @@ class WarmStartConfig(_Section):
         (0.15, 0.35, 0.35, 0.15), description="Probability of inserting 0, 1, 2, ... ads."
     )
     relevance_noise: float = Field(0.6, ge=0, description="Gumbel noise scale on text relevance.")
+    bridge_prob: float = Field(
+        0.3, ge=0, le=1, description="Chance pi_0 leads an inserted ad with a bridge sentence."
+    )
 
     @field_validator("ad_count_probs")
     @classmethod

@@ -3,9 +3,10 @@
 - `no_ads`: organic text only.
 - `random`: 0..`random_max_ads` candidates at random slots (bid-blind).
 - `pre_generation`: auction first (rank by bid * pCTR, keep the top `max_ads`), then write the answer
-  around the winners, best first.
+  around the winners, best first, leading up to `pre_generation_bridges` winners that are off the
+  query's topic with a bridge sentence (`text.reading.bridge_for`) so they read as native.
 - `post_generation`: write the answer first, then auction its fixed slots (after the first sentence,
-  then at the end, ...) by bid * pCTR.
+  then at the end, ...) by bid * pCTR; the text is written before the ads, so nothing bridges them.
 
 These are deployable: pre- and post-generation rank with a `CtrEstimator` that production has,
 psi_t's standalone pCTR (`reward.scorer.RewardScorer.standalone_pctr`), the same pCTR the policy
@@ -24,6 +25,7 @@ from llm_auction.config import Settings
 from llm_auction.contracts import Allocator, AuctionRequest
 from llm_auction.mechanism.grammar import render_response
 from llm_auction.text.organic import organic_answer
+from llm_auction.text.reading import bridge_for, text_relevance, topic_of
 
 CtrEstimator = Callable[[Sequence[AuctionRequest]], list[np.ndarray]]
 """requests -> the pCTR of each candidate of each request (one call per batch: psi scores in one pass)."""
@@ -74,6 +76,7 @@ class PreGeneration:
     ctr_estimator: CtrEstimator
     n_sentences: int
     max_ads: int
+    max_bridges: int = 0
     name: str = "pre_generation"
 
     def allocate(self, requests: Sequence[AuctionRequest], rng: np.random.Generator) -> list[str]:
@@ -82,10 +85,19 @@ class PreGeneration:
             score = np.asarray(r.bids) * ctr
             winners = [int(i) for i in np.argsort(-score, kind="stable")[: limit_of(r, self.max_ads)]]
             sentences = organic_answer(r.query, self.n_sentences, rng)
-            out.append(
-                render_response(sentences, list(zip(spread_slots(len(winners), len(sentences)), winners)))
-            )
+            placements = list(zip(spread_slots(len(winners), len(sentences)), winners))
+            out.append(render_response(sentences, placements, self._bridges(r, winners)))
         return out
+
+    def _bridges(self, request: AuctionRequest, winners: Sequence[int]) -> dict[int, str]:
+        """Bridges for the best-ranked winners that are off the query's topic (at most `max_bridges`)."""
+        topic = topic_of(request.query)
+        leads: dict[int, str] = {}
+        for i in winners:
+            text = request.ads[i].text
+            if len(leads) < self.max_bridges and text_relevance(topic, text) < 1 and (b := bridge_for(text)):
+                leads[i] = b
+        return leads
 
 
 @dataclass
@@ -114,7 +126,9 @@ def make_baseline(name: str, settings: Settings, ctr_estimator: CtrEstimator | N
     builders: dict[str, Callable[[], Allocator]] = {
         "no_ads": lambda: NoAds(b.organic_sentences),
         "random": lambda: RandomInsertion(b.organic_sentences, min(b.random_max_ads, max_ads)),
-        "pre_generation": lambda: PreGeneration(ctr_estimator, b.organic_sentences, max_ads),
+        "pre_generation": lambda: PreGeneration(
+            ctr_estimator, b.organic_sentences, max_ads, b.pre_generation_bridges
+        ),
         "post_generation": lambda: PostGeneration(
             ctr_estimator, b.organic_sentences, b.post_generation_slots
         ),

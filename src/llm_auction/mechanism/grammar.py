@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 ERROR_KINDS = ("malformed", "unknown", "duplicate", "over_limit")
@@ -92,17 +92,27 @@ def parse_response(text: str, n_candidates: int, max_ads: int | None = None) -> 
     return ParsedResponse(tuple(allocation), errors, organic)
 
 
-def render_response(sentences: Sequence[str], placements: Sequence[tuple[int, int]]) -> str:
+def render_response(
+    sentences: Sequence[str], placements: Sequence[tuple[int, int]], leads: Mapping[int, str] | None = None
+) -> str:
     """Write organic sentences with ads inserted: `(after_sentence, index)` puts `[AD index+1]`
-    after sentence number `after_sentence` (0 = before the first sentence), in the given order.
+    after sentence number `after_sentence` (0 = before the first sentence), in the given order;
+    `leads[index]`, when given, is a sentence written right before that ad's marker (a bridge).
     """
+    leads = leads or {}
     by_slot: dict[int, list[int]] = {}
     for after, index in placements:
         if not 0 <= after <= len(sentences):
             raise ValueError(f"slot {after} outside 0..{len(sentences)}")
         by_slot.setdefault(after, []).append(index)
-    words: list[str] = [marker(i + 1) for i in by_slot.get(0, [])]
+
+    def ads_at(slot: int) -> list[str]:
+        return [
+            w for i in by_slot.get(slot, []) for w in (*((leads[i],) if i in leads else ()), marker(i + 1))
+        ]
+
+    words: list[str] = ads_at(0)
     for number, sentence in enumerate(sentences, start=1):
         words.append(sentence)
-        words.extend(marker(i + 1) for i in by_slot.get(number, []))
+        words.extend(ads_at(number))
     return " ".join(words)

@@ -1,8 +1,10 @@
 """Auction metrics with bootstrap confidence intervals over requests.
 
 Per-request metrics (revenue, social welfare, ad load, fill rate, format-error rate) are means over
-requests; ITCTR is a ratio of sums (clicks / ad impressions), bootstrapped as a ratio. Requests are
-the resampling unit because the ads of one response interact (externalities).
+requests; social welfare is the advertisers' value of the clicks plus the user's utility of the
+answer (`user_utility`, a request column when the simulator knows it). ITCTR is a ratio of sums
+(clicks / ad impressions), bootstrapped as a ratio. Requests are the resampling unit because the
+ads of one response interact (externalities).
 """
 
 from __future__ import annotations
@@ -64,8 +66,10 @@ def per_request_outcomes(requests: pd.DataFrame, impressions: pd.DataFrame, clic
         welfare=impressions["value_per_click"] * impressions[clicks],
         clicks=impressions[clicks].astype(float),
     )
-    sums = shown.groupby("request_id")[["payment", "welfare", "clicks"]].sum()
+    sums = shown.groupby("request_id")[["payment", "welfare", "clicks"]].sum().astype(float)
     out = requests.set_index("request_id")[["n_ads", "n_format_errors"]].join(sums).fillna(0.0)
+    if "user_utility" in requests:
+        out["welfare"] += requests.set_index("request_id")["user_utility"].astype(float)
     return out
 
 

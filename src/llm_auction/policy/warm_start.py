@@ -30,7 +30,9 @@ from llm_auction.policy.allocator import LLMPolicy, prompts_for
 from llm_auction.policy.generation import TransformersGenerator
 from llm_auction.policy.model import build_model, count_parameters, load_policy, save_policy
 from llm_auction.policy.tokenizer import train_tokenizer
-from llm_auction.text.organic import organic_answer, text_relevance, topic_of
+from llm_auction.text import bank
+from llm_auction.text.organic import organic_answer
+from llm_auction.text.reading import bridge_for, text_relevance, topic_of
 from llm_auction.tracking import registry
 from llm_auction.tracking.runs import tracked_run
 
@@ -44,7 +46,9 @@ def imitation_response(
 
     The chosen ads sit together after one random sentence, in the order the prompt lists them, as
     a plain model's "sponsored" aside would: a tiny model learns that layout without repeating a
-    marker. Which ads, how many, in what order and where is what IRPO changes later.
+    marker. Each is led by a bridge naming its product with probability `bridge_prob`, so native
+    introductions are in pi_0's support. Which ads, how many, in what order, where and which get a
+    bridge is what IRPO changes later.
     """
     sentences = organic_answer(request.query, n_sentences, rng)
     topic = topic_of(request.query)
@@ -55,7 +59,14 @@ def imitation_response(
     scores = relevance + cfg.relevance_noise * rng.gumbel(size=len(relevance))
     chosen = sorted(int(i) for i in np.argsort(-scores, kind="stable")[:n_ads])
     slot = int(rng.integers(1, len(sentences) + 1))
-    return render_response(sentences, [(slot, i) for i in chosen])
+    templates = rng.integers(len(bank.BRIDGE_TEMPLATES), size=len(chosen))
+    bridged = rng.random(len(chosen)) < cfg.bridge_prob
+    leads = {
+        i: b
+        for i, t, on in zip(chosen, templates, bridged)
+        if on and (b := bridge_for(request.ads[i].text, t))
+    }
+    return render_response(sentences, [(slot, i) for i in chosen], leads)
 
 
 def sft_dataset(prompts: Sequence[str], responses: Sequence[str]) -> Dataset:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +30,15 @@ class Environment:
     ground_truth: ParametricClickModel
     click_model: ClickModel
 
-    @property
-    def values(self) -> dict[str, float]:
-        return dict(zip(self.world.ads["ad_id"], self.world.ads["value_per_click"].astype(float)))
+    @functools.cached_property
+    def values(self) -> dict[tuple[str, str], float]:
+        """(request_id, ad_id) -> the advertiser's value of a click in that auction (hidden)."""
+        w = self.world.requests
+        return {
+            (r, a): float(v)
+            for r, ids, vals in zip(w["request_id"], w["ad_ids"], w["values"], strict=True)
+            for a, v in zip(ids, vals, strict=True)
+        }
 
 
 def build_environment(settings: Settings, world_dir: Path | None = None) -> Environment:
@@ -49,7 +56,15 @@ def evaluate_policy(
 ) -> tuple[Rollout, dict[str, Estimate]]:
     """Roll the policy out on `requests` and compute the oracle (expected-click) metrics."""
     rng = np.random.default_rng([seed, 1])
-    result = rollout(allocator, requests, env.click_model, env.values, rng, env.settings.mechanism.max_ads)
+    result = rollout(
+        allocator,
+        requests,
+        env.click_model,
+        env.values,
+        rng,
+        env.settings.mechanism.max_ads,
+        user_utility=env.ground_truth.user_utility,
+    )
     m = env.settings.mechanism
     metrics = auction_metrics(
         result.requests, result.impressions, m.bootstrap_samples, m.ci_level, np.random.default_rng([seed, 2])

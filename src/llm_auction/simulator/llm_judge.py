@@ -58,13 +58,23 @@ The assistant's answer, as you see it (each sponsored ad appears as [Ad: <ad tex
 {response}
 
 The answer shows {n_ads} ad(s), numbered 1 to {n_ads} in order of appearance. For each ad, \
-estimate the probability (a number from 0 to 1) that you, this user, would click it, given your \
-profile, your question, where the ad appears in the answer and the other ads shown with it.
+estimate the probability (a number from 0 to 1) that you, this user, would click it. Judge as a \
+real user would:
+- Relevance: an ad for what you asked about, or for what your profile says you like, draws clicks.
+- Nativeness: an ad that the sentence right before it introduces naturally (a native ad) is \
+clicked far more than a hard ad dropped in without a connection to the text around it.
+- Position and competition: ads further down get less attention, and similar ads shown together \
+split it.
+- Answer quality and flooding: if the answer does not really address your question, you trust \
+its ads less; if ads or talk about ads dominate the answer, you click almost nothing.
 
 Reply with only a JSON object of this form, with exactly {n_ads} entries, one per ad, \
 in order of appearance:
 {example}"""
 """The user message of a judge call.
+
+The criteria are those of the parametric click model (`simulator.parametric`): relevance,
+nativeness, position and competition, answer quality and flooding.
 
 Placeholders: `profile` (the user's profile text), `query` (the request's query), `response`
 (the rendered response: markers replaced by `[Ad: <ad text>]`, or only the inserted ads one per

@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 
 from llm_auction.contracts import AuctionRequest
-from llm_auction.mechanism.metrics import Estimate, auction_metrics
+from llm_auction.mechanism.metrics import Estimate, auction_metrics, bootstrap, per_request_outcomes
 from llm_auction.simulator.experiment import Environment, evaluate_policy
 from llm_auction.simulator.references import ORACLE_REFERENCES, make_reference
-from llm_auction.simulator.rollout import rollout
+from llm_auction.simulator.rollout import Rollout, rollout
 
 ORACLE_LABEL = "oracle (simulation only): expected clicks under the simulator's click model"
 
@@ -43,7 +43,13 @@ def oracle_metrics(
     for policy, frame in responses.groupby("policy", sort=False):
         replay = Replay(dict(zip(frame["request_id"], frame["response"])), str(policy))
         result = rollout(
-            replay, requests, env.click_model, env.values, np.random.default_rng([seed, 1]), m.max_ads
+            replay,
+            requests,
+            env.click_model,
+            env.values,
+            np.random.default_rng([seed, 1]),
+            m.max_ads,
+            user_utility=env.ground_truth.user_utility,
         )
         out[str(policy)] = auction_metrics(
             result.requests,
@@ -63,3 +69,45 @@ def references(
         name: evaluate_policy(env, make_reference(name, env.settings, env.ground_truth), requests, seed)[1]
         for name in names
     }
+
+
+@dataclass(frozen=True)
+class Headroom:
+    """How far an oracle reference is above the best deployable rule on one metric."""
+
+    metric: str
+    best: str
+    """The deployable rule with the highest mean on this metric."""
+    ratio: Estimate
+    """oracle / best over the same requests (paired bootstrap: both resampled together)."""
+
+
+HEADROOM_METRICS = {"revenue": "payment", "social_welfare": "welfare"}
+
+
+def headroom(
+    oracle: Rollout, deployable: Mapping[str, Rollout], n_boot: int, level: float, seed: int
+) -> list[Headroom]:
+    """The oracle's revenue and welfare over the best deployable rule's, on the same requests.
+
+    What a learned auction could still gain over today's decoupled ones, if it wrote as well as
+    the truth allows; a ratio near 1 leaves it nothing to learn.
+    """
+    out = []
+    outcomes = {
+        name: per_request_outcomes(r.requests, r.impressions, "expected_ctr")
+        for name, r in deployable.items()
+    }
+    top = per_request_outcomes(oracle.requests, oracle.impressions, "expected_ctr")
+    for metric, column in HEADROOM_METRICS.items():
+        best = max(outcomes, key=lambda name: outcomes[name][column].mean())
+        paired = top[[column]].join(outcomes[best][[column]], rsuffix="_best")
+        ratio = bootstrap(
+            paired[column].to_numpy(),
+            paired[f"{column}_best"].to_numpy(),
+            n_boot,
+            level,
+            np.random.default_rng([seed, 3]),
+        )
+        out.append(Headroom(metric, best, ratio))
+    return out

@@ -8,9 +8,30 @@ For ad i shown at position k among the n ads of a response:
                     * (1 - gamma_same)^(same-category others)      competition for attention
                     * (1 - gamma_other)^(other-category others)
                     * (1 - fatigue)^max(0, n - free_ads)           ad-load fatigue
+                    * (h + (1 - h) * native_i)                     nativeness
+                    * (1 - penalty)^max(0, floor - useful)         answer quality
+                    * flood(share)                                 ads and ad talk crowding the answer
 
 relevance is 1 for the query's own topic, 0.5 for another topic of its category, 0 otherwise;
 interest is the user's interest in the ad's category relative to their strongest interest.
+
+The text terms read the response (`text.reading`):
+
+- native_i: the sentence right before the ad's marker is about the ad's own topic (1: a native ad,
+  e.g. after a bridge naming its product, or an on-topic ad after a tip on the query), about
+  another topic of its category (0.5), or about anything else, or there is none because the marker
+  opens the answer or follows another marker (0: a hard ad). h = `hard_ad_factor`, so with the
+  default 0.5 a native ad gets twice a hard one's clicks.
+- useful: distinct sentences on the query's topic that are not bridges; fewer than `quality_floor`
+  lowers every ad's clicks.
+- share = (n + ad talk) / (n + sentences), ad talk being every sentence that does not address the
+  query (bridges included); flood(s) = 1 up to `flood_threshold`, then
+  ((1 - s) / (1 - threshold))^`flood_power`, falling to 0 when ads and ad talk are all there is.
+
+The user's own utility of the answer, a term of social welfare, is
+`user_weight * min(useful, floor) / floor * (1 - share)`: a useful answer, less so when crowded.
+Without a response text an allocation is read as a plain answer: each ad after a sentence on the
+query's topic (native by relevance), the answer useful and not flooded.
 """
 
 from __future__ import annotations
@@ -18,15 +39,38 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from llm_auction.config import ClickModelConfig
 from llm_auction.contracts import AuctionRequest
 from llm_auction.simulator.base import UnknownEntityError
+from llm_auction.text.reading import category_of, is_bridge, product_of, read_layout, sentence_topic
 from llm_auction.world import CATEGORY_NAMES, World
 
 SAME_TOPIC, SAME_CATEGORY = 1.0, 0.5
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the user takes from an answer's sentences (its ads aside)."""
+
+    useful: int
+    """Distinct sentences that address the query (on its topic, not a bridge)."""
+    talk: int
+    """Sentences that do not address it: bridges and other ad talk."""
+    sentences: int
+    """All sentences (repeats of a useful one are neither useful again nor ad talk)."""
+
+
+@dataclass(frozen=True)
+class OracleLayout:
+    """The oracle's best answer: ads in order, which ones get a bridge, expected weighted clicks."""
+
+    order: tuple[int, ...]
+    bridged: tuple[bool, ...]
+    value: float
 
 
 class ParametricClickModel:
@@ -47,11 +91,14 @@ class ParametricClickModel:
             weights = np.asarray(row.interests, dtype=float)
             self._interest[row.user_id] = weights / max(weights.max(), 1e-12)
 
-    def _lookup(self, request: AuctionRequest, indices: Sequence[int]) -> tuple[np.ndarray, ...]:
+    def _query(self, request: AuctionRequest) -> tuple[int, str]:
         try:
-            query_cat, query_topic = self._queries[request.query]
+            return self._queries[request.query]
         except KeyError:
             raise UnknownEntityError(f"query: no ground truth for {request.query!r}") from None
+
+    def _lookup(self, request: AuctionRequest, indices: Sequence[int]) -> tuple[np.ndarray, ...]:
+        query_cat, query_topic = self._query(request)
         try:
             interest = self._interest[request.user_id]
         except KeyError:
@@ -64,15 +111,40 @@ class ParametricClickModel:
             cat, topic, q = self._ads[ad_id]
             cats.append(cat)
             quality.append(q)
-            same_cat = cat == query_cat
-            relevance.append(SAME_TOPIC if same_cat and topic == query_topic else SAME_CATEGORY * same_cat)
+            relevance.append(self._match(cat, topic, query_cat, query_topic))
         cats_arr = np.asarray(cats, dtype=int)
         return cats_arr, np.asarray(relevance), interest[cats_arr], np.asarray(quality)
 
+    @staticmethod
+    def _match(cat: int, topic: str, other_cat: int, other_topic: str) -> float:
+        """1 for the same topic, 0.5 for another topic of the same category, else 0."""
+        if cat != other_cat:
+            return 0.0
+        return SAME_TOPIC if topic == other_topic else SAME_CATEGORY
+
+    def _nativeness(self, ad_id: str, context: str | None) -> float:
+        """How well the sentence before an ad introduces it (1 native ... 0 hard)."""
+        topic = None if context is None else sentence_topic(context)
+        if topic is None:
+            return 0.0
+        cat, ad_topic, _ = self._ads[ad_id]
+        return self._match(cat, ad_topic, CATEGORY_NAMES.index(category_of(topic).name), topic.name)
+
+    def read_answer(self, request: AuctionRequest, sentences: Sequence[str]) -> Answer:
+        """Which sentences address the request's query (by the query's true topic)."""
+        _, query_topic = self._query(request)
+        useful = {
+            s.strip().lower()
+            for s in sentences
+            if not is_bridge(s) and (t := sentence_topic(s)) is not None and t.name == query_topic
+        }
+        addressing = sum(1 for s in sentences if s.strip().lower() in useful)
+        return Answer(useful=len(useful), talk=len(sentences) - addressing, sentences=len(sentences))
+
     def standalone_ctr(self, request: AuctionRequest) -> np.ndarray:
-        """CTR of each candidate shown alone in position 1: the first-order, externality-free part."""
+        """CTR of each candidate shown alone in position 1 of a plain answer: the first-order part."""
         _, relevance, interest, quality = self._lookup(request, range(len(request.ads)))
-        return self._base(relevance, interest, quality)
+        return self._base(relevance, interest, quality) * self._native_factor(relevance)
 
     def _base(self, relevance: np.ndarray, interest: np.ndarray, quality: np.ndarray) -> np.ndarray:
         c = self.cfg
@@ -95,6 +167,22 @@ class ParametricClickModel:
             * (1 - c.ad_load_fatigue) ** max(0, n - c.fatigue_free_ads)
         )
 
+    def _native_factor(self, nativeness: np.ndarray) -> np.ndarray:
+        h = self.cfg.hard_ad_factor
+        return h + (1 - h) * np.asarray(nativeness, dtype=float)
+
+    def _share(self, n_ads: int | np.ndarray, answer: Answer, extra_talk: int | np.ndarray = 0) -> np.ndarray:
+        """Share of the answer's units (ads and sentences) that are ads or ad talk."""
+        units = np.maximum(n_ads + answer.sentences + extra_talk, 1)
+        return np.asarray((n_ads + answer.talk + extra_talk) / units, dtype=float)
+
+    def _answer_factor(self, answer: Answer, share: np.ndarray) -> np.ndarray:
+        """Quality floor and flooding: the same multiplier for every ad of the answer."""
+        c = self.cfg
+        quality = (1 - c.low_quality_penalty) ** max(0, c.quality_floor - answer.useful)
+        crowded = np.clip((1 - share) / (1 - c.flood_threshold), 0.0, 1.0) ** c.flood_power
+        return quality * np.where(share <= c.flood_threshold, 1.0, crowded)
+
     def expected_ctr(
         self, request: AuctionRequest, allocation: Sequence[int], response: str | None = None
     ) -> np.ndarray:
@@ -102,46 +190,83 @@ class ParametricClickModel:
         if n == 0:
             return np.zeros(0)
         cats, relevance, interest, quality = self._lookup(request, allocation)
-        decay = self.cfg.position_decay ** np.arange(n)
-        return self._base(relevance, interest, quality) * decay * self._set_multiplier(cats)
+        ctr = self._base(relevance, interest, quality) * self.cfg.position_decay ** np.arange(n)
+        ctr = ctr * self._set_multiplier(cats)
+        if response is None:
+            return ctr * self._native_factor(relevance)
+        layout = read_layout(response, list(allocation))
+        answer = self.read_answer(request, layout.sentences)
+        native = [self._nativeness(request.ads[i].ad_id, c) for i, c in zip(allocation, layout.contexts)]
+        return (
+            ctr * self._native_factor(np.array(native)) * self._answer_factor(answer, self._share(n, answer))
+        )
 
-    def best_allocation(
-        self, request: AuctionRequest, weights: np.ndarray, max_ads: int, max_subsets: int = 20000
-    ) -> tuple[tuple[int, ...], float]:
-        """The ordered allocation of at most `max_ads` ads maximising sum_i weights_i * ctr_i.
+    def user_utility(self, request: AuctionRequest, response: str, n_ads: int) -> float:
+        """The user's utility of the answer itself (welfare's user term): useful and uncrowded."""
+        answer = self.read_answer(request, read_layout(response, []).sentences)
+        floor = self.cfg.quality_floor
+        useful = 1.0 if floor == 0 else min(answer.useful, floor) / floor
+        return float(self.cfg.user_weight * useful * (1 - self._share(n_ads, answer)))
 
-        Exact when the subsets number at most `max_subsets`: for a fixed set, position decay is the
-        only order-dependent factor, so sorting the set by weight * ctr-without-decay is optimal
-        (rearrangement inequality). Larger searches add the best next ad greedily.
+    def best_layout(
+        self,
+        request: AuctionRequest,
+        weights: np.ndarray,
+        sentences: Sequence[str],
+        slots: Sequence[Sequence[int]],
+        max_layouts: int = 20000,
+    ) -> OracleLayout:
+        """The layout maximising sum_i weights_i * ctr_i over ordered ad sets and bridges.
+
+        `sentences` is the organic answer and `slots[n]` the sentence after which each of n ads
+        goes (0: before the first); an ad that names a product may be led by its bridge
+        (`text.reading.bridge_for`: a native introduction that is ad talk). Exact over every
+        ordered set of up to `len(slots) - 1` ads and every choice of bridges, computed with the
+        same terms `expected_ctr` reads from the written text; when that is more than
+        `max_layouts` layouts, only the candidates with the highest weight x standalone CTR
+        take part.
         """
         k = len(request.ads)
+        weights = np.asarray(weights, dtype=float)
+        answer = self.read_answer(request, sentences)
         cats, relevance, interest, quality = self._lookup(request, range(k))
-        value = np.asarray(weights, dtype=float) * self._base(relevance, interest, quality)
-        max_ads = min(max_ads, k)
-        n_subsets = sum(math.comb(k, s) for s in range(1, max_ads + 1))
-        sizes = range(1, max_ads + 1)
-        best: tuple[tuple[int, ...], float] = ((), 0.0)
-        if n_subsets <= max_subsets:
-            for size in sizes:
-                subsets = np.array(list(itertools.combinations(range(k), size)), dtype=int)
-                best = max(best, self._best_order(subsets, value, cats), key=lambda b: b[1])
-            return best
-        chosen: list[int] = []
-        for _ in sizes:
-            rest = [i for i in range(k) if i not in chosen]
-            subsets = np.array([[*chosen, i] for i in rest], dtype=int)
-            candidate = self._best_order(subsets, value, cats)
-            if candidate[1] <= best[1]:
-                break
-            best, chosen = candidate, list(candidate[0])
-        return best
+        value = weights * self._base(relevance, interest, quality)
+        ads = [a.ad_id for a in request.ads]
+        bridgeable = np.array([product_of(a.text) is not None for a in request.ads])
+        max_ads = min(len(slots) - 1, k)
 
-    def _best_order(
-        self, subsets: np.ndarray, value: np.ndarray, cats: np.ndarray
-    ) -> tuple[tuple[int, ...], float]:
-        per_ad = value[subsets] * self._set_multiplier(cats[subsets])
-        order = np.argsort(-per_ad, axis=1, kind="stable")
-        ranked = np.take_along_axis(per_ad, order, axis=1)
-        totals = (ranked * self.cfg.position_decay ** np.arange(subsets.shape[1])).sum(axis=1)
-        row = int(np.argmax(totals))
-        return tuple(int(i) for i in subsets[row][order[row]]), float(totals[row])
+        def n_layouts(m: int) -> int:
+            return sum(math.perm(m, n) * 2**n for n in range(1, min(max_ads, m) + 1))
+
+        pool = k
+        while pool > 1 and n_layouts(pool) > max_layouts:
+            pool -= 1
+        candidates = [
+            int(i) for i in np.argsort(-value * self._native_factor(relevance), kind="stable")[:pool]
+        ]
+        best = OracleLayout((), (), 0.0)
+        for n in range(1, min(max_ads, pool) + 1):
+            orders = np.array(list(itertools.permutations(candidates, n)), dtype=int)
+            masks = np.array(list(itertools.product((False, True), repeat=n)), dtype=bool)
+            order = np.repeat(orders, len(masks), axis=0)
+            bridged = np.tile(masks, (len(orders), 1))
+            plain = np.zeros((k, n))
+            for p, slot in enumerate(slots[n]):
+                stacked = p > 0 and slots[n][p - 1] == slot
+                context = None if slot == 0 or stacked else sentences[slot - 1]
+                plain[:, p] = [self._nativeness(a, context) for a in ads]
+            native = np.where(bridged, 1.0, plain[order, np.arange(n)])
+            share = self._share(n, answer, bridged.sum(axis=1))
+            ctr = self.cfg.position_decay ** np.arange(n) * self._set_multiplier(cats[order])
+            ctr = ctr * self._native_factor(native) * self._answer_factor(answer, share)[:, None]
+            totals = np.where(
+                (bridged & ~bridgeable[order]).any(axis=1), -np.inf, (value[order] * ctr).sum(axis=1)
+            )
+            row = int(np.argmax(totals))
+            if totals[row] > best.value:
+                best = OracleLayout(
+                    tuple(int(i) for i in order[row]),
+                    tuple(bool(b) for b in bridged[row]),
+                    float(totals[row]),
+                )
+        return best

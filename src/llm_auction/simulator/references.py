@@ -2,8 +2,8 @@
 
 - `pre_generation@oracle`, `post_generation@oracle`: the deployable rules ranking by the true
   standalone CTR instead of psi_t's (what perfect click prediction would buy a decoupled auction);
-- `oracle_greedy`: knows the true CTR with positions and externalities and picks the ordered set
-  that maximises expected revenue.
+- `oracle_greedy`: knows the true CTR with positions, externalities, nativeness and flooding, and
+  picks the ordered set and the bridges that maximise expected revenue.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from llm_auction.contracts import Allocator, AuctionRequest
 from llm_auction.mechanism.grammar import render_response
 from llm_auction.simulator.parametric import ParametricClickModel
 from llm_auction.text.organic import organic_answer
+from llm_auction.text.reading import bridge_for
 
 ORACLE_REFERENCES = ("pre_generation@oracle", "post_generation@oracle", "oracle_greedy")
 
@@ -28,17 +29,17 @@ class OracleGreedy:
     click_model: ParametricClickModel
     n_sentences: int
     max_ads: int
-    max_subsets: int
+    max_layouts: int
     name: str = "oracle_greedy"
 
     def allocate(self, requests: Sequence[AuctionRequest], rng: np.random.Generator) -> list[str]:
         out = []
         for r in requests:
-            best, _ = self.click_model.best_allocation(
-                r, np.asarray(r.bids), limit_of(r, self.max_ads), self.max_subsets
-            )
             sentences = organic_answer(r.query, self.n_sentences, rng)
-            out.append(render_response(sentences, list(zip(spread_slots(len(best), len(sentences)), best))))
+            slots = [spread_slots(n, len(sentences)) for n in range(limit_of(r, self.max_ads) + 1)]
+            best = self.click_model.best_layout(r, np.asarray(r.bids), sentences, slots, self.max_layouts)
+            leads = {i: str(bridge_for(r.ads[i].text)) for i, b in zip(best.order, best.bridged) if b}
+            out.append(render_response(sentences, list(zip(slots[len(best.order)], best.order)), leads))
         return out
 
 
@@ -52,11 +53,11 @@ def make_reference(name: str, settings: Settings, click_model: ParametricClickMo
     b, max_ads = settings.baselines, settings.mechanism.max_ads
     truth = true_standalone_ctr(click_model)
     if name == "pre_generation@oracle":
-        return PreGeneration(truth, b.organic_sentences, max_ads, name=name)
+        return PreGeneration(truth, b.organic_sentences, max_ads, b.pre_generation_bridges, name=name)
     if name == "post_generation@oracle":
         return PostGeneration(truth, b.organic_sentences, b.post_generation_slots, name=name)
     if name == "oracle_greedy":
-        return OracleGreedy(click_model, b.organic_sentences, max_ads, b.oracle_max_subsets)
+        return OracleGreedy(click_model, b.organic_sentences, max_ads, b.oracle_max_layouts)
     raise ValueError(
         f"policy: unknown oracle reference {name!r}; choose one of {', '.join(ORACLE_REFERENCES)}"
     )

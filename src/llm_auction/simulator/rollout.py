@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +26,10 @@ IMPRESSION_COLUMNS = (
 )
 
 
+UserUtility = Callable[[AuctionRequest, str, int], float]
+"""(request, response, ads inserted) -> the user's utility of the answer (welfare's user term)."""
+
+
 @dataclass(frozen=True)
 class Rollout:
     """One row per request (response, ads shown, format errors) and one per ad impression."""
@@ -39,12 +43,16 @@ def rollout(
     allocator: Allocator,
     requests: Sequence[AuctionRequest],
     click_model: ClickModel,
-    values: Mapping[str, float],
+    values: Mapping[tuple[str, str], float],
     rng: np.random.Generator,
     max_ads: int | None,
     batch_size: int = 64,
+    user_utility: UserUtility | None = None,
 ) -> Rollout:
-    """Allocate, parse, and draw clicks; `values` maps ad_id to the advertiser's value per click."""
+    """Allocate, parse, and draw clicks; `values` maps (request_id, ad_id) to the value per click.
+
+    With `user_utility` each request row also holds the user's utility of the answer.
+    """
     request_rows, impression_rows = [], []
     for start in range(0, len(requests), batch_size):
         batch = requests[start : start + batch_size]
@@ -61,6 +69,9 @@ def rollout(
                     "n_candidates": len(request.ads),
                     "n_ads": len(parsed.allocation),
                     "n_format_errors": parsed.n_errors,
+                    "user_utility": (
+                        user_utility(request, response, len(parsed.allocation)) if user_utility else 0.0
+                    ),
                 }
             )
             for position, (index, p, click) in enumerate(zip(parsed.allocation, ctr, clicked), start=1):
@@ -74,7 +85,7 @@ def rollout(
                         position,
                         len(parsed.allocation),
                         ad.bid,
-                        values[ad.ad_id],
+                        values[request.request_id, ad.ad_id],
                         float(p),
                         bool(click),
                     )

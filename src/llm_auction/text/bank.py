@@ -237,6 +237,13 @@ ANSWER_OPENERS: tuple[str, ...] = (
     "A few things matter for {topic}.",
 )
 
+BRIDGE_TEMPLATES: tuple[str, ...] = (
+    "If you need {product}, this one is worth a look.",
+    "For {product}, here is a good option.",
+    "Many readers like these {product}.",
+)
+"""Lead-in sentences that introduce the ad after them by naming its product: ad talk, not answer."""
+
 TIP_TEMPLATES: tuple[str, ...] = (
     "First, {tip}.",
     "It also helps to {tip}.",

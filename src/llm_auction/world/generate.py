@@ -3,6 +3,13 @@
 Ground truth that users react to but the reward model never sees (ad quality, topics, user
 interests as numbers, advertisers' private values) lives in these tables; the simulator reads it,
 the auction request carries only what a real system would see (texts and bids).
+
+Bids change per auction: an advertiser's value of a click in one auction is its mean value per
+click times its campaign multiplier at that hour (`1 + a sin(2 pi (hour / 24 + phase))`, pacing
+over the day) times mean-one lognormal noise (`world.bid_noise`), and its bid is its strategy
+(truthful, shading, inflating) applied to that value (the requests' `values` and `bids`; `base_bid`
+is the strategy applied to the mean value). An allocation rule has to read the bids in the
+prompt: remembering an ad's usual bid is not enough.
 """
 
 from __future__ import annotations
@@ -61,18 +68,21 @@ class World:
         return cls(seed=seed, **tables)
 
     @functools.cached_property
-    def _candidates(self) -> dict[str, AdCandidate]:
-        """Each ad as a candidate, built once (requests of a world share its few hundred ads)."""
-        columns = ["ad_id", "advertiser_id", "text", "bid"]
-        return {r["ad_id"]: AdCandidate(**r) for r in self.ads[columns].to_dict("records")}
+    def _ad_fields(self) -> dict[str, dict[str, str]]:
+        """Each ad's public fields, built once (requests of a world share its few hundred ads)."""
+        columns = ["ad_id", "advertiser_id", "text"]
+        return {r["ad_id"]: r for r in self.ads[columns].to_dict("records")}
 
     def auction_requests(self, limit: int | None = None, offset: int = 0) -> list[AuctionRequest]:
-        """Requests of the stream as the public contract (texts and bids only)."""
+        """Requests of the stream as the public contract (texts and this auction's bids only)."""
         rows = self.requests.iloc[offset : None if limit is None else offset + limit]
-        ads = self._candidates
+        ads = self._ad_fields
         out = []
         for row in rows.itertuples(index=False):
-            candidates = tuple(ads[ad_id] for ad_id in row.ad_ids)
+            candidates = tuple(
+                AdCandidate(**ads[ad_id], bid=float(bid))
+                for ad_id, bid in zip(row.ad_ids, row.bids, strict=True)
+            )
             out.append(
                 AuctionRequest(
                     request_id=row.request_id, user_id=row.user_id, query=row.query, ads=candidates
@@ -88,18 +98,21 @@ def _brand_names(rng: np.random.Generator, n: int) -> list[str]:
     return [pairs[order[i % len(pairs)]] + ("" if i < len(pairs) else str(i // len(pairs))) for i in range(n)]
 
 
+def _strategy_factors(cfg: WorldConfig) -> dict[str, float]:
+    return {"truthful": 1.0, "shade": 1.0 - cfg.bid_factor, "inflate": 1.0 + cfg.bid_factor}
+
+
+def _bid(values: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    return np.maximum(np.round(values * factors, 2), 0.01)
+
+
 def _bids(values: np.ndarray, cfg: WorldConfig, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
-    strategies = {
-        "truthful": 1.0,
-        "shade": 1.0 - cfg.bid_factor,
-        "inflate": 1.0 + cfg.bid_factor,
-    }
+    strategies = _strategy_factors(cfg)
     if cfg.bid_strategy == "mixed":
         chosen = [str(s) for s in rng.choice(list(strategies), size=len(values))]
     else:
         chosen = [cfg.bid_strategy] * len(values)
-    factors = np.array([strategies[s] for s in chosen])
-    return np.maximum(np.round(values * factors, 2), 0.01), chosen
+    return _bid(values, np.array([strategies[s] for s in chosen])), chosen
 
 
 def _advertisers(cfg: WorldConfig, rng: np.random.Generator) -> pd.DataFrame:
@@ -113,7 +126,9 @@ def _advertisers(cfg: WorldConfig, rng: np.random.Generator) -> pd.DataFrame:
             "category": [CATEGORY_NAMES[c] for c in rng.integers(0, len(CATEGORY_NAMES), n)],
             "value_per_click": values,
             "bid_strategy": strategies,
-            "bid": bids,
+            "base_bid": bids,
+            "campaign_amplitude": rng.uniform(0.0, cfg.campaign_amplitude, n),
+            "campaign_phase": rng.uniform(0.0, 1.0, n),
         }
     )
 
@@ -137,7 +152,7 @@ def _ads(advertisers: pd.DataFrame, cfg: WorldConfig, rng: np.random.Generator) 
                     "text": template.format(brand=adv.name, product=product, adjective=adjective),
                     "quality": float(rng.beta(2.0, 2.0)),
                     "value_per_click": float(adv.value_per_click),
-                    "bid": float(adv.bid),
+                    "base_bid": float(adv.base_bid),
                 }
             )
     return pd.DataFrame(rows)
@@ -230,12 +245,46 @@ def _requests(
     return frame
 
 
+def _auction_values_and_bids(
+    requests: pd.DataFrame,
+    ads: pd.DataFrame,
+    advertisers: pd.DataFrame,
+    cfg: WorldConfig,
+    rng: np.random.Generator,
+) -> tuple[list[list[float]], list[list[float]]]:
+    """Each request's value per click of each candidate (value x campaign multiplier x noise) and
+    the advertiser's bid on it (its strategy applied to that value).
+    """
+    campaign = advertisers.set_index("advertiser_id")[
+        ["campaign_amplitude", "campaign_phase", "bid_strategy"]
+    ]
+    by_ad = ads.set_index("ad_id")[["advertiser_id", "value_per_click"]].join(campaign, on="advertiser_id")
+    hours = (requests["timestamp"].dt.hour + requests["timestamp"].dt.minute / 60).to_numpy(float)
+    counts = requests["ad_ids"].map(len).to_numpy()
+    rows = by_ad.loc[[a for ids in requests["ad_ids"] for a in ids]]
+    pacing = 1 + rows["campaign_amplitude"].to_numpy() * np.sin(
+        2 * np.pi * (np.repeat(hours, counts) / 24 + rows["campaign_phase"].to_numpy())
+    )
+    noise = np.exp(cfg.bid_noise * rng.standard_normal(len(rows)) - cfg.bid_noise**2 / 2)
+    values = np.maximum(np.round(rows["value_per_click"].to_numpy() * pacing * noise, 2), 0.01)
+    factors = rows["bid_strategy"].map(_strategy_factors(cfg)).to_numpy(float)
+    bids = _bid(values, factors)
+    cuts = np.cumsum(counts)[:-1]
+    return (
+        [[float(v) for v in chunk] for chunk in np.split(values, cuts)],
+        [[float(b) for b in chunk] for chunk in np.split(bids, cuts)],
+    )
+
+
 def generate_world(cfg: WorldConfig, seed: int) -> World:
     """Build a world; every table has its own random stream so that sizes change one table only."""
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)]
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(6)]
     advertisers = _advertisers(cfg, streams[0])
     ads = _ads(advertisers, cfg, streams[1])
     users = _users(cfg, streams[2])
     queries = _queries(cfg, streams[3])
     requests = _requests(users, queries, ads, cfg, streams[4])
+    requests["values"], requests["bids"] = _auction_values_and_bids(
+        requests, ads, advertisers, cfg, streams[5]
+    )
     return World(advertisers, ads, users, queries, requests, seed)
