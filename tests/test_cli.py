@@ -67,7 +67,7 @@ def test_simulate_on_a_saved_world_and_a_requests_file(tmp_path: Path):
                 "ad_id": a,
                 "advertiser_id": by_id.at[a, "advertiser_id"],
                 "text": by_id.at[a, "text"],
-                "bid": float(by_id.at[a, "bid"]),
+                "bid": float(by_id.at[a, "base_bid"]),
             }
             for a in row["ad_ids"]
         ],

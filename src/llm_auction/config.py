@@ -204,7 +204,7 @@ class GenerationConfig(_Section):
     backend: Literal["transformers", "vllm"] = Field("transformers", description="Generation engine.")
     temperature: float = Field(1.0, gt=0, description="Softmax temperature; 1 samples the policy itself.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass; 1 keeps the full policy.")
-    max_new_tokens: int = Field(64, ge=1, description="Longest response in tokens.")
+    max_new_tokens: int = Field(96, ge=1, description="Longest response in tokens.")
     batch_size: int = Field(64, ge=1, description="Prompts per generate call (transformers backend).")
     max_ads: int | None = Field(
         3,

@@ -31,14 +31,23 @@ class Environment:
     click_model: ClickModel
 
     @functools.cached_property
-    def values(self) -> dict[tuple[str, str], float]:
-        """(request_id, ad_id) -> the advertiser's value of a click in that auction (hidden)."""
+    def _auction_values(self) -> dict[tuple[str, str], float]:
         w = self.world.requests
         return {
             (r, a): float(v)
             for r, ids, vals in zip(w["request_id"], w["ad_ids"], w["values"], strict=True)
             for a, v in zip(ids, vals, strict=True)
         }
+
+    @functools.cached_property
+    def _mean_values(self) -> dict[str, float]:
+        return dict(zip(self.world.ads["ad_id"], self.world.ads["value_per_click"].astype(float)))
+
+    def value_of(self, request_id: str, ad_id: str) -> float:
+        """The advertiser's value of a click on `ad_id` in that auction (hidden truth); for a request
+        that is not in the world's stream (a requests file), the advertiser's mean value per click.
+        """
+        return self._auction_values.get((request_id, ad_id)) or self._mean_values[ad_id]
 
 
 def build_environment(settings: Settings, world_dir: Path | None = None) -> Environment:
@@ -60,7 +69,7 @@ def evaluate_policy(
         allocator,
         requests,
         env.click_model,
-        env.values,
+        env.value_of,
         rng,
         env.settings.mechanism.max_ads,
         user_utility=env.ground_truth.user_utility,

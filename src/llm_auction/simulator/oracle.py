@@ -46,7 +46,7 @@ def oracle_metrics(
             replay,
             requests,
             env.click_model,
-            env.values,
+            env.value_of,
             np.random.default_rng([seed, 1]),
             m.max_ads,
             user_utility=env.ground_truth.user_utility,

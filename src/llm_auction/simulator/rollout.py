@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,13 +43,13 @@ def rollout(
     allocator: Allocator,
     requests: Sequence[AuctionRequest],
     click_model: ClickModel,
-    values: Mapping[tuple[str, str], float],
+    values: Callable[[str, str], float],
     rng: np.random.Generator,
     max_ads: int | None,
     batch_size: int = 64,
     user_utility: UserUtility | None = None,
 ) -> Rollout:
-    """Allocate, parse, and draw clicks; `values` maps (request_id, ad_id) to the value per click.
+    """Allocate, parse, and draw clicks; `values(request_id, ad_id)` is the value of a click.
 
     With `user_utility` each request row also holds the user's utility of the answer.
     """
@@ -85,7 +85,7 @@ def rollout(
                         position,
                         len(parsed.allocation),
                         ad.bid,
-                        values[request.request_id, ad.ad_id],
+                        values(request.request_id, ad.ad_id),
                         float(p),
                         bool(click),
                     )
