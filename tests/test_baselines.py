@@ -86,9 +86,16 @@ def _winners(name: str, env: Environment, scorer, requests) -> list[tuple[int, .
 
 
 def test_the_deployable_baselines_rank_by_bid_times_psi_and_follow_psi(env: Environment, scorer):
-    """Each winner set is psi's top bid x pCTR; a different psi (here: its ranking inverted) picks others."""
-    requests = env.world.auction_requests(limit=30)
-    inverted = dataclasses.replace(scorer, pctr=dataclasses.replace(scorer.pctr, calibration=(-10.0, 0.0)))
+    """Each winner set is psi's top bid x pCTR; a different psi (here: its ranking inverted) picks others.
+
+    Bids are equalised so that the ranking is psi's alone (an untrained psi's spread is small next
+    to the bids' own, which would make the second half of the check a matter of luck).
+    """
+    requests = [
+        r.model_copy(update={"ads": tuple(a.model_copy(update={"bid": 1.0}) for a in r.ads)})
+        for r in env.world.auction_requests(limit=30)
+    ]
+    inverted = dataclasses.replace(scorer, pctr=dataclasses.replace(scorer.pctr, calibration=(-1.0, 0.0)))
     max_ads, slots = env.settings.mechanism.max_ads, env.settings.baselines.post_generation_slots
     for name, n in (("pre_generation", max_ads), ("post_generation", slots)):
         picks = {}
@@ -101,7 +108,7 @@ def test_the_deployable_baselines_rank_by_bid_times_psi_and_follow_psi(env: Envi
             picks[label] = _winners(name, env, psi, requests)
             assert picks[label] == expected, (name, label)
         changed = sum(a != b for a, b in zip(picks["psi"], picks["inverted"]))
-        assert changed >= len(requests) // 5, (name, changed)
+        assert changed >= len(requests) // 2, (name, changed)
 
 
 def test_priced_baselines_need_a_pctr(env: Environment):
