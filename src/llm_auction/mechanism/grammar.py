@@ -107,9 +107,12 @@ def render_response(
         by_slot.setdefault(after, []).append(index)
 
     def ads_at(slot: int) -> list[str]:
-        return [
-            w for i in by_slot.get(slot, []) for w in (*((leads[i],) if i in leads else ()), marker(i + 1))
-        ]
+        out = []
+        for i in by_slot.get(slot, []):
+            if i in leads:
+                out.append(leads[i])
+            out.append(marker(i + 1))
+        return out
 
     words: list[str] = ads_at(0)
     for number, sentence in enumerate(sentences, start=1):

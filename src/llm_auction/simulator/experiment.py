@@ -47,7 +47,8 @@ class Environment:
         """The advertiser's value of a click on `ad_id` in that auction (hidden truth); for a request
         that is not in the world's stream (a requests file), the advertiser's mean value per click.
         """
-        return self._auction_values.get((request_id, ad_id)) or self._mean_values[ad_id]
+        value = self._auction_values.get((request_id, ad_id))
+        return self._mean_values[ad_id] if value is None else value
 
 
 def build_environment(settings: Settings, world_dir: Path | None = None) -> Environment:

@@ -143,8 +143,9 @@ class ParametricClickModel:
 
     def standalone_ctr(self, request: AuctionRequest) -> np.ndarray:
         """CTR of each candidate shown alone in position 1 of a plain answer: the first-order part."""
-        _, relevance, interest, quality = self._lookup(request, range(len(request.ads)))
-        return self._base(relevance, interest, quality) * self._native_factor(relevance)
+        cats, relevance, interest, quality = self._lookup(request, range(len(request.ads)))
+        base = self._base(relevance, interest, quality)
+        return self._ctr(base[:, None], cats[:, None], relevance[:, None], np.ones(len(base)))[:, 0]
 
     def _base(self, relevance: np.ndarray, interest: np.ndarray, quality: np.ndarray) -> np.ndarray:
         c = self.cfg
@@ -165,6 +166,21 @@ class ParametricClickModel:
             (1 - c.same_category_externality) ** same
             * (1 - c.other_ad_externality) ** (n - 1 - same)
             * (1 - c.ad_load_fatigue) ** max(0, n - c.fatigue_free_ads)
+        )
+
+    def _ctr(
+        self, base: np.ndarray, cats: np.ndarray, native: np.ndarray, answer_factor: np.ndarray
+    ) -> np.ndarray:
+        """The click model's product for ads in positions 1..n (last axis), any leading shape:
+        position decay, externalities and load, nativeness, and the answer's own factor (...).
+        """
+        n = cats.shape[-1]
+        return (
+            base
+            * self.cfg.position_decay ** np.arange(n)
+            * self._set_multiplier(cats)
+            * self._native_factor(native)
+            * np.asarray(answer_factor)[..., None]
         )
 
     def _native_factor(self, nativeness: np.ndarray) -> np.ndarray:
@@ -190,16 +206,13 @@ class ParametricClickModel:
         if n == 0:
             return np.zeros(0)
         cats, relevance, interest, quality = self._lookup(request, allocation)
-        ctr = self._base(relevance, interest, quality) * self.cfg.position_decay ** np.arange(n)
-        ctr = ctr * self._set_multiplier(cats)
+        base = self._base(relevance, interest, quality)
         if response is None:
-            return ctr * self._native_factor(relevance)
+            return self._ctr(base, cats, relevance, np.float64(1.0))
         layout = read_layout(response, list(allocation))
         answer = self.read_answer(request, layout.sentences)
         native = [self._nativeness(request.ads[i].ad_id, c) for i, c in zip(allocation, layout.contexts)]
-        return (
-            ctr * self._native_factor(np.array(native)) * self._answer_factor(answer, self._share(n, answer))
-        )
+        return self._ctr(base, cats, np.array(native), self._answer_factor(answer, self._share(n, answer)))
 
     def user_utility(self, request: AuctionRequest, response: str, n_ads: int) -> float:
         """The user's utility of the answer itself (welfare's user term): useful and uncrowded."""
@@ -230,7 +243,7 @@ class ParametricClickModel:
         weights = np.asarray(weights, dtype=float)
         answer = self.read_answer(request, sentences)
         cats, relevance, interest, quality = self._lookup(request, range(k))
-        value = weights * self._base(relevance, interest, quality)
+        base = self._base(relevance, interest, quality)
         ads = [a.ad_id for a in request.ads]
         bridgeable = np.array([product_of(a.text) is not None for a in request.ads])
         max_ads = min(len(slots) - 1, k)
@@ -242,7 +255,7 @@ class ParametricClickModel:
         while pool > 1 and n_layouts(pool) > max_layouts:
             pool -= 1
         candidates = [
-            int(i) for i in np.argsort(-value * self._native_factor(relevance), kind="stable")[:pool]
+            int(i) for i in np.argsort(-weights * base * self._native_factor(relevance), kind="stable")[:pool]
         ]
         best = OracleLayout((), (), 0.0)
         for n in range(1, min(max_ads, pool) + 1):
@@ -257,10 +270,9 @@ class ParametricClickModel:
                 plain[:, p] = [self._nativeness(a, context) for a in ads]
             native = np.where(bridged, 1.0, plain[order, np.arange(n)])
             share = self._share(n, answer, bridged.sum(axis=1))
-            ctr = self.cfg.position_decay ** np.arange(n) * self._set_multiplier(cats[order])
-            ctr = ctr * self._native_factor(native) * self._answer_factor(answer, share)[:, None]
+            ctr = self._ctr(base[order], cats[order], native, self._answer_factor(answer, share))
             totals = np.where(
-                (bridged & ~bridgeable[order]).any(axis=1), -np.inf, (value[order] * ctr).sum(axis=1)
+                (bridged & ~bridgeable[order]).any(axis=1), -np.inf, (weights[order] * ctr).sum(axis=1)
             )
             row = int(np.argmax(totals))
             if totals[row] > best.value:
