@@ -20,7 +20,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.serving import bench_collector, bench_serving
+from benchmarks.serving import bench_collector, bench_serving, bench_soak
 from llm_auction.baselines import BASELINES, PRICED, make_baseline, spread_slots
 from llm_auction.config import Settings, load_config
 from llm_auction.mechanism.grammar import parse_response
@@ -226,6 +226,7 @@ def main() -> None:
     dpo = bench_dpo(settings, env, directory, rows)
     serving = bench_serving(settings, env, directory, rows)
     collector = bench_collector(rows)
+    soak = bench_soak(settings, env, directory, rows, seconds=float(os.environ.get("BENCH_SOAK_S", 120)))
 
     table = Table(title="llm-auction benchmarks (this machine, this run)", title_justify="left")
     for column in ("what", "n", "seconds", "per second", "note"):
@@ -252,8 +253,18 @@ def main() -> None:
         f"{collector['events_per_s_single']:,.0f} clicks/s one per request, "
         f"{collector['events_per_s_batched']:,.0f} clicks/s in batches of 50"
     )
+    rss = ", ".join(
+        f"{name} {soak['rss_mib_start'][name]:.0f} -> {soak['rss_mib_end'][name]:.0f} MiB"
+        for name in soak["rss_mib_start"]
+    )
+    console.print(
+        f"soak, {soak['concurrency']} users for {soak['seconds']:.0f} s: "
+        f"status codes {soak['status_codes']}, {soak['server_errors']} 5xx or transport errors; "
+        f"resident memory {rss}"
+    )
     OUT.mkdir(parents=True, exist_ok=True)
     summary = {
+        "soak": soak,
         "serving": serving,
         "collector": collector,
         "dpo": dpo,

@@ -3,7 +3,10 @@
 - the policy server with dynamic batching on and off, at concurrency 1, 8 and 32: requests/s,
   p50 and p99 latency (the same requests and model for every cell);
 - the collector: clicks/s acknowledged only once durable (SQLite WAL, synchronous=FULL), one
-  click per request and in batches of 50.
+  click per request and in batches of 50;
+- the soak: server and collector together under `SOAK_CONCURRENCY` simulated users for a bounded
+  time (`BENCH_SOAK_S`), no retries: status codes, p50/p99 per time window, and each process's
+  resident memory at the start and the end (a leak or a slowdown shows as a trend).
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ import yaml
 
 from llm_auction.config import Settings
 from llm_auction.simulator.experiment import Environment, export_public
-from llm_auction.simulator.loop import free_port, service, sign_up
-from llm_auction.simulator.traffic import send_traffic
+from llm_auction.simulator.loop import sign_up
+from llm_auction.simulator.services import free_port, service
+from llm_auction.simulator.traffic import click_events, send_traffic
 
 CONCURRENCY = (1, 8, 32)
+SOAK_CONCURRENCY = 64
+SOAK_WINDOWS = 6
 
 
 def _requests_for(concurrency: int) -> int:
@@ -144,3 +150,119 @@ def bench_collector(rows: list[dict[str, object]], n_events: int = 2000) -> dict
                     }
                 )
     return {"events_per_s_single": results[1], "events_per_s_batched": results[50]}
+
+
+def resident_mib(pid: int) -> float:
+    """VmRSS of a process in MiB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def _soak(
+    endpoint: str, collector: str, requests: list, click_model, seconds: float, concurrency: int
+) -> list[tuple[float, float, int]]:
+    """(start offset s, latency s, status) of every predict call made by `concurrency` users in `seconds`."""
+    calls: list[tuple[float, float, int]] = []
+    url = f"{endpoint}/v1/models/policy:predict"
+    limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
+    begin = time.perf_counter()
+
+    async def user(k: int, client: httpx.AsyncClient) -> None:
+        i = k
+        while (offset := time.perf_counter() - begin) < seconds:
+            request = requests[i % len(requests)]
+            i += concurrency
+            start = time.perf_counter()
+            try:
+                reply = await client.post(url, json={"instances": [request.model_dump(mode="json")]})
+                status = reply.status_code
+            except httpx.HTTPError:
+                status = 0
+            calls.append((offset, time.perf_counter() - start, status))
+            if status != 200:
+                continue
+            (prediction,) = reply.json()["predictions"]
+            rng = np.random.default_rng([k, i])
+            clicks = click_events(request, prediction, click_model, rng, 0.0)
+            if clicks:
+                await client.post(f"{collector}/v1/clicks", json=clicks)
+
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        await asyncio.gather(*(user(k, client) for k in range(concurrency)))
+    return calls
+
+
+def bench_soak(
+    settings: Settings,
+    env: Environment,
+    directory: Path,
+    rows: list[dict[str, object]],
+    seconds: float = 120.0,
+    concurrency: int = SOAK_CONCURRENCY,
+) -> dict:
+    """Server (logging every inference to the collector) and collector under load for `seconds`."""
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        config = settings.model_dump(mode="json") | {
+            "data_dir": str(root / "data"),
+            "features": settings.features.model_dump(mode="json")
+            | {"data_dir": str(root / "features"), "quarantine_dir": str(root / "quarantine")},
+            "tracking": {"uri": None},
+        }
+        (root / "config.yaml").write_text(yaml.safe_dump(config))
+        bench_settings = Settings.model_validate(config)
+        export_public(env, bench_settings.public_dir)
+        sign_up(bench_settings, root / "feedback")
+        requests = env.world.auction_requests(limit=512)
+        collector_port, server_port = free_port(), free_port()
+        collector, endpoint = f"http://127.0.0.1:{collector_port}", f"http://127.0.0.1:{server_port}"
+        collector_args = ["collector", "--store", str(root / "store"), "--port", str(collector_port)]
+        server_args = ["serve", "--config", str(root / "config.yaml"), "--port", str(server_port),
+                       "--model-dir", str(directory), "--logger-url", f"{collector}/v1/events"]  # fmt: skip
+        with (
+            service("collector", collector_args, f"{collector}/healthz", root / "logs") as collector_service,
+            service("server", server_args, f"{endpoint}/v2/health/ready", root / "logs") as server,
+        ):
+            warm = asyncio.run(send_traffic(endpoint, requests[:8], env.click_model, progress=False))
+            assert warm.served == 8, warm.errors
+            memory_start = {s.name: resident_mib(s.pid) for s in (server, collector_service)}
+            calls = asyncio.run(_soak(endpoint, collector, requests, env.click_model, seconds, concurrency))
+            memory_end = {s.name: resident_mib(s.pid) for s in (server, collector_service)}
+    offsets, latencies, statuses = (np.asarray(c) for c in zip(*calls))
+    width = seconds / SOAK_WINDOWS
+    windows = []
+    for w in range(SOAK_WINDOWS):
+        inside = (offsets >= w * width) & (offsets < (w + 1) * width) & (statuses == 200)
+        ms = latencies[inside] * 1000
+        windows.append(
+            {
+                "from_s": round(w * width),
+                "to_s": round((w + 1) * width),
+                "served": int(inside.sum()),
+                "p50_ms": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
+                "p99_ms": float(np.percentile(ms, 99)) if len(ms) else float("nan"),
+            }
+        )
+    codes = {str(int(c)): int((statuses == c).sum()) for c in np.unique(statuses)}
+    server_errors = int(((statuses >= 500) | (statuses == 0)).sum())
+    for window in windows:
+        rows.append(
+            {
+                "what": f"soak {window['from_s']}-{window['to_s']} s, concurrency {concurrency}",
+                "n": window["served"],
+                "seconds": width,
+                "per_s": window["served"] / width,
+                "note": f"req/s; p50 {window['p50_ms']:.0f} ms, p99 {window['p99_ms']:.0f} ms",
+            }
+        )
+    return {
+        "seconds": seconds,
+        "concurrency": concurrency,
+        "status_codes": codes,
+        "server_errors": server_errors,
+        "windows": windows,
+        "rss_mib_start": memory_start,
+        "rss_mib_end": memory_end,
+    }

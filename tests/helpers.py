@@ -27,3 +27,49 @@ def register_champion(settings: Settings, policy_dir, reason: str = "pi_0") -> s
         )
     registry.promote(settings.tracking, settings.irpo.registered_model, version, "test", reason)
     return version
+
+
+def random_traffic_frame(settings: Settings):
+    """(environment, pCTR training frame, rollout): random-insertion traffic on `settings`' world
+    with its simulated clicks, one row per impression (`clicked`, ad and profile texts,
+    `n_same_category`). Random insertion explores positions and ads, as a logging policy should.
+    """
+    import numpy as np
+
+    from llm_auction.baselines import make_baseline
+    from llm_auction.simulator.experiment import build_environment, evaluate_policy
+    from llm_auction.simulator.feedback import feedback_logs
+
+    env = build_environment(settings)
+    requests = env.world.auction_requests()
+    rollout, _ = evaluate_policy(env, make_baseline("random", settings), requests, seed=1)
+    timestamps = env.world.requests.set_index("request_id")["timestamp"]
+    impressions, clicks = feedback_logs(rollout, requests, timestamps, "random", np.random.default_rng(0))
+    ads = env.world.ads.set_index("ad_id")
+    frame = impressions.assign(
+        clicked=impressions["event_id"]
+        .str.replace("imp:", "clk:", regex=False)
+        .isin(set(clicks["event_id"])),
+        ad_text=impressions["ad_id"].map(ads["text"]),
+        category=impressions["ad_id"].map(ads["category"]),
+        profile_text=impressions["user_id"].map(env.world.users.set_index("user_id")["profile_text"]),
+    )
+    frame["clicked"] = frame["clicked"].astype(int)
+    frame["n_same_category"] = frame.groupby(["response_id", "category"])["ad_id"].transform("count") - 1
+    return env, frame, rollout
+
+
+class HashEncoder:
+    """A stand-in for phi: a fixed random unit vector per text (no model to load, no encoding time),
+    for tests of the machinery around psi rather than of what phi knows."""
+
+    def encode(self, texts: list[str]):
+        import zlib
+
+        import numpy as np
+
+        from llm_auction.features.encoder import EMBEDDING_DIM
+
+        rows = [np.random.default_rng(zlib.crc32(t.encode())).normal(size=EMBEDDING_DIM) for t in texts]
+        out = np.asarray(rows, dtype=np.float32).reshape(len(texts), EMBEDDING_DIM)
+        return out / np.linalg.norm(out, axis=1, keepdims=True).clip(1e-12)

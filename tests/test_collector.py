@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from llm_auction.serving.auth import bearer_ok
 from llm_auction.serving.collector import EventStore
 
 TOKEN = "s3cret"
@@ -77,6 +78,20 @@ def collector(tmp_path_factory):
     yield port, store
     process.terminate()
     process.wait(timeout=10)
+
+
+def test_bearer_ok_accepts_only_the_exact_bearer_token():
+    """The shared check of the server and the collector (constant-time compare of the whole header)."""
+    assert bearer_ok(f"Bearer {TOKEN}", TOKEN)
+    assert not bearer_ok("Bearer s3creX", TOKEN)  # same length, last character wrong
+    assert not bearer_ok(None, TOKEN)  # no header
+    assert not bearer_ok("", TOKEN)
+    assert not bearer_ok(f"Basic {TOKEN}", TOKEN)  # wrong scheme
+    assert not bearer_ok(TOKEN, TOKEN)  # no scheme
+    assert not bearer_ok(f"Bearer {TOKEN}x", TOKEN) and not bearer_ok("Bearer s3", TOKEN)  # other lengths
+    assert not bearer_ok(f"Bearer {TOKEN} ", TOKEN)
+    non_ascii = "t\u00f6ken"
+    assert bearer_ok(f"Bearer {non_ascii}", non_ascii) and not bearer_ok(f"Bearer {non_ascii}", "token")
 
 
 def test_events_are_paired_by_ce_id_and_stored_once(collector):

@@ -33,6 +33,38 @@ def test_bootstrap_interval_covers_the_truth_and_ratios():
     assert np.isnan(bootstrap(np.zeros(3), np.zeros(3), 100, 0.95, rng).mean)
 
 
+def test_bootstrap_refuses_non_finite_inputs_naming_where():
+    rng = np.random.default_rng(0)
+    with pytest.raises(
+        ValueError, match=r"numerator has 2 non-finite value\(s\) of 4 \(first at positions \[1, 3\]"
+    ):
+        bootstrap(np.array([1.0, np.nan, 2.0, np.inf]), None, 100, 0.95, rng)
+    with pytest.raises(
+        ValueError, match=r"denominator has 1 non-finite value\(s\) of 3 \(first at positions \[2\]"
+    ):
+        bootstrap(np.ones(3), np.array([1.0, 2.0, -np.inf]), 100, 0.95, rng)
+    with pytest.raises(ValueError, match="denominator shape"):
+        bootstrap(np.ones(3), np.ones(2), 100, 0.95, rng)
+
+
+def test_bootstrap_ratio_reports_resamples_without_a_denominator():
+    """A ratio over few ads: resamples whose denominator sums to 0 are undefined, counted, and left out;
+    past `max_undefined_share` of them the interval is NaN rather than biased."""
+    clicks, ads = np.array([1.0, 0.0, 0.0, 0.0]), np.array([2.0, 0.0, 0.0, 0.0])
+    sparse = bootstrap(clicks, ads, 2000, 0.95, np.random.default_rng(0))
+    # P(no request with ads among 4 draws) = (3/4)^4 ~ 0.32
+    assert sparse.mean == pytest.approx(0.5)
+    assert sparse.undefined_share == pytest.approx(0.75**4, abs=0.03)
+    assert np.isnan(sparse.ci[0]) and np.isnan(sparse.ci[1])
+    tolerant = bootstrap(clicks, ads, 2000, 0.95, np.random.default_rng(0), max_undefined_share=0.5)
+    assert tolerant.ci == (0.5, 0.5)  # every defined resample is 1 click per 2 ads
+    dense = bootstrap(
+        np.array([1.0, 0.0, 2.0]), np.array([2.0, 1.0, 2.0]), 500, 0.95, np.random.default_rng(0)
+    )
+    assert dense.undefined_share == 0.0 and np.isfinite(dense.ci).all()
+    assert dense.to_dict().keys() == {"mean", "ci"}  # the serialised form is unchanged
+
+
 @dataclass
 class LowestBidsWin:
     """Deliberately non-monotone: the cheapest advertisers get the ads."""

@@ -1,52 +1,36 @@
 """The pCTR reward model (Eq. 3-4) and the reward R (Eq. 5), trained on simulated feedback."""
 
 import ast
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from llm_auction.baselines import make_baseline
-from llm_auction.config import load_config
+from helpers import random_traffic_frame
+from llm_auction.config import PCTRConfig, load_config
 from llm_auction.contracts import AdCandidate, AuctionRequest
 from llm_auction.errors import UnsafeCheckpointError
-from llm_auction.features.encoder import TextEncoder
+from llm_auction.features.encoder import EMBEDDING_DIM, TextEncoder
 from llm_auction.mechanism.payments import expected_payments
 from llm_auction.reward import pctr
 from llm_auction.reward.metrics import auc, expected_calibration_error, log_loss
 from llm_auction.reward.pctr import PCTRModel, text_matches, train_pctr, word_overlap
 from llm_auction.reward.reward import score_responses, table_lookup
-from llm_auction.simulator.experiment import build_environment, evaluate_policy
-from llm_auction.simulator.feedback import feedback_logs
 
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory) -> TextEncoder:
-    return TextEncoder(cache_path=tmp_path_factory.mktemp("enc") / "cache.parquet")
+    return TextEncoder(cache_path=tmp_path_factory.mktemp("enc") / "cache.sqlite")
 
 
 @pytest.fixture(scope="module")
 def logged():
     """Random-insertion traffic on a world: explores positions and ads, like a logging policy should."""
     settings = load_config(environ={}, overrides={"world": {"n_requests": 5000}, "tracking": {"uri": None}})
-    env = build_environment(settings)
-    requests = env.world.auction_requests()
-    rollout, _ = evaluate_policy(env, make_baseline("random", settings), requests, seed=1)
-    timestamps = env.world.requests.set_index("request_id")["timestamp"]
-    impressions, clicks = feedback_logs(rollout, requests, timestamps, "random", np.random.default_rng(0))
-    ads = env.world.ads.set_index("ad_id")
-    frame = impressions.assign(
-        clicked=impressions["event_id"]
-        .str.replace("imp:", "clk:", regex=False)
-        .isin(set(clicks["event_id"])),
-        ad_text=impressions["ad_id"].map(ads["text"]),
-        category=impressions["ad_id"].map(ads["category"]),
-        profile_text=impressions["user_id"].map(env.world.users.set_index("user_id")["profile_text"]),
-    )
-    frame["clicked"] = frame["clicked"].astype(int)
-    frame["n_same_category"] = frame.groupby(["response_id", "category"])["ad_id"].transform("count") - 1
-    return env, frame, rollout
+    return random_traffic_frame(settings)
 
 
 @pytest.fixture(scope="module")
@@ -249,10 +233,104 @@ def test_train_and_register_logs_the_model_to_mlflow(logged, encoder, tmp_path: 
 
 
 def test_encoder_disk_cache_is_written_on_flush_and_reused(tmp_path: Path):
-    path = tmp_path / "cache.parquet"
+    path = tmp_path / "cache.sqlite"
     first = TextEncoder(cache_path=path)
     vectors = first.encode(["best running shoes this year", "cheap flights", "best running shoes this year"])
     assert first.n_encoded == 2 and not path.exists()
     first.flush()
     second = TextEncoder(cache_path=path)
     assert np.allclose(second.encode(["cheap flights"]), vectors[1:2]) and second.n_encoded == 0
+
+
+class HashEncoder:
+    """A stand-in for phi: a fixed random unit vector per text, so that small training runs stay fast."""
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        rows = [np.random.default_rng(zlib.crc32(t.encode())).normal(size=EMBEDDING_DIM) for t in texts]
+        out = np.asarray(rows, dtype=np.float32).reshape(len(texts), EMBEDDING_DIM)
+        return out / np.linalg.norm(out, axis=1, keepdims=True).clip(1e-12)
+
+
+def tiny_frame(n_requests: int = 60, seed: int = 0) -> pd.DataFrame:
+    """Three ads per request, clicks more likely at position 1."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for r in range(n_requests):
+        for position in (1, 2, 3):
+            ad = int(rng.integers(10))
+            rows.append(
+                {
+                    "request_id": f"r{r}",
+                    "query": f"query {r % 7}",
+                    "response": f"response {r}",
+                    "user_id": f"u{r % 5}",
+                    "ad_id": f"a{ad}",
+                    "ad_text": f"ad text {ad}",
+                    "profile_text": f"profile {r % 5}",
+                    "position": position,
+                    "n_ads": 3,
+                    "n_same_category": 0,
+                    "user_ctr_7d": float(rng.random()),
+                    "clicked": int(rng.random() < 0.5 / position),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+TINY = PCTRConfig(max_epochs=2, hidden=(8,), text_dim=4, id_dim=2)
+
+
+def test_tiny_training_runs_and_missing_statistics_count_as_zero():
+    frame = tiny_frame()
+    frame.loc[::4, "user_ctr_7d"] = np.nan  # no history yet: a missing statistic, not an error
+    model = train_pctr(frame, HashEncoder(), TINY, seed=0)
+    assert model.metrics["best_epoch"] >= 1 and model.calibration[0] > 0
+    assert np.isfinite(model.predict(frame, HashEncoder())).all()
+
+
+def test_non_finite_features_are_refused_naming_the_column():
+    frame = tiny_frame()
+    frame.loc[[3, 7], "user_ctr_7d"] = [np.inf, -np.inf]
+    with pytest.raises(
+        ValueError, match=r"`user_ctr_7d` has infinite values in 2 of 180 rows \(first at index \[3, 7\]"
+    ):
+        train_pctr(frame, HashEncoder(), TINY, seed=0)
+    frame = tiny_frame().drop(columns="ad_text")
+    embeddings = HashEncoder().encode([f"ad {a}" for a in frame["ad_id"]])
+    embeddings[5, 0] = np.nan
+    frame["ad_embedding"] = list(embeddings)
+    with pytest.raises(
+        ValueError, match=r"`ad_embedding` has non-finite values in 1 of 180 rows \(first at index \[5\]"
+    ):
+        train_pctr(frame, HashEncoder(), TINY, seed=0)
+
+
+def test_diverging_training_is_a_clear_error_not_a_crash_in_early_stopping():
+    huge = TINY.model_copy(update={"learning_rate": 1e30})
+    with pytest.raises(
+        ValueError, match=r"validation log loss is nan at epoch 1 \(learning_rate=1e\+30.*finite"
+    ):
+        train_pctr(tiny_frame(), HashEncoder(), huge, seed=0)
+
+
+def test_an_empty_validation_split_is_named():
+    frame = tiny_frame(n_requests=40)
+    split = pctr.split_by_request(frame["request_id"], TINY)
+    kept = frame[split != "validation"]
+    with pytest.raises(ValueError, match="the validation split is empty"):
+        train_pctr(kept, HashEncoder(), TINY, seed=0)
+
+
+def test_platt_scaling_calibrates_and_never_inverts_the_ranking():
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(0.0, 1.5, 4000)
+    labels = torch.tensor((rng.random(4000) < 1 / (1 + np.exp(-true_logits))).astype(np.float32))
+    a, b = pctr._fit_platt(torch.tensor(3 * true_logits, dtype=torch.float32), labels)
+    assert a == pytest.approx(1 / 3, rel=0.15) and abs(b) < 0.2
+    # logits anti-correlated with the clicks: the unconstrained fit would flip the sign
+    a, b = pctr._fit_platt(torch.tensor(-true_logits, dtype=torch.float32), labels)
+    assert 0 < a < 0.05
+    assert 1 / (1 + np.exp(-b)) == pytest.approx(float(labels.mean()), abs=0.05)  # ~ the base rate
+    # non-finite logits: the identity, not NaN calibration
+    bad = torch.tensor([0.0, float("nan"), 1.0])
+    assert pctr._fit_platt(bad, torch.tensor([0.0, 1.0, 1.0])) == (1.0, 0.0)

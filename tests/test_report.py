@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from llm_auction.evaluation.report import html_report, plot_comparison, plot_epoch_curves, write_report
+from llm_auction.simulator.loop import revenue_change
 
 PNG_MAGIC = b"\x89PNG"
 
@@ -134,3 +135,12 @@ def test_html_report_and_write_report(tmp_path: Path, epochs: list[dict]) -> Non
     text = out.read_text(encoding="utf-8")
     assert "Closed loop &amp; IRPO" in text
     assert '<td class="fail">fail</td>' in text
+
+
+def test_revenue_change_guards_a_zero_or_undefined_start():
+    """The loop summary divides by pi_0's revenue: 0, NaN or None (an undefined mean) must not crash it."""
+    assert revenue_change(2.0, 3.0) == "2.000 -> 3.000 (+50.0%)"
+    assert revenue_change(0.0, 0.25) == "0.000 -> 0.250 (+0.250 absolute)"
+    assert revenue_change(float("nan"), 1.0) == "n/a -> 1.000"
+    assert revenue_change(None, 1.0) == "n/a -> 1.000"
+    assert revenue_change(1.0, None) == "1.000 -> n/a"

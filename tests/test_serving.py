@@ -22,7 +22,8 @@ from llm_auction.contracts import AuctionRequest
 from llm_auction.policy.prompt import build_prompt
 from llm_auction.serving.collector import EventStore
 from llm_auction.simulator.experiment import Environment, export_public, user_profiles
-from llm_auction.simulator.loop import free_port, service, sign_up, wait_until
+from llm_auction.simulator.loop import sign_up
+from llm_auction.simulator.services import free_port, service, wait_until
 from llm_auction.simulator.traffic import send_traffic
 from llm_auction.tracking import registry
 

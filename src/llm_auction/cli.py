@@ -457,7 +457,7 @@ def ingest(
     sets: SetOption = None,
 ) -> None:
     """Ingest one feedback window into Feast: validate, label, upsert entities, update stats, materialize."""
-    from llm_auction.features.encoder import TextEncoder
+    from llm_auction.features.encoder import encoder_for
     from llm_auction.features.ingest import ingest_window
     from llm_auction.features.store import open_store
 
@@ -466,10 +466,11 @@ def ingest(
         raise InputError(f"--feedback {feedback}: not a folder")
     settings = _settings(config, profile, sets, None)
     tables = Catalog.load(catalog or settings.public_dir)
-    encoder = TextEncoder(cache_path=settings.data_dir / "encoder-cache.parquet")
+    encoder = encoder_for(settings)
     report = ingest_window(
         open_store(settings), settings, feedback, tables.users, tables.ads, start, end, encoder
     )
+    encoder.flush()
     _print_fields(f"ingest {report.window}", [(k, str(v)) for k, v in dataclasses.asdict(report).items()])
     if json_path is not None:
         _write_json(json_path, json.loads(json.dumps(dataclasses.asdict(report), default=str)))
@@ -487,7 +488,7 @@ def pctr_train(
     sets: SetOption = None,
 ) -> None:
     """Train psi on the point-in-time training set of the ingested feedback; log and register it."""
-    from llm_auction.features.encoder import TextEncoder
+    from llm_auction.features.encoder import encoder_for
     from llm_auction.features.ingest import labeled_impressions
     from llm_auction.features.retrieval import pctr_inputs, training_frame
     from llm_auction.features.store import open_store
@@ -499,7 +500,7 @@ def pctr_train(
     if labeled.empty:
         raise InputError("window: no labeled impressions; run `llm-auction ingest` first")
     frame = pctr_inputs(training_frame(open_store(settings), labeled, settings.features))
-    encoder = TextEncoder(cache_path=settings.data_dir / "encoder-cache.parquet")
+    encoder = encoder_for(settings)
     lineage = {"window": window or "all", "rows": len(frame)}
     _, card = train_and_register(settings, frame, encoder, out, lineage)
     encoder.flush()
@@ -514,6 +515,7 @@ def pctr_train(
     ]
     if "registered_version" in card:
         rows.append(("registered", f"{settings.pctr.registered_model} v{card['registered_version']}"))
+    rows.append(("gate", f"{card['gate']['decision']}: {card['gate']['reason']}"))
     _print_fields(f"pCTR -> {out}", rows)
     if json_path is not None:
         _write_json(json_path, card)
@@ -1015,6 +1017,7 @@ def traffic(
             concurrency=settings.loop.concurrency,
             seed=settings.seed,
             mean_click_delay_s=settings.loop.mean_click_delay_s,
+            retry_budget_s=settings.loop.retry_budget_s,
             token=os.environ.get(settings.serving.token_env) or None,
             collector_token=os.environ.get(settings.serving.logger_token_env) or None,
         )

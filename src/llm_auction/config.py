@@ -265,6 +265,31 @@ class FeaturesConfig(_Section):
     stats_windows_days: tuple[int, ...] = Field((1, 7), description="Click-history windows in days.")
     ctr_prior_clicks: float = Field(1.0, ge=0, description="Smoothing: prior clicks added to every CTR.")
     ctr_prior_impressions: float = Field(20.0, gt=0, description="Smoothing: prior impressions.")
+    encoder_cache_max_entries: int = Field(
+        200_000,
+        ge=1000,
+        description="Text embeddings kept in <data_dir>/encoder-cache.sqlite; beyond it the least "
+        "recently written/used rows are evicted at each flush (~1.6 KB a row).",
+    )
+    encoder_memory_max_entries: int = Field(
+        50_000,
+        ge=1,
+        description="Text embeddings an encoder keeps in memory (LRU); also how many new ones wait "
+        "before being flushed to disk.",
+    )
+
+
+class PCTRGateConfig(_Section):
+    """psi's promotion gate: a new pCTR version takes the `champion` alias (what the server prices
+    with) only if it is no worse than the champion on the same held-out rows, within these margins.
+    """
+
+    max_auc_drop: float = Field(
+        0.01, ge=0, description="Largest test-AUC fall below the champion's (same rows) still promoted."
+    )
+    max_ece_increase: float = Field(
+        0.01, ge=0, description="Largest test-ECE rise above the champion's (same rows) still promoted."
+    )
 
 
 class PCTRConfig(_Section):
@@ -284,6 +309,7 @@ class PCTRConfig(_Section):
     test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Requests held for the reported metrics.")
     calibration_bins: int = Field(10, ge=2, description="Bins of the expected calibration error.")
     registered_model: str = Field("llm-auction-pctr", description="MLflow registered model name.")
+    gate: PCTRGateConfig = PCTRGateConfig()
 
 
 class RewardConfig(_Section):
@@ -386,6 +412,15 @@ class ServingConfig(_Section):
     reload_interval_s: float = Field(
         2.0, gt=0, description="How often the registry's champion alias is checked for a move."
     )
+    max_in_flight: int = Field(
+        64,
+        ge=1,
+        description="Most predict/completion calls admitted at once (queued or generating); past it: "
+        "HTTP 503 with Retry-After, so a burst waits at the client instead of pushing all past a timeout.",
+    )
+    retry_after_s: int = Field(
+        1, ge=1, description="Retry-After of a 503 (shed load, feature store down): seconds to wait."
+    )
     token_env: str = Field(
         "LLM_AUCTION_SERVING_TOKEN",
         description="Environment variable with the bearer token (unset: no auth).",
@@ -410,6 +445,15 @@ class LoopConfig(_Section):
     requests_per_epoch: int = Field(2000, ge=1, description="Requests the champion serves each epoch.")
     concurrency: int = Field(8, ge=1, description="Requests in flight at once (simulated users).")
     mean_click_delay_s: float = Field(2.0, ge=0, description="Mean seconds between impression and click.")
+    retry_budget_s: float = Field(
+        120.0,
+        gt=0,
+        description="How long a simulated user retries a request on transport errors and 5xx (a server "
+        "restart takes tens of seconds); then the request counts as failed.",
+    )
+    service_restarts: int = Field(
+        3, ge=0, description="How often the loop restarts a crashed server or collector before it fails."
+    )
 
 
 class TrackingConfig(_Section):
@@ -419,6 +463,17 @@ class TrackingConfig(_Section):
     experiment: str = Field("llm-auction", min_length=1, description="MLflow experiment name.")
     artifact_location: str | None = Field(
         None, description="Where a new experiment stores artifacts (a folder or s3://...)."
+    )
+    http_retries: int = Field(
+        2,
+        ge=0,
+        description="Retries of one call to a tracking server (MLflow's default, 7 with backoff, waits "
+        "minutes); MLFLOW_HTTP_REQUEST_MAX_RETRIES in the environment wins.",
+    )
+    http_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds one call to a tracking server may take (MLFLOW_HTTP_REQUEST_TIMEOUT wins)",
     )
 
 

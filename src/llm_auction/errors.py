@@ -26,3 +26,10 @@ class UnknownEntityError(KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "unknown entity"
+
+
+class ServiceUnavailable(RuntimeError):
+    """A dependency (the online feature store, the tracking server) cannot be reached now; retry later.
+
+    Servers answer it with HTTP 503 and Retry-After; pipeline steps fail with the message.
+    """

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from feast import FeatureService, FeatureStore
 
 from llm_auction.config import FeaturesConfig
+from llm_auction.errors import ServiceUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -126,10 +128,24 @@ def pctr_inputs(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.rename(columns=renamed)
 
 
+def read_online(store: FeatureStore, **request: Any) -> Any:
+    """`store.get_online_features(**request)`; a store that fails to answer is `ServiceUnavailable`.
+
+    Whatever the online store raises (Redis refusing connections, a locked or missing SQLite file)
+    is the store's state, not the caller's input: servers answer it with a 503, not a 500.
+    """
+    try:
+        return store.get_online_features(**request)
+    except Exception as exc:
+        raise ServiceUnavailable(
+            f"feature store: the online store did not answer ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
 def online_profile(store: FeatureStore, user_ids: Sequence[str]) -> dict[str, str]:
     """Profile text h of each known user, as the auction request needs it; unknown users are left out."""
-    response = store.get_online_features(
-        features=["user_profile_fv:profile_text"], entity_rows=[{"user_id": u} for u in user_ids]
+    response = read_online(
+        store, features=["user_profile_fv:profile_text"], entity_rows=[{"user_id": u} for u in user_ids]
     ).to_dict()
     return {u: text for u, text in zip(response["user_id"], response["profile_text"]) if text is not None}
 
@@ -152,7 +168,8 @@ def online_features(
     """
     if len(user_ids) != len(ad_ids):
         raise ValueError(f"ad_ids: {len(ad_ids)} ads for {len(user_ids)} users; pass one ad per user")
-    frame = store.get_online_features(
+    frame = read_online(
+        store,
         features=store.get_feature_service(FEATURE_SERVICE),
         entity_rows=[{"user_id": u, "ad_id": a} for u, a in zip(user_ids, ad_ids)],
         full_feature_names=True,
@@ -176,8 +193,8 @@ def online_lookups(
 
     def lookup(key: str) -> Callable[[Sequence[str]], pd.DataFrame]:
         def read(ids: Sequence[str]) -> pd.DataFrame:
-            frame = store.get_online_features(
-                features=views[key], entity_rows=[{key: i} for i in ids], full_feature_names=True
+            frame = read_online(
+                store, features=views[key], entity_rows=[{key: i} for i in ids], full_feature_names=True
             ).to_df()
             return pctr_inputs(fill_missing_stats(_embeddings_as_float32(frame), features))
 

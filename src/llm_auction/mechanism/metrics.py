@@ -9,6 +9,7 @@ ads of one response interact (externalities).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -17,15 +18,22 @@ import pandas as pd
 
 from llm_auction.mechanism.payments import expected_payments
 
+logger = logging.getLogger(__name__)
+
 METRICS = ("revenue", "social_welfare", "itctr", "ad_load", "fill_rate", "format_error_rate")
 
 
 @dataclass(frozen=True)
 class Estimate:
-    """A point estimate with its bootstrap interval; NaN where the metric is undefined."""
+    """A point estimate with its bootstrap interval; NaN where the metric is undefined.
+
+    `undefined_share` is the share of bootstrap resamples whose denominator summed to 0 (a ratio
+    such as ITCTR over a resample without ads), which the interval leaves out.
+    """
 
     mean: float
     ci: tuple[float, float]
+    undefined_share: float = 0.0
 
     def to_dict(self) -> dict[str, float | list[float] | None]:
         def clean(x: float) -> float | None:
@@ -34,29 +42,60 @@ class Estimate:
         return {"mean": clean(self.mean), "ci": [clean(self.ci[0]), clean(self.ci[1])]}
 
 
+def _check_finite(name: str, values: np.ndarray) -> None:
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+        raise ValueError(
+            f"bootstrap: {name} has {len(bad)} non-finite value(s) of {len(values)} "
+            f"(first at positions {bad[:5].tolist()}: {values[bad[:5]].tolist()})"
+        )
+
+
 def bootstrap(
     numerator: np.ndarray,
     denominator: np.ndarray | None,
     n_boot: int,
     level: float,
     rng: np.random.Generator,
+    max_undefined_share: float = 0.05,
 ) -> Estimate:
-    """Percentile bootstrap of mean(numerator), or of sum(numerator) / sum(denominator)."""
+    """Percentile bootstrap of mean(numerator), or of sum(numerator) / sum(denominator).
+
+    Non-finite inputs are an error (a NaN or inf would otherwise poison or silently thin the
+    resamples). A resample whose denominator sums to 0 has no ratio: it is left out of the
+    interval and counted in `Estimate.undefined_share`; when more than `max_undefined_share` of
+    the resamples are undefined (a ratio over a handful of ads), the percentiles of the rest would
+    be biased, so the interval is NaN and a warning is logged.
+    """
     numerator = np.asarray(numerator, dtype=float)
     n = len(numerator)
+    den = np.ones(n) if denominator is None else np.asarray(denominator, dtype=float)
+    if den.shape != numerator.shape:
+        raise ValueError(f"bootstrap: denominator shape {den.shape} != numerator shape {numerator.shape}")
+    _check_finite("numerator", numerator)
+    _check_finite("denominator", den)
     if n == 0:
         return Estimate(math.nan, (math.nan, math.nan))
-    den = np.ones(n) if denominator is None else np.asarray(denominator, dtype=float)
     if den.sum() == 0:
-        return Estimate(math.nan, (math.nan, math.nan))
+        return Estimate(math.nan, (math.nan, math.nan), 1.0)
     point = numerator.sum() / den.sum()
     idx = rng.integers(0, n, size=(n_boot, n))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        samples = numerator[idx].sum(axis=1) / den[idx].sum(axis=1)
-    samples = samples[np.isfinite(samples)]
+    sums = den[idx].sum(axis=1)
+    defined = sums != 0
+    samples = numerator[idx].sum(axis=1)[defined] / sums[defined]
+    undefined = 1.0 - float(defined.mean())
+    if undefined > max_undefined_share:
+        logger.warning(
+            "bootstrap: %.1f%% of %d resamples have a zero denominator (more than %.1f%%): "
+            "interval left undefined",
+            100 * undefined,
+            n_boot,
+            100 * max_undefined_share,
+        )
+        return Estimate(float(point), (math.nan, math.nan), undefined)
     alpha = (1 - level) / 2
     lo, hi = np.quantile(samples, [alpha, 1 - alpha])
-    return Estimate(float(point), (float(lo), float(hi)))
+    return Estimate(float(point), (float(lo), float(hi)), undefined)
 
 
 def per_request_outcomes(requests: pd.DataFrame, impressions: pd.DataFrame, clicks: str) -> pd.DataFrame:

@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
-from mlflow.tracking import MlflowClient
 
 from llm_auction.config import Settings, load_config
 from llm_auction.errors import LaunchError
@@ -40,7 +39,7 @@ from llm_auction.evaluation.candidate import (
     write_evaluation_report,
 )
 from llm_auction.evaluation.gate import GateDecision, GateInputs, decide
-from llm_auction.features.encoder import TextEncoder
+from llm_auction.features.encoder import encoder_for
 from llm_auction.features.ingest import IngestReport, ingest_window, labeled_impressions
 from llm_auction.features.retrieval import pctr_inputs, training_frame
 from llm_auction.features.store import open_store
@@ -58,7 +57,7 @@ from llm_auction.reward.training import train_and_register
 from llm_auction.serving.rollout import roll_out
 from llm_auction.tracking import registry
 from llm_auction.tracking.registry import register_version, resolve_model
-from llm_auction.tracking.runs import lineage_tags, open_run, tracked_run
+from llm_auction.tracking.runs import lineage_tags, mlflow_client, open_run, tracked_run
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +95,7 @@ def finish_epoch(settings_json: str, parent_run_id: str, status: str, tags: Mapp
     settings = settings_from(settings_json)
     if not parent_run_id or settings.tracking.uri is None:
         return
-    client = MlflowClient(tracking_uri=settings.tracking.uri)
+    client = mlflow_client(settings.tracking)
     for key, value in tags.items():
         client.set_tag(parent_run_id, key, str(value))
     client.set_terminated(parent_run_id, status=status)
@@ -108,9 +107,12 @@ def failing_epoch(settings_json: str, parent_run_id: str) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        finish_epoch(
-            settings_json, parent_run_id, "FAILED", {"llm_auction.error": f"{type(exc).__name__}: {exc}"}
-        )
+        try:
+            finish_epoch(
+                settings_json, parent_run_id, "FAILED", {"llm_auction.error": f"{type(exc).__name__}: {exc}"}
+            )
+        except Exception as tracking_exc:  # the tracking server down too: the step's own error wins
+            logger.warning("epoch run %s not marked FAILED: %s", parent_run_id, tracking_exc)
         raise
 
 
@@ -140,7 +142,7 @@ def ingest(
     if not Path(feedback_dir).is_dir():
         raise FileNotFoundError(f"feedback_dir {feedback_dir}: not a folder")
     catalog = Catalog.load(settings.public_dir)
-    encoder = TextEncoder(cache_path=settings.data_dir / "encoder-cache.parquet")
+    encoder = encoder_for(settings)
     report: IngestReport = ingest_window(
         open_store(settings),
         settings,
@@ -172,7 +174,7 @@ def train_pctr(
     if labeled.empty:
         raise ValueError(f"window {window_start}/{window_end}: no labeled impressions to train the pCTR on")
     frame = pctr_inputs(training_frame(open_store(settings), labeled, settings.features))
-    encoder = TextEncoder(cache_path=settings.data_dir / "encoder-cache.parquet")
+    encoder = encoder_for(settings)
     lineage = {"epoch": epoch, "window": f"{window_start}/{window_end}", "parent_run_id": parent_run_id}
     _, card = train_and_register(settings, frame, encoder, Path(out_dir), lineage)
     encoder.flush()

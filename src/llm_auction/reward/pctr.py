@@ -48,6 +48,7 @@ INPUT_COLUMNS = ("query", "response", "user_id", "ad_id", "position", "n_ads", "
 CONTEXT_NUMERIC = ("n_ads", "n_same_category")
 STAT_PATTERN = re.compile(r"^(user|ad)_(ctr|clicks|impressions)_\d+d$")
 WEIGHTS, CONFIG = "model.safetensors", "pctr_config.json"
+PLATT_MIN_LOG_SLOPE = -20.0  # a >= exp(-20): positive, and far from float32 underflow
 N_SIMILARITIES = 6  # four embedding cosines and the two word overlaps of `text_matches`
 WORD = re.compile(r"[a-z0-9]+")
 # Function words of English only: a generic list, nothing picked for this world's vocabulary.
@@ -107,12 +108,38 @@ class Batch:
         return Batch(*(t[index] for t in fields))
 
 
+def _stored_embeddings(frame: pd.DataFrame, column: str) -> np.ndarray:
+    """Embeddings stored in `column`, one vector a row; a NaN or infinity in one is an error."""
+    values = np.stack(frame[column].map(lambda v: np.asarray(v, dtype=np.float32)).to_numpy())
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"pCTR input `{column}` has non-finite values in {int(bad.sum())} of {len(frame)} rows"
+            f" (first at index {frame.index[bad][:5].tolist()})"
+        )
+    return values
+
+
 def _embeddings(frame: pd.DataFrame, column: str, text_column: str, encoder: TextEncoder) -> np.ndarray:
     if column in frame.columns:
-        return np.stack(frame[column].map(lambda v: np.asarray(v, dtype=np.float32)).to_numpy())
+        return _stored_embeddings(frame, column)
     if text_column in frame.columns:
         return encoder.encode(frame[text_column].astype(str).tolist())
     raise KeyError(f"pCTR input needs `{column}` or `{text_column}`")
+
+
+def _numeric_column(frame: pd.DataFrame, column: str) -> np.ndarray:
+    """A numeric feature; missing (NaN: no history yet) is 0, but an infinity is an upstream bug."""
+    if column not in frame:
+        return np.zeros(len(frame))
+    values = frame[column].astype(float).to_numpy()
+    bad = np.isinf(values)
+    if bad.any():
+        raise ValueError(
+            f"pCTR input `{column}` has infinite values in {int(bad.sum())} of {len(frame)} rows"
+            f" (first at index {frame.index[bad][:5].tolist()})"
+        )
+    return np.nan_to_num(values, nan=0.0)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -190,13 +217,7 @@ class PCTRModel:
         )
         text = np.stack([query, response, profile, ad], axis=1)
         numeric = (
-            np.stack(
-                [
-                    frame[c].astype(float).fillna(0.0).to_numpy() if c in frame else np.zeros(len(frame))
-                    for c in self.numeric_columns
-                ],
-                axis=1,
-            )
+            np.stack([_numeric_column(frame, c) for c in self.numeric_columns], axis=1)
             if self.numeric_columns
             else np.zeros((len(frame), 0))
         )
@@ -264,20 +285,34 @@ def split_by_request(request_ids: pd.Series, cfg: PCTRConfig) -> np.ndarray:
 
 
 def _fit_platt(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """sigmoid(a * logit + b) minimising validation log loss: calibration without touching ranking."""
-    a = torch.ones(1, requires_grad=True)
+    """sigmoid(a * logit + b) minimising validation log loss: calibration without touching ranking.
+
+    The slope is fitted as a = exp(log_a), so a > 0 and psi's ranking is kept: logits that are
+    anti-correlated with the clicks (a useless psi) pull a towards 0, near-flat probabilities at the
+    base rate, rather than a negative a that would silently invert the ranking. log_a is clamped
+    at `PLATT_MIN_LOG_SLOPE` so that a never underflows to 0. If the fit is not finite (non-finite
+    logits) the identity (1, 0) is returned with a warning.
+    """
+    log_a = torch.zeros(1, requires_grad=True)
     b = torch.zeros(1, requires_grad=True)
-    optimizer = torch.optim.LBFGS([a, b], lr=0.5, max_iter=100)
+    optimizer = torch.optim.LBFGS([log_a, b], lr=0.5, max_iter=100)
     loss_fn = nn.BCEWithLogitsLoss()
+
+    def slope() -> torch.Tensor:
+        return log_a.clamp(min=PLATT_MIN_LOG_SLOPE).exp()
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = loss_fn(a * logits + b, labels)
+        loss = loss_fn(slope() * logits + b, labels)
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    return float(a.item()), float(b.item())
+    a, intercept = float(slope().item()), float(b.item())
+    if not (np.isfinite(a) and np.isfinite(intercept)):
+        logger.warning("pctr: Platt scaling did not converge (a=%s, b=%s): no calibration", a, intercept)
+        return 1.0, 0.0
+    return a, intercept
 
 
 def evaluate(model: PCTRModel, frame: pd.DataFrame, encoder: TextEncoder) -> dict[str, Any]:
@@ -298,13 +333,31 @@ def evaluate(model: PCTRModel, frame: pd.DataFrame, encoder: TextEncoder) -> dic
 def train_pctr(
     frame: pd.DataFrame, encoder: TextEncoder, cfg: PCTRConfig, seed: int, id_dropout: float = 0.1
 ) -> PCTRModel:
-    """BCE training with early stopping on the validation split, then Platt scaling on it."""
+    """BCE training with early stopping on the validation split, then Platt scaling on it.
+
+    Fails with a ValueError naming the cause when a split is empty, a feature is not finite
+    (`PCTRModel.batch`), or the validation loss becomes non-finite (training diverged).
+    """
     if frame.empty or frame["clicked"].nunique() < 2:
         raise ValueError("pctr: training needs impressions with both clicks and non-clicks")
     torch.manual_seed(seed)
     split = split_by_request(frame["request_id"], cfg)
+    for name in ("train", "validation"):
+        if not (split == name).any():
+            raise ValueError(
+                f"pctr: the {name} split is empty ({frame['request_id'].nunique()} requests, "
+                f"validation_fraction={cfg.validation_fraction}, test_fraction={cfg.test_fraction}): "
+                "training needs more requests"
+            )
     train = frame[split == "train"]
     numeric_columns = list(CONTEXT_NUMERIC) + sorted(c for c in frame.columns if STAT_PATTERN.match(c))
+    # Every row up front (`batch` checks again, split by split, for scoring): the error then counts
+    # the rows of the whole frame, and no infinity reaches the normalisation statistics.
+    for column in numeric_columns:
+        _numeric_column(frame, column)
+    for column in ("profile_embedding", "ad_embedding"):
+        if column in frame.columns:
+            _stored_embeddings(frame, column)
     stats = train[numeric_columns].astype(float).fillna(0.0)
     model = PCTRModel(
         net=PCTRNet(train["user_id"].nunique(), train["ad_id"].nunique(), len(numeric_columns), cfg),
@@ -341,6 +394,13 @@ def train_pctr(
         model.net.eval()
         with torch.no_grad():
             val_loss = float(loss_fn(model.logits(data["validation"]), labels["validation"]))
+        if not np.isfinite(val_loss):
+            # The inputs were checked finite in `model.batch`: the weights diverged.
+            raise ValueError(
+                f"pctr: validation log loss is {val_loss} at epoch {epoch + 1} (learning_rate="
+                f"{cfg.learning_rate}, weight_decay={cfg.weight_decay}); the input features are finite, "
+                "so training diverged: lower pctr.learning_rate"
+            )
         history.append(val_loss)
         logger.info("pctr epoch %d: validation log loss %.4f", epoch + 1, val_loss)
         if val_loss < best[0] - 1e-5:

@@ -14,7 +14,7 @@ import numpy as np
 
 from llm_auction.config import Settings
 from llm_auction.contracts import AuctionRequest
-from llm_auction.features.encoder import TextEncoder
+from llm_auction.features.encoder import TextEncoder, encoder_for
 from llm_auction.features.retrieval import online_lookups
 from llm_auction.features.store import open_store
 from llm_auction.mechanism.grammar import marker, parse_response
@@ -115,7 +115,7 @@ def bid_sum_scorer(requests: Sequence[AuctionRequest], responses: Sequence[str],
 
 def feast_reward_scorer(settings: Settings, pctr_dir: Path) -> RewardScorer:
     """R under the pCTR model in `pctr_dir`, user and ad features from Feast's online store."""
-    encoder = TextEncoder(cache_path=settings.data_dir / "encoder-cache.parquet")
+    encoder = encoder_for(settings)
     users, ads = online_lookups(open_store(settings), settings.features)
     pctr = PCTRModel.load(pctr_dir)
     return RewardScorer(pctr, encoder, users, ads, settings.reward.lambda_page, settings.mechanism.max_ads)

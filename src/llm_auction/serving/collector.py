@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from llm_auction.config import describe_validation_error
+from llm_auction.serving.auth import bearer_ok
 
 DB_FILE = "events.db"
 CE_HEADERS = ("ce-id", "ce-type", "ce-source", "ce-specversion")
@@ -57,6 +58,14 @@ class Click(BaseModel):
 CLICKS = TypeAdapter(Click | list[Click])
 
 
+class StoreWriteError(RuntimeError):
+    """The event store could not commit a write; `full` when the disk is out of space."""
+
+    def __init__(self, path: Path, exc: sqlite3.OperationalError) -> None:
+        self.full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in str(exc)
+        super().__init__(f"event store {path}: {exc}; nothing of this request was stored, retry later")
+
+
 class EventStore:
     """One SQLite file; every write is its own committed transaction (what makes an ack durable)."""
 
@@ -70,15 +79,23 @@ class EventStore:
         self._db.executescript(SCHEMA)
 
     def _insert(self, sql: str, rows: list[tuple]) -> list[bool]:
-        """Insert each row unless its key exists; True for the new ones. Committed before returning."""
+        """Insert each row unless its key exists; True for the new ones. Committed before returning.
+
+        A write the disk refuses (full, read-only, I/O error) rolls the whole batch back and is a
+        `StoreWriteError`: nothing of it is stored, so nothing of it may be acknowledged.
+        """
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                inserted = [self._db.execute(sql, row).rowcount == 1 for row in rows]
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    inserted = [self._db.execute(sql, row).rowcount == 1 for row in rows]
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:
+                raise StoreWriteError(self.path, exc) from exc
         return inserted
 
     def add_inference(self, ce_id: str, kind: str, ce_type: str, ce_source: str, payload: Any) -> bool:
@@ -135,7 +152,7 @@ def create_app(store: EventStore, token: str | None = None, max_body_bytes: int 
     commit = Histogram("collector_commit_seconds", "Time to commit an acknowledged batch", registry=registry)
 
     async def read_body(request: Request) -> tuple[bytes | None, JSONResponse | None]:
-        if token is not None and request.headers.get("authorization") != f"Bearer {token}":
+        if token is not None and not bearer_ok(request.headers.get("authorization"), token):
             rejected.labels("auth").inc()
             return None, _error(401, "authorization: missing or wrong bearer token")
         declared = request.headers.get("content-length")
@@ -202,6 +219,13 @@ def create_app(store: EventStore, token: str | None = None, max_body_bytes: int 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
+
+    @app.exception_handler(StoreWriteError)
+    async def unwritable(request: Request, exc: StoreWriteError) -> JSONResponse:  # 507 / 503: retry later
+        rejected.labels("store_full" if exc.full else "store_error").inc()
+        return JSONResponse(
+            {"error": str(exc)}, status_code=507 if exc.full else 503, headers={"retry-after": "5"}
+        )
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:  # never a traceback to a client

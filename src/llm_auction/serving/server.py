@@ -8,8 +8,8 @@
   transformer in front of the vLLM predictor runs on the cluster (`predictor_url` set);
 - concurrent requests are merged into one generate call (`serving.batcher`);
 - the served version follows the registry's `champion` alias (checked every
-  `serving.reload_interval_s`), and the pCTR behind the expected payments follows the newest
-  registered psi;
+  `serving.reload_interval_s`), and the pCTR behind the expected payments follows the pCTR
+  model's own `champion` alias, which only psi's gate moves (`reward.gate`);
 - every inference is sent to the collector as a request and a response CloudEvent
   (`serving.inference_logger`), as KServe's logger does on the cluster.
 """
@@ -37,6 +37,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from llm_auction.config import GenerationConfig, Settings
 from llm_auction.contracts import AuctionRequest
+from llm_auction.errors import ServiceUnavailable
 from llm_auction.features.retrieval import online_profile
 from llm_auction.features.store import open_store
 from llm_auction.policy.generation import TransformersGenerator
@@ -44,6 +45,7 @@ from llm_auction.policy.model import load_policy
 from llm_auction.policy.prompt import build_prompt
 from llm_auction.reward.scorer import RewardScorer, feast_reward_scorer
 from llm_auction.serving.auction import AuctionInputError, parse_instances, prediction
+from llm_auction.serving.auth import bearer_ok
 from llm_auction.serving.batcher import MicroBatcher
 from llm_auction.serving.inference_logger import InferenceLogger
 from llm_auction.serving.openai_routes import openai_router
@@ -125,11 +127,15 @@ def _registry_dir(settings: Settings, name: str, version: str, into: Path, weigh
 
 
 def current_versions(settings: Settings) -> tuple[str | None, str | None]:
-    """(champion policy version, newest pCTR version) in the registry."""
+    """(champion policy version, champion pCTR version) in the registry.
+
+    The pCTR is its `champion` alias, not the newest version: a psi the gate held never prices.
+    """
     if settings.tracking.uri is None:
         return None, None
     champion = registry.alias_version(settings.tracking, settings.irpo.registered_model, registry.CHAMPION)
-    return champion, registry.latest_version(settings.tracking, settings.pctr.registered_model)
+    pctr = registry.alias_version(settings.tracking, settings.pctr.registered_model, registry.CHAMPION)
+    return champion, pctr
 
 
 def load_served(
@@ -139,7 +145,7 @@ def load_served(
     versions: tuple | None = None,
     weights: bool = True,
 ) -> ServedPolicy:
-    """The policy of `model_dir`, else the registry's champion, with the newest pCTR if there is one.
+    """The policy of `model_dir`, else the registry's champion, with the champion pCTR if there is one.
 
     Without `weights` (a transformer) only the tokenizer and the model's configuration are loaded.
     """
@@ -213,7 +219,7 @@ class AuctionModel(kserve.Model):
         return self.ready
 
     async def follow_champion(self) -> None:
-        """Reload when the champion alias (or the newest pCTR) moves; a failed reload keeps serving."""
+        """Reload when the champion alias (or the pCTR's) moves; a failed reload keeps serving."""
         if self.model_dir is not None:
             return
         while True:
@@ -368,7 +374,7 @@ def guard(app: Any, token: str | None, max_body_bytes: int) -> None:
     async def _guard(request: Request, call_next: Any) -> Any:
         if request.method == OPEN_PATHS_METHOD:
             return await call_next(request)
-        if token is not None and request.headers.get("authorization") != f"Bearer {token}":
+        if token is not None and not bearer_ok(request.headers.get("authorization"), token):
             return refuse(request, 401, "authorization: missing or wrong bearer token")
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_body_bytes:
@@ -377,6 +383,57 @@ def guard(app: Any, token: str | None, max_body_bytes: int) -> None:
         if len(body) > max_body_bytes:
             return refuse(request, 413, f"body: {len(body)} bytes exceeds the limit of {max_body_bytes}")
         return await call_next(request)
+
+
+IN_FLIGHT = Gauge("llm_auction_in_flight", "Predict and completion calls admitted and not yet answered")
+SHED = Counter("llm_auction_shed", "Calls answered 503 with Retry-After", ["reason"])
+
+
+def shed_load(app: Any, max_in_flight: int, retry_after_s: int) -> None:
+    """Admission control and 503s: at most `max_in_flight` POST calls inside the server at once.
+
+    A call past the bound is answered at once with 503 and Retry-After instead of joining a queue
+    that would push every waiting user past a timeout; a client that honours Retry-After (the
+    traffic client does) comes back when there is room. The same 503 answers a dependency that is
+    down (`ServiceUnavailable`: the online feature store), with the dependency's message.
+    """
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    def unavailable(request: Request, message: str) -> JSONResponse:
+        headers = {"retry-after": str(retry_after_s)}
+        if request.url.path.startswith("/openai/"):
+            body: dict[str, Any] = {"error": {"message": message, "type": "service_unavailable"}}
+        else:
+            body = {"error": message}
+        return JSONResponse(body, 503, headers=headers)
+
+    in_flight = 0  # one event loop: no lock needed
+
+    @app.middleware("http")
+    async def _admit(request: Request, call_next: Any) -> Any:
+        nonlocal in_flight
+        if request.method != "POST":
+            return await call_next(request)
+        if in_flight >= max_in_flight:
+            SHED.labels("overloaded").inc()
+            return unavailable(
+                request, f"overloaded: {in_flight} calls in progress (serving.max_in_flight); retry later"
+            )
+        in_flight += 1
+        IN_FLIGHT.set(in_flight)
+        try:
+            return await call_next(request)
+        finally:
+            in_flight -= 1
+            IN_FLIGHT.set(in_flight)
+
+    async def _dependency_down(request: Request, exc: Exception) -> JSONResponse:
+        SHED.labels("dependency").inc()
+        logger.warning("503 for %s: %s", request.url.path, exc)
+        return unavailable(request, str(exc))
+
+    app.add_exception_handler(ServiceUnavailable, _dependency_down)
 
 
 def serve(
@@ -396,6 +453,7 @@ def serve(
     server = kserve.ModelServer(http_port=port, enable_grpc=False, workers=1)
     server.register_model(model)
     app = kserve_server.app
+    shed_load(app, settings.serving.max_in_flight, settings.serving.retry_after_s)
     guard(app, token, settings.serving.max_body_bytes)
     app.include_router(openai_router(model))
 

@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -47,6 +44,7 @@ from llm_auction.serving.collector import EventStore
 from llm_auction.serving.export import export_feedback
 from llm_auction.simulator.experiment import Environment, build_environment, export_public
 from llm_auction.simulator.oracle import ORACLE_LABEL, oracle_metrics, references
+from llm_auction.simulator.services import Service, free_port, service, wait_until
 from llm_auction.simulator.traffic import TrafficReport, send_traffic
 from llm_auction.tracking import registry
 
@@ -111,67 +109,6 @@ def plan_traffic(env: Environment, epochs: int) -> TrafficPlan:
     return TrafficPlan(stream[:b], [stream[b + t * e : b + (t + 1) * e] for t in range(epochs)])
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def service(
-    name: str,
-    args: list[str],
-    health_url: str,
-    log_dir: Path,
-    timeout_s: float = 180,
-    env: Mapping[str, str] | None = None,
-) -> Iterator[str]:
-    """A `llm-auction` subprocess that is up once `health_url` answers 200; stopped on exit."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log = (log_dir / f"{name}.log").open("ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "llm_auction", *args],
-        stdout=log,
-        stderr=log,
-        env=None if env is None else {**os.environ, **env},
-    )
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"{name} exited with {process.returncode}; see {log_dir / (name + '.log')}"
-                )
-            try:
-                if httpx.get(health_url, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"{name} not healthy after {timeout_s:.0f} s; see {log_dir / (name + '.log')}"
-                )
-            time.sleep(0.5)
-        yield health_url
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
-
-
-def wait_until(check: Any, what: str, timeout_s: float = 120, interval_s: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
 class Loop:
     """One closed-loop run under `out`; `run()` returns the report it also writes."""
 
@@ -231,8 +168,15 @@ class Loop:
         return str(card["registered_version"])
 
     def send(
-        self, endpoint: str, collector: str, requests: list[AuctionRequest], env: Environment, seed: int
+        self,
+        endpoint: str,
+        collector: str,
+        requests: list[AuctionRequest],
+        env: Environment,
+        seed: int,
+        services: Sequence[Service] = (),
     ) -> TrafficReport:
+        """One phase of traffic; fails clearly if a service died for good during it."""
         loop = self.settings.loop
         report = asyncio.run(
             send_traffic(
@@ -244,19 +188,40 @@ class Loop:
                 concurrency=loop.concurrency,
                 seed=seed,
                 mean_click_delay_s=loop.mean_click_delay_s,
+                retry_budget_s=loop.retry_budget_s,
             )
         )
+        for svc in services:
+            svc.check()
         if report.served == 0:
             raise RuntimeError(f"no request was served: {report.errors[:3]}")
         if report.failed:
             self._say(f"[yellow]{report.failed} requests failed: {report.errors[:3]}[/yellow]")
         return report
 
-    def collect(self, served_total: int) -> None:
-        """Wait until the collector holds every served inference, then export the feedback store."""
+    def collect(self, served_total: int, server_restarts: int = 0) -> None:
+        """Wait until the collector holds every served inference, then export the feedback store.
+
+        A server killed with inferences still in its logger's queue never sends them (KServe's
+        logger on the cluster loses them the same way): after a restart the shortfall is reported,
+        not waited for; without one it is an error.
+        """
         store = EventStore(self.collector_store)
         try:
-            wait_until(lambda: len(store.inference_pairs()) >= served_total, "the inference logs to arrive")
+            try:
+                wait_until(
+                    lambda: len(store.inference_pairs()) >= served_total,
+                    "the inference logs to arrive",
+                    timeout_s=20 if server_restarts else 120,
+                )
+            except RuntimeError:
+                if not server_restarts:
+                    raise
+                lost = served_total - len(store.inference_pairs())
+                self._say(
+                    f"[yellow]{lost} served inferences were never logged: the server was restarted "
+                    f"{server_restarts} times with them in its logger's queue[/yellow]"
+                )
             export_feedback(store, self.feedback, "collector")
         finally:
             store.close()
@@ -269,9 +234,14 @@ class Loop:
         return httpx.get(f"{endpoint}/served", timeout=5).json()
 
     def await_champion(self, endpoint: str) -> str:
+        """Wait until the server serves both `champion` aliases: the policy's and psi's (whose gate
+        may have held the psi just trained, so the newest pCTR version need not be the one served).
+        """
         name = self.settings.irpo.registered_model
         champion = registry.alias_version(self.settings.tracking, name, registry.CHAMPION)
-        pctr = registry.latest_version(self.settings.tracking, self.settings.pctr.registered_model)
+        pctr = registry.alias_version(
+            self.settings.tracking, self.settings.pctr.registered_model, registry.CHAMPION
+        )
 
         def loaded() -> bool:
             served = self.served_versions(endpoint)
@@ -319,7 +289,8 @@ class Loop:
                 ["collector", "--store", str(self.collector_store), "--port", str(collector_port)],
                 f"{collector}/healthz",
                 logs,
-            ),
+                restarts=self.settings.loop.service_restarts,
+            ) as collector_service,
             service(
                 "server",
                 [
@@ -333,14 +304,16 @@ class Loop:
                 ],
                 f"{endpoint}/v2/health/ready",
                 logs,
-            ),
+                restarts=self.settings.loop.service_restarts,
+            ) as server,
         ):
+            services = (collector_service, server)
             served_total = 0
             self._say(f"bootstrap: pi_0 serves {len(plan.bootstrap)} requests")
             started = datetime.now(UTC) - timedelta(seconds=1)
-            traffic = self.send(endpoint, collector, plan.bootstrap, env, seed=0)
+            traffic = self.send(endpoint, collector, plan.bootstrap, env, seed=0, services=services)
             served_total += traffic.served
-            self.collect(served_total)
+            self.collect(served_total, server.restarts)
             window = self.window(traffic, started)
             report["traffic"].append({"phase": "bootstrap", "window": window, **traffic.to_dict()})
             self._say("psi_0: pCTR on pi_0's traffic")
@@ -352,9 +325,11 @@ class Loop:
                     f"epoch {epoch}: champion v{champion} serves {len(plan.epochs[epoch - 1])} requests"
                 )
                 started = datetime.now(UTC) - timedelta(seconds=1)
-                traffic = self.send(endpoint, collector, plan.epochs[epoch - 1], env, seed=epoch)
+                traffic = self.send(
+                    endpoint, collector, plan.epochs[epoch - 1], env, seed=epoch, services=services
+                )
                 served_total += traffic.served
-                self.collect(served_total)
+                self.collect(served_total, server.restarts)
                 window = self.window(traffic, started)
                 report["traffic"].append({"phase": f"epoch-{epoch}", "window": window, **traffic.to_dict()})
                 self._say(f"epoch {epoch}: irpo-epoch pipeline (kfp.local)")
@@ -413,6 +388,23 @@ def report_entry(
     }
 
 
+def revenue_change(first: float | None, last: float | None) -> str:
+    """`first -> last (+x%)`; the absolute change instead when pi_0's revenue is 0 or undefined.
+
+    A relative change from 0 is infinite and from NaN meaningless, and `Estimate.to_dict` turns
+    an undefined mean into None: neither may crash or mislead the report's summary.
+    """
+
+    def fmt(x: float | None) -> str:
+        return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f}"
+
+    if first is None or last is None or not (math.isfinite(first) and math.isfinite(last)):
+        return f"{fmt(first)} -> {fmt(last)}"
+    if first == 0:
+        return f"{first:.3f} -> {last:.3f} ({last - first:+.3f} absolute)"
+    return f"{first:.3f} -> {last:.3f} ({last / first - 1:+.1%})"
+
+
 def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
     """report.json, epochs.png, traffic.png and report.html."""
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -463,9 +455,7 @@ def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
         summary["wall time"] = f"{report['wall_seconds'] / 60:.1f} min"
     if len(epochs) > 1:
         first, last = epochs[0]["policy"]["revenue"]["mean"], epochs[-1]["policy"]["revenue"]["mean"]
-        summary["oracle revenue, pi_0 -> final champion"] = (
-            f"{first:.3f} -> {last:.3f} ({last / first - 1:+.1%})"
-        )
+        summary["oracle revenue, pi_0 -> final champion"] = revenue_change(first, last)
     html = write_html(
         out,
         "LLM-Auction closed loop",

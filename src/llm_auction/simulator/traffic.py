@@ -23,7 +23,7 @@ from llm_auction.contracts import AuctionRequest
 from llm_auction.mechanism.payments import payment_per_click
 from llm_auction.simulator.base import ClickModel, sample_clicks
 
-RETRIES = 3
+MAX_BACKOFF_S = 2.0
 
 
 @dataclass
@@ -83,18 +83,38 @@ def click_events(
     ]
 
 
-async def _post(client: httpx.AsyncClient, url: str, body: Any, headers: dict[str, str]) -> httpx.Response:
-    """POST with retries on transport errors and 5xx (a 4xx is the caller's answer)."""
-    for attempt in range(RETRIES + 1):
+def retry_delay(reply: httpx.Response | None, attempt: int) -> float:
+    """The server's Retry-After when it gives one (a 503 under load), else capped exponential backoff."""
+    after = reply.headers.get("retry-after", "") if reply is not None else ""
+    if after.isdigit():
+        return float(after)
+    return min(0.2 * 2**attempt, MAX_BACKOFF_S)
+
+
+async def _post(
+    client: httpx.AsyncClient, url: str, body: Any, headers: dict[str, str], budget_s: float
+) -> httpx.Response:
+    """POST, retried on transport errors and 5xx for up to `budget_s` (a 4xx is the caller's answer).
+
+    The budget outlasts a server restart, so a crash of the server costs users time, not requests.
+    """
+    deadline = time.monotonic() + budget_s
+    attempt = 0
+    while True:
+        reply: httpx.Response | None = None
         try:
             reply = await client.post(url, json=body, headers=headers)
-            if reply.status_code < 500 or attempt == RETRIES:
+            if reply.status_code < 500:
                 return reply
-        except httpx.TransportError:
-            if attempt == RETRIES:
-                raise
-        await asyncio.sleep(0.2 * 2**attempt)
-    raise AssertionError("unreachable")
+        except httpx.TransportError as exc:
+            error = exc
+        delay = retry_delay(reply, attempt)
+        if time.monotonic() + delay > deadline:
+            if reply is None:
+                raise error
+            return reply
+        await asyncio.sleep(delay)
+        attempt += 1
 
 
 def _auth(token: str | None) -> dict[str, str]:
@@ -114,6 +134,7 @@ async def send_traffic(
     token: str | None = None,
     collector_token: str | None = None,
     progress: bool = True,
+    retry_budget_s: float = 120.0,
 ) -> TrafficReport:
     """Send `requests` one per call, simulate the user's clicks, post them to `collector`."""
     report = TrafficReport()
@@ -131,7 +152,11 @@ async def send_traffic(
             start = time.perf_counter()
             try:
                 reply = await _post(
-                    client, predict_url, {"instances": [request.model_dump(mode="json")]}, _auth(token)
+                    client,
+                    predict_url,
+                    {"instances": [request.model_dump(mode="json")]},
+                    _auth(token),
+                    retry_budget_s,
                 )
             except httpx.HTTPError as exc:
                 report.failed += 1
@@ -159,7 +184,7 @@ async def send_traffic(
             report.revenue += float(payment_per_click([bids[c["ad_id"]] for c in clicks]).sum())
             served_times.extend(datetime.fromisoformat(c["event_timestamp"]) for c in clicks)
             if clicks and clicks_url:
-                ack = await _post(client, clicks_url, clicks, _auth(collector_token))
+                ack = await _post(client, clicks_url, clicks, _auth(collector_token), retry_budget_s)
                 if ack.status_code == 202:
                     report.clicks_acknowledged += len(clicks)
                 else:

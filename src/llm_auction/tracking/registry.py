@@ -11,6 +11,7 @@ import mlflow.artifacts
 
 from llm_auction.config import TrackingConfig
 from llm_auction.errors import RegistryError
+from llm_auction.tracking.runs import mlflow_client
 
 
 def register_version(
@@ -45,11 +46,9 @@ HISTORY_TAG = "llm_auction.champion_history"
 
 
 def _client(cfg: TrackingConfig):  # noqa: ANN202
-    from mlflow.tracking import MlflowClient
-
     if cfg.uri is None:
         raise RegistryError("tracking.uri: the registry needs an MLflow tracking URI")
-    return MlflowClient(tracking_uri=cfg.uri)
+    return mlflow_client(cfg)
 
 
 def _now() -> str:

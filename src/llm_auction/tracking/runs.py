@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from llm_auction.config import TrackingConfig
+from llm_auction.errors import ServiceUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +23,31 @@ def _prepare_local_store(uri: str) -> None:
     """Sqlite needs its folder to exist before MLflow opens the file."""
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+
+def mlflow_client(cfg: TrackingConfig) -> Any:
+    """An MlflowClient for `cfg.uri`, once a tracking server there answers.
+
+    MLflow retries an unreachable server for minutes; a step should instead fail in seconds, with a
+    message naming the server, before it has changed anything in the registry. The retry and
+    timeout settings go to MLflow through its environment variables (an operator's values win).
+    """
+    from mlflow.tracking import MlflowClient
+
+    if cfg.uri is None:
+        raise ValueError("tracking.uri: no MLflow tracking URI configured")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(cfg.http_retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(cfg.http_timeout_s))))
+    if cfg.uri.startswith(("http://", "https://")):
+        try:
+            httpx.get(f"{cfg.uri.rstrip('/')}/health", timeout=cfg.http_timeout_s)
+        except httpx.HTTPError as exc:
+            raise ServiceUnavailable(
+                f"tracking.uri: the MLflow tracking server {cfg.uri} did not answer ({type(exc).__name__}: "
+                f"{exc}); nothing was logged or changed in the registry"
+            ) from exc
+    _prepare_local_store(cfg.uri)
+    return MlflowClient(tracking_uri=cfg.uri)
 
 
 @dataclass
@@ -57,12 +86,7 @@ def open_run(
     parent_run_id: str | None = None,
 ) -> TrackedRun:
     """Create a RUNNING run in the configured experiment (created if needed); the caller ends it."""
-    from mlflow.tracking import MlflowClient
-
-    if cfg.uri is None:
-        raise ValueError("tracking.uri: no MLflow tracking URI configured")
-    _prepare_local_store(cfg.uri)
-    client = MlflowClient(tracking_uri=cfg.uri)
+    client = mlflow_client(cfg)
     experiment = client.get_experiment_by_name(cfg.experiment)
     if experiment is None:
         location = cfg.artifact_location
