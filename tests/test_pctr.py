@@ -1,7 +1,6 @@
 """The pCTR reward model (Eq. 3-4) and the reward R (Eq. 5), trained on simulated feedback."""
 
 import ast
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -9,11 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import random_traffic_frame
+from helpers import HashEncoder, random_traffic_frame
 from llm_auction.config import PCTRConfig, load_config
 from llm_auction.contracts import AdCandidate, AuctionRequest
 from llm_auction.errors import UnsafeCheckpointError
-from llm_auction.features.encoder import EMBEDDING_DIM, TextEncoder
+from llm_auction.features.encoder import TextEncoder
 from llm_auction.mechanism.payments import expected_payments
 from llm_auction.reward import pctr
 from llm_auction.reward.metrics import auc, expected_calibration_error, log_loss
@@ -240,15 +239,6 @@ def test_encoder_disk_cache_is_written_on_flush_and_reused(tmp_path: Path):
     first.flush()
     second = TextEncoder(cache_path=path)
     assert np.allclose(second.encode(["cheap flights"]), vectors[1:2]) and second.n_encoded == 0
-
-
-class HashEncoder:
-    """A stand-in for phi: a fixed random unit vector per text, so that small training runs stay fast."""
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        rows = [np.random.default_rng(zlib.crc32(t.encode())).normal(size=EMBEDDING_DIM) for t in texts]
-        out = np.asarray(rows, dtype=np.float32).reshape(len(texts), EMBEDDING_DIM)
-        return out / np.linalg.norm(out, axis=1, keepdims=True).clip(1e-12)
 
 
 def tiny_frame(n_requests: int = 60, seed: int = 0) -> pd.DataFrame:

@@ -69,6 +69,11 @@ SERVED_VERSION = Gauge("llm_auction_policy_version", "Registry version being ser
 BATCH_SIZE = Histogram(
     "llm_auction_batch_size", "Auction requests per generate call", buckets=(1, 2, 4, 8, 16, 32, 64)
 )
+# Where the server's time goes, summed (the loop reads the deltas of each traffic phase).
+STAGE_SECONDS = Counter("llm_auction_stage_seconds", "Seconds spent per stage of a request", ["stage"])
+GENERATED = Counter(
+    "llm_auction_generated", "Generated responses, their characters and inserted ads", ["what"]
+)
 
 
 @dataclass(frozen=True)
@@ -253,7 +258,8 @@ class AuctionModel(kserve.Model):
         except AuctionInputError as exc:
             raise InvalidInput(str(exc)) from None
         user_ids = sorted({r.user_id for r in requests})
-        profiles = await asyncio.to_thread(online_profile, self._store, user_ids)
+        with STAGE_SECONDS.labels("profiles").time():
+            profiles = await asyncio.to_thread(online_profile, self._store, user_ids)
         prompts = []
         served = self.served
         assert served is not None
@@ -312,9 +318,15 @@ class AuctionModel(kserve.Model):
         served = self.served
         assert served is not None
         requests = [r for r, _ in items]
-        responses = served.generate([p for _, p in items], self.next_seed())
+        with STAGE_SECONDS.labels("generate").time():
+            responses = served.generate([p for _, p in items], self.next_seed())
         BATCH_SIZE.observe(len(items))
-        return list(zip(responses, served.pctr(requests, responses), [served.version] * len(items)))
+        with STAGE_SECONDS.labels("price").time():
+            pctr = served.pctr(requests, responses)
+        GENERATED.labels("responses").inc(len(responses))
+        GENERATED.labels("characters").inc(sum(map(len, responses)))
+        GENERATED.labels("priced_ads").inc(sum(len(p or []) for p in pctr))
+        return list(zip(responses, pctr, [served.version] * len(items)))
 
     async def complete(
         self, prompts: Sequence[str], seed: int, cfg: GenerationConfig | None = None

@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import pandas as pd
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
 from llm_auction.config import ConfigError, Settings, load_config
@@ -230,6 +231,18 @@ class Loop:
         last = datetime.fromisoformat(traffic.last_event_at) if traffic.last_event_at else started
         return started.isoformat(), (max(last, datetime.now(UTC)) + timedelta(seconds=1)).isoformat()
 
+    def server_work(self, endpoint: str) -> dict[str, float]:
+        """The server's cumulative work counters (seconds per stage, responses, characters, priced ads)."""
+        text = httpx.get(f"{endpoint}/metrics", timeout=10).text
+        work: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            if family.name in ("llm_auction_stage_seconds", "llm_auction_generated"):
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        key = sample.labels.get("stage") or sample.labels.get("what")
+                        work[f"{key}_s" if "stage" in sample.labels else key] = sample.value
+        return work
+
     def served_versions(self, endpoint: str) -> dict[str, Any]:
         return httpx.get(f"{endpoint}/served", timeout=5).json()
 
@@ -315,7 +328,10 @@ class Loop:
             served_total += traffic.served
             self.collect(served_total, server.restarts)
             window = self.window(traffic, started)
-            report["traffic"].append({"phase": "bootstrap", "window": window, **traffic.to_dict()})
+            work = self.server_work(endpoint)
+            report["traffic"].append(
+                {"phase": "bootstrap", "window": window, **traffic.to_dict(), "server": work}
+            )
             self._say("psi_0: pCTR on pi_0's traffic")
             steps.ingest(self.settings_json, str(self.feedback), *window, "")
             steps.train_pctr(self.settings_json, str(self.out / "pctr0"), *window, 0, "")
@@ -331,7 +347,13 @@ class Loop:
                 served_total += traffic.served
                 self.collect(served_total, server.restarts)
                 window = self.window(traffic, started)
-                report["traffic"].append({"phase": f"epoch-{epoch}", "window": window, **traffic.to_dict()})
+                before, work = work, self.server_work(endpoint)
+                phase_work = {
+                    k: v - before.get(k, 0.0) if server.restarts == 0 else v for k, v in work.items()
+                }
+                report["traffic"].append(
+                    {"phase": f"epoch-{epoch}", "window": window, **traffic.to_dict(), "server": phase_work}
+                )
                 self._say(f"epoch {epoch}: irpo-epoch pipeline (kfp.local)")
                 evaluation, responses = self.run_epoch(epoch, window)
                 oracle = oracle_metrics(env, held_out, responses, self.settings.seed)
