@@ -348,8 +348,9 @@ class Loop:
                 self.collect(served_total, server.restarts)
                 window = self.window(traffic, started)
                 before, work = work, self.server_work(endpoint)
+                # A restarted server counts from 0 again: its counters are then this phase's work.
                 phase_work = {
-                    k: v - before.get(k, 0.0) if server.restarts == 0 else v for k, v in work.items()
+                    k: v - before.get(k, 0.0) if v >= before.get(k, 0.0) else v for k, v in work.items()
                 }
                 report["traffic"].append(
                     {"phase": f"epoch-{epoch}", "window": window, **traffic.to_dict(), "server": phase_work}
