@@ -8,7 +8,8 @@
 
 An event is acknowledged (202) only after its row is committed to SQLite in WAL mode with
 `synchronous=FULL`, so an acknowledged event survives a crash of the process. Event ids are
-primary keys: a retried event is acknowledged again (`duplicate: true`) and stored once.
+primary keys: a retried event is acknowledged again (`duplicate: true`) and stored once. A write
+the disk refuses is rolled back and answered 507 (full) or 503, so nothing unstored is acknowledged.
 """
 
 from __future__ import annotations
