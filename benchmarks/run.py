@@ -262,6 +262,11 @@ def main() -> None:
         f"status codes {soak['status_codes']}, {soak['server_errors']} 5xx or transport errors; "
         f"resident memory {rss}"
     )
+    burst = soak["burst"]
+    console.print(
+        f"burst of {burst['concurrency']} users: status codes {burst['status_codes']}; served p99 "
+        f"{burst['served_p99_ms']:.0f} ms, shed (503) p99 {burst['shed_p99_ms']:.0f} ms"
+    )
     OUT.mkdir(parents=True, exist_ok=True)
     summary = {
         "soak": soak,

@@ -30,6 +30,7 @@ from llm_auction.simulator.traffic import click_events, send_traffic
 CONCURRENCY = (1, 8, 32)
 SOAK_CONCURRENCY = 64
 SOAK_WINDOWS = 6
+BURST_CONCURRENCY, BURST_S = 128, 30.0
 
 
 def _requests_for(concurrency: int) -> int:
@@ -230,6 +231,11 @@ def bench_soak(
             memory_start = {s.name: resident_mib(s.pid) for s in (server, collector_service)}
             calls = asyncio.run(_soak(endpoint, collector, requests, env.click_model, seconds, concurrency))
             memory_end = {s.name: resident_mib(s.pid) for s in (server, collector_service)}
+            # A burst past `serving.max_in_flight`: what is shed is answered at once, what is admitted
+            # keeps a bounded latency (without the bound, every user would wait behind the queue).
+            burst = asyncio.run(
+                _soak(endpoint, collector, requests, env.click_model, BURST_S, BURST_CONCURRENCY)
+            )
     offsets, latencies, statuses = (np.asarray(c) for c in zip(*calls))
     width = seconds / SOAK_WINDOWS
     windows = []
@@ -257,7 +263,29 @@ def bench_soak(
                 "note": f"req/s; p50 {window['p50_ms']:.0f} ms, p99 {window['p99_ms']:.0f} ms",
             }
         )
+    burst_status = np.asarray([c[2] for c in burst])
+    burst_ms = np.asarray([c[1] for c in burst]) * 1000
+    served_ms, shed_ms = burst_ms[burst_status == 200], burst_ms[burst_status == 503]
+    burst_summary = {
+        "concurrency": BURST_CONCURRENCY,
+        "seconds": BURST_S,
+        "status_codes": {str(int(c)): int((burst_status == c).sum()) for c in np.unique(burst_status)},
+        "served_p50_ms": float(np.percentile(served_ms, 50)) if len(served_ms) else float("nan"),
+        "served_p99_ms": float(np.percentile(served_ms, 99)) if len(served_ms) else float("nan"),
+        "shed_p99_ms": float(np.percentile(shed_ms, 99)) if len(shed_ms) else float("nan"),
+    }
+    rows.append(
+        {
+            "what": f"burst, concurrency {BURST_CONCURRENCY}, max_in_flight {settings.serving.max_in_flight}",
+            "n": len(served_ms),
+            "seconds": BURST_S,
+            "per_s": len(served_ms) / BURST_S,
+            "note": f"req/s served, p99 {burst_summary['served_p99_ms']:.0f} ms; "
+            f"{len(shed_ms)} shed (503), p99 {burst_summary['shed_p99_ms']:.0f} ms",
+        }
+    )
     return {
+        "burst": burst_summary,
         "seconds": seconds,
         "concurrency": concurrency,
         "status_codes": codes,
