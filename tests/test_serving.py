@@ -22,7 +22,7 @@ from llm_auction.contracts import AuctionRequest
 from llm_auction.policy.prompt import build_prompt
 from llm_auction.serving.collector import EventStore
 from llm_auction.simulator.experiment import Environment, export_public, user_profiles
-from llm_auction.simulator.loop import sign_up
+from llm_auction.simulator.loop import server_work, sign_up
 from llm_auction.simulator.services import free_port, service, wait_until
 from llm_auction.simulator.traffic import send_traffic
 from llm_auction.tracking import registry
@@ -268,6 +268,7 @@ def test_traffic_clicks_reach_the_collector(stack: Stack):
         clicks_before = set(store.click_ids())
     finally:
         store.close()
+    work_before = server_work(stack.endpoint)
     report = asyncio.run(
         send_traffic(
             stack.endpoint,
@@ -290,6 +291,10 @@ def test_traffic_clicks_reach_the_collector(stack: Stack):
         store.close()
     assert len(stored - clicks_before) == report.clicks  # each acknowledged click is stored, once
     assert report.latency_p50_ms <= report.latency_p99_ms
+    work = server_work(stack.endpoint)  # where the server's time went, as the loop records it
+    assert work["responses"] - work_before.get("responses", 0) == 30
+    assert work["generate_s"] > work_before.get("generate_s", 0) and work["profiles_s"] > 0
+    assert work["characters"] - work_before.get("characters", 0) >= 30
 
 
 def test_the_traffic_command_prints_its_summary_and_writes_json(stack: Stack, tmp_path):

@@ -32,7 +32,7 @@ from typing import Any
 
 import httpx
 import mlflow.artifacts
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Summary
 from transformers import AutoConfig, AutoTokenizer
 
 from llm_auction.config import GenerationConfig, Settings
@@ -70,7 +70,7 @@ BATCH_SIZE = Histogram(
     "llm_auction_batch_size", "Auction requests per generate call", buckets=(1, 2, 4, 8, 16, 32, 64)
 )
 # Where the server's time goes, summed (the loop reads the deltas of each traffic phase).
-STAGE_SECONDS = Counter("llm_auction_stage_seconds", "Seconds spent per stage of a request", ["stage"])
+STAGE_SECONDS = Summary("llm_auction_stage_seconds", "Seconds spent per stage of a request", ["stage"])
 GENERATED = Counter(
     "llm_auction_generated", "Generated responses, their characters and inserted ads", ["what"]
 )

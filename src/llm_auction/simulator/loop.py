@@ -86,6 +86,19 @@ def sign_up(settings: Settings, feedback_dir: Path) -> None:
     steps.ingest(settings.model_dump_json(), str(feedback_dir), str(now - timedelta(hours=1)), str(now), "")
 
 
+def server_work(endpoint: str) -> dict[str, float]:
+    """The server's cumulative work (`/metrics`): seconds per stage, responses, characters, priced ads."""
+    text = httpx.get(f"{endpoint}/metrics", timeout=10).text
+    work: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "llm_auction_stage_seconds_sum":
+                work[f"{sample.labels['stage']}_s"] = sample.value
+            elif sample.name == "llm_auction_generated_total":
+                work[sample.labels["what"]] = sample.value
+    return work
+
+
 @dataclass(frozen=True)
 class TrafficPlan:
     """Which requests of the stream each phase sends: after pi_0's SFT set, before the held-out end."""
@@ -231,18 +244,6 @@ class Loop:
         last = datetime.fromisoformat(traffic.last_event_at) if traffic.last_event_at else started
         return started.isoformat(), (max(last, datetime.now(UTC)) + timedelta(seconds=1)).isoformat()
 
-    def server_work(self, endpoint: str) -> dict[str, float]:
-        """The server's cumulative work counters (seconds per stage, responses, characters, priced ads)."""
-        text = httpx.get(f"{endpoint}/metrics", timeout=10).text
-        work: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            if family.name in ("llm_auction_stage_seconds", "llm_auction_generated"):
-                for sample in family.samples:
-                    if sample.name.endswith("_total"):
-                        key = sample.labels.get("stage") or sample.labels.get("what")
-                        work[f"{key}_s" if "stage" in sample.labels else key] = sample.value
-        return work
-
     def served_versions(self, endpoint: str) -> dict[str, Any]:
         return httpx.get(f"{endpoint}/served", timeout=5).json()
 
@@ -328,7 +329,7 @@ class Loop:
             served_total += traffic.served
             self.collect(served_total, server.restarts)
             window = self.window(traffic, started)
-            work = self.server_work(endpoint)
+            work = server_work(endpoint)
             report["traffic"].append(
                 {"phase": "bootstrap", "window": window, **traffic.to_dict(), "server": work}
             )
@@ -347,7 +348,7 @@ class Loop:
                 served_total += traffic.served
                 self.collect(served_total, server.restarts)
                 window = self.window(traffic, started)
-                before, work = work, self.server_work(endpoint)
+                before, work = work, server_work(endpoint)
                 # A restarted server counts from 0 again: its counters are then this phase's work.
                 phase_work = {
                     k: v - before.get(k, 0.0) if v >= before.get(k, 0.0) else v for k, v in work.items()

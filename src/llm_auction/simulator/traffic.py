@@ -24,6 +24,8 @@ from llm_auction.mechanism.payments import payment_per_click
 from llm_auction.simulator.base import ClickModel, sample_clicks
 
 MAX_BACKOFF_S = 2.0
+TRANSIENT = frozenset({502, 503, 504})
+INTERNAL_RETRIES = 2
 
 
 @dataclass
@@ -94,9 +96,11 @@ def retry_delay(reply: httpx.Response | None, attempt: int) -> float:
 async def _post(
     client: httpx.AsyncClient, url: str, body: Any, headers: dict[str, str], budget_s: float
 ) -> httpx.Response:
-    """POST, retried on transport errors and 5xx for up to `budget_s` (a 4xx is the caller's answer).
+    """POST with retries; a 4xx is the caller's answer.
 
-    The budget outlasts a server restart, so a crash of the server costs users time, not requests.
+    Transport errors and 502/503/504 (a server restarting, load shed, a dependency down) are retried
+    for up to `budget_s`, which outlasts a server restart: a crash costs users time, not requests.
+    Any other 5xx is a fault of the server that retrying will not mend: `INTERNAL_RETRIES` tries.
     """
     deadline = time.monotonic() + budget_s
     attempt = 0
@@ -109,7 +113,8 @@ async def _post(
         except httpx.TransportError as exc:
             error = exc
         delay = retry_delay(reply, attempt)
-        if time.monotonic() + delay > deadline:
+        internal = reply is not None and reply.status_code not in TRANSIENT
+        if time.monotonic() + delay > deadline or (internal and attempt >= INTERNAL_RETRIES):
             if reply is None:
                 raise error
             return reply
