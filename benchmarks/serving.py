@@ -37,6 +37,20 @@ def _requests_for(concurrency: int) -> int:
     return 48 if concurrency == 1 else 192
 
 
+def _signed_up(settings: Settings, env: Environment, root: Path) -> None:
+    """`root/config.yaml` with every store under `root`, the public files, the users in Feast."""
+    config = settings.model_dump(mode="json") | {
+        "data_dir": str(root / "data"),
+        "features": settings.features.model_dump(mode="json")
+        | {"data_dir": str(root / "features"), "quarantine_dir": str(root / "quarantine")},
+        "tracking": {"uri": None},
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    bench_settings = Settings.model_validate(config)
+    export_public(env, bench_settings.public_dir)
+    sign_up(bench_settings, root / "feedback")
+
+
 def bench_serving(
     settings: Settings, env: Environment, directory: Path, rows: list[dict[str, object]]
 ) -> dict:
@@ -44,16 +58,7 @@ def bench_serving(
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        config = settings.model_dump(mode="json") | {
-            "data_dir": str(root / "data"),
-            "features": settings.features.model_dump(mode="json")
-            | {"data_dir": str(root / "features"), "quarantine_dir": str(root / "quarantine")},
-            "tracking": {"uri": None},
-        }
-        (root / "config.yaml").write_text(yaml.safe_dump(config))
-        bench_settings = Settings.model_validate(config)
-        export_public(env, bench_settings.public_dir)
-        sign_up(bench_settings, root / "feedback")
+        _signed_up(settings, env, root)
         requests = env.world.auction_requests(limit=max(map(_requests_for, CONCURRENCY)))
         for batching in (True, False):
             port = free_port()
@@ -206,16 +211,7 @@ def bench_soak(
     """Server (logging every inference to the collector) and collector under load for `seconds`."""
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        config = settings.model_dump(mode="json") | {
-            "data_dir": str(root / "data"),
-            "features": settings.features.model_dump(mode="json")
-            | {"data_dir": str(root / "features"), "quarantine_dir": str(root / "quarantine")},
-            "tracking": {"uri": None},
-        }
-        (root / "config.yaml").write_text(yaml.safe_dump(config))
-        bench_settings = Settings.model_validate(config)
-        export_public(env, bench_settings.public_dir)
-        sign_up(bench_settings, root / "feedback")
+        _signed_up(settings, env, root)
         requests = env.world.auction_requests(limit=512)
         collector_port, server_port = free_port(), free_port()
         collector, endpoint = f"http://127.0.0.1:{collector_port}", f"http://127.0.0.1:{server_port}"

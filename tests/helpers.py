@@ -73,3 +73,15 @@ class HashEncoder:
         rows = [np.random.default_rng(zlib.crc32(t.encode())).normal(size=EMBEDDING_DIM) for t in texts]
         out = np.asarray(rows, dtype=np.float32).reshape(len(texts), EMBEDDING_DIM)
         return out / np.linalg.norm(out, axis=1, keepdims=True).clip(1e-12)
+
+
+def mlflow_server_command(root, port: int) -> list[str]:
+    """`mlflow server` on 127.0.0.1:`port` with its stores under `root` (one worker, our host allowed)."""
+    import sys
+
+    return [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+        "--artifacts-destination", str(root / "artifacts"),
+        "--workers", "1", "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}",
+    ]  # fmt: skip

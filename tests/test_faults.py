@@ -19,7 +19,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import httpx
 import pytest
 import yaml
 
+from helpers import mlflow_server_command
 from llm_auction.config import load_config
 from llm_auction.errors import ServiceUnavailable
 from llm_auction.evaluation.candidate import EVALUATION_FILE
@@ -260,12 +260,7 @@ def test_a_full_disk_is_a_507_and_nothing_unstored_is_acknowledged(small_disk, t
 
 
 def _mlflow_server(root: Path, port: int) -> subprocess.Popen:
-    command = [
-        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-        "--artifacts-destination", str(root / "artifacts"),
-        "--workers", "1", "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}",
-    ]  # fmt: skip
+    command = mlflow_server_command(root, port)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     health = f"http://127.0.0.1:{port}/health"
     wait_until(lambda: _answers(health), "the mlflow server", timeout_s=120)

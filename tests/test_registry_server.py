@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from helpers import mlflow_server_command
 from llm_auction.config import TrackingConfig
 from llm_auction.errors import RegistryError
 from llm_auction.tracking import registry
@@ -31,12 +31,7 @@ def _free_port() -> int:
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
-    command = [
-        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-        "--artifacts-destination", str(root / "artifacts"),
-        "--workers", "1", "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}",
-    ]  # fmt: skip
+    command = mlflow_server_command(root, port)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
