@@ -25,7 +25,7 @@ from llm_auction.config import Settings
 from llm_auction.simulator.experiment import Environment, export_public
 from llm_auction.simulator.loop import sign_up
 from llm_auction.simulator.services import free_port, service
-from llm_auction.simulator.traffic import click_events, send_traffic
+from llm_auction.simulator.traffic import click_events, retry_delay, send_traffic
 
 CONCURRENCY = (1, 8, 32)
 SOAK_CONCURRENCY = 64
@@ -169,7 +169,10 @@ def resident_mib(pid: int) -> float:
 async def _soak(
     endpoint: str, collector: str, requests: list, click_model, seconds: float, concurrency: int
 ) -> list[tuple[float, float, int]]:
-    """(start offset s, latency s, status) of every predict call made by `concurrency` users in `seconds`."""
+    """(start offset s, latency s, status) of every predict call made by `concurrency` users in `seconds`.
+
+    Users do not retry a failed call, but one that was shed (503) waits its Retry-After first.
+    """
     calls: list[tuple[float, float, int]] = []
     url = f"{endpoint}/v1/models/policy:predict"
     limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
@@ -187,6 +190,8 @@ async def _soak(
             except httpx.HTTPError:
                 status = 0
             calls.append((offset, time.perf_counter() - start, status))
+            if status == 503:  # shed: come back when the server says (as the traffic client does)
+                await asyncio.sleep(retry_delay(reply, 0))
             if status != 200:
                 continue
             (prediction,) = reply.json()["predictions"]

@@ -401,51 +401,61 @@ IN_FLIGHT = Gauge("llm_auction_in_flight", "Predict and completion calls admitte
 SHED = Counter("llm_auction_shed", "Calls answered 503 with Retry-After", ["reason"])
 
 
-def shed_load(app: Any, max_in_flight: int, retry_after_s: int) -> None:
-    """Admission control and 503s: at most `max_in_flight` POST calls inside the server at once.
+def _unavailable(path: str, message: str, retry_after_s: int) -> Any:
+    from fastapi.responses import JSONResponse
+
+    if path.startswith("/openai/"):
+        body: dict[str, Any] = {"error": {"message": message, "type": "service_unavailable"}}
+    else:
+        body = {"error": message}
+    return JSONResponse(body, 503, headers={"retry-after": str(retry_after_s)})
+
+
+class Admission:
+    """ASGI middleware: at most `max_in_flight` POST calls inside the server at once.
 
     A call past the bound is answered at once with 503 and Retry-After instead of joining a queue
     that would push every waiting user past a timeout; a client that honours Retry-After (the
-    traffic client does) comes back when there is room. The same 503 answers a dependency that is
-    down (`ServiceUnavailable`: the online feature store), with the dependency's message.
+    traffic client does) comes back when there is room. Plain ASGI, outermost, before any body is
+    read: a refusal must cost the event loop as little as possible, or a burst of refusals would
+    itself slow the calls admitted.
+    """
+
+    def __init__(self, app: Any, max_in_flight: int, retry_after_s: int) -> None:
+        self.app, self.max_in_flight, self.retry_after_s = app, max_in_flight, retry_after_s
+        self.in_flight = 0  # one event loop: no lock needed
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.max_in_flight:
+            SHED.labels("overloaded").inc()
+            message = f"overloaded: {self.in_flight} calls in progress (serving.max_in_flight); retry later"
+            return await _unavailable(scope["path"], message, self.retry_after_s)(scope, receive, send)
+        self.in_flight += 1
+        IN_FLIGHT.set(self.in_flight)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+            IN_FLIGHT.set(self.in_flight)
+
+
+def shed_load(app: Any, max_in_flight: int, retry_after_s: int) -> None:
+    """Admission control (`Admission`), and the same 503 for a dependency that is down
+    (`ServiceUnavailable`: the online feature store), with the dependency's message.
+
+    Call it after every other middleware is added, so that admission is the outermost.
     """
     from fastapi import Request
-    from fastapi.responses import JSONResponse
 
-    def unavailable(request: Request, message: str) -> JSONResponse:
-        headers = {"retry-after": str(retry_after_s)}
-        if request.url.path.startswith("/openai/"):
-            body: dict[str, Any] = {"error": {"message": message, "type": "service_unavailable"}}
-        else:
-            body = {"error": message}
-        return JSONResponse(body, 503, headers=headers)
-
-    in_flight = 0  # one event loop: no lock needed
-
-    @app.middleware("http")
-    async def _admit(request: Request, call_next: Any) -> Any:
-        nonlocal in_flight
-        if request.method != "POST":
-            return await call_next(request)
-        if in_flight >= max_in_flight:
-            SHED.labels("overloaded").inc()
-            return unavailable(
-                request, f"overloaded: {in_flight} calls in progress (serving.max_in_flight); retry later"
-            )
-        in_flight += 1
-        IN_FLIGHT.set(in_flight)
-        try:
-            return await call_next(request)
-        finally:
-            in_flight -= 1
-            IN_FLIGHT.set(in_flight)
-
-    async def _dependency_down(request: Request, exc: Exception) -> JSONResponse:
+    async def _dependency_down(request: Request, exc: Exception) -> Any:
         SHED.labels("dependency").inc()
         logger.warning("503 for %s: %s", request.url.path, exc)
-        return unavailable(request, str(exc))
+        return _unavailable(request.url.path, str(exc), retry_after_s)
 
     app.add_exception_handler(ServiceUnavailable, _dependency_down)
+    app.add_middleware(Admission, max_in_flight=max_in_flight, retry_after_s=retry_after_s)
 
 
 def serve(
@@ -465,8 +475,8 @@ def serve(
     server = kserve.ModelServer(http_port=port, enable_grpc=False, workers=1)
     server.register_model(model)
     app = kserve_server.app
-    shed_load(app, settings.serving.max_in_flight, settings.serving.retry_after_s)
     guard(app, token, settings.serving.max_body_bytes)
+    shed_load(app, settings.serving.max_in_flight, settings.serving.retry_after_s)
     app.include_router(openai_router(model))
 
     @app.get("/served")
