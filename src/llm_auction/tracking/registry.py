@@ -180,17 +180,6 @@ def show(cfg: TrackingConfig, name: str) -> dict[str, Any]:
     }
 
 
-def latest_version(cfg: TrackingConfig, name: str) -> str | None:
-    """The newest version of a registered model, or None when it has none (or does not exist)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        versions = _client(cfg).search_model_versions(f"name = '{name}'")
-    except MlflowException:
-        return None
-    return str(max(int(v.version) for v in versions)) if versions else None
-
-
 MODELS_PREFIX = "models:/"
 
 
