@@ -85,3 +85,16 @@ def mlflow_server_command(root, port: int) -> list[str]:
         "--artifacts-destination", str(root / "artifacts"),
         "--workers", "1", "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}",
     ]  # fmt: skip
+
+
+def register_versions(settings: Settings, model_dir, n: int) -> list[str]:
+    """`n` policy versions of `model_dir` in the registry, each from its own run."""
+    from llm_auction.tracking import registry
+    from llm_auction.tracking.runs import tracked_run
+
+    name, versions = settings.irpo.registered_model, []
+    for _ in range(n):
+        with tracked_run(settings.tracking, "dpo") as run:
+            run.log_artifacts(model_dir, "policy")
+            versions.append(registry.register_version(settings.tracking, name, run.run_id, "policy"))
+    return versions

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from conftest import untrained_scorer
+from helpers import register_versions
 from llm_auction.config import load_config
 from llm_auction.evaluation.candidate import (
     epoch_history,
@@ -17,7 +18,6 @@ from llm_auction.evaluation.candidate import (
 from llm_auction.pipeline.steps import gate_step
 from llm_auction.simulator.experiment import Environment, split_requests, user_profiles
 from llm_auction.tracking import registry
-from llm_auction.tracking.runs import tracked_run
 
 pytestmark = pytest.mark.slow
 
@@ -109,11 +109,7 @@ def test_gate_step_tags_the_version_and_waits_for_approval_in_manual_mode(tmp_pa
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "card.json").write_text("{}")
     name = settings.irpo.registered_model
-    versions = []
-    for _ in range(2):
-        with tracked_run(settings.tracking, "dpo") as run:
-            run.log_artifacts(tmp_path / "m", "policy")
-            versions.append(registry.register_version(settings.tracking, name, run.run_id, "policy"))
+    versions = register_versions(settings, tmp_path / "m", 2)
     registry.promote(settings.tracking, name, versions[0], "bootstrap", "pi_0")
 
     waiting = gate_step(settings, clear_summary(), versions[1])

@@ -26,7 +26,7 @@ import httpx
 import pytest
 import yaml
 
-from helpers import mlflow_server_command
+from helpers import mlflow_server_command, register_versions
 from llm_auction.config import load_config
 from llm_auction.errors import ServiceUnavailable
 from llm_auction.evaluation.candidate import EVALUATION_FILE
@@ -37,7 +37,6 @@ from llm_auction.simulator.loop import sign_up
 from llm_auction.simulator.services import free_port, service, wait_until
 from llm_auction.simulator.traffic import send_traffic
 from llm_auction.tracking import registry
-from llm_auction.tracking.runs import tracked_run
 from test_evaluation import clear_summary
 
 pytestmark = pytest.mark.slow
@@ -283,11 +282,7 @@ def test_the_tracking_server_down_fails_the_gate_step_clearly_and_leaves_champio
     (tmp_path / "m" / "card.json").write_text("{}")
     mlflow = _mlflow_server(tmp_path, port)
     try:
-        versions = []
-        for _ in range(2):
-            with tracked_run(settings.tracking, "dpo") as run:
-                run.log_artifacts(tmp_path / "m", "policy")
-                versions.append(registry.register_version(settings.tracking, name, run.run_id, "policy"))
+        versions = register_versions(settings, tmp_path / "m", 2)
         registry.promote(settings.tracking, name, versions[0], "bootstrap", "pi_0")
         (tmp_path / "evaluation").mkdir()
         (tmp_path / "evaluation" / EVALUATION_FILE).write_text(json.dumps(clear_summary()))

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from llm_auction.config import Settings
+from llm_auction.config import FeaturesConfig, Settings
 
 logger = logging.getLogger(__name__)
 
 EMBEDDING_DIM = 384
+_DEFAULTS = FeaturesConfig()  # the bounds' defaults live in the configuration, nowhere else
 CACHE_FILE = "encoder-cache.sqlite"
 # Implementation limits of the store, not tunables: SQLite's bound on host parameters per statement
 # (999 in older builds) and how long a writer waits for another process's transaction.
@@ -85,8 +86,8 @@ class TextEncoder:
         model_dir: Path | None = None,
         cache_path: Path | None = None,
         batch_size: int = 128,
-        disk_max_entries: int = 200_000,
-        memory_max_entries: int = 50_000,
+        disk_max_entries: int = _DEFAULTS.encoder_cache_max_entries,
+        memory_max_entries: int = _DEFAULTS.encoder_memory_max_entries,
     ):
         for name, value in (
             ("disk_max_entries", disk_max_entries),

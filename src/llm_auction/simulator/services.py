@@ -140,17 +140,9 @@ class Service:
 
 
 @contextmanager
-def service(
-    name: str,
-    args: list[str],
-    health_url: str,
-    log_dir: Path,
-    timeout_s: float = 180,
-    env: Mapping[str, str] | None = None,
-    restarts: int = 0,
-) -> Iterator[Service]:
-    """A healthy, watched `Service` for the `with` block (restarted up to `restarts` times)."""
-    svc = Service(name, args, health_url, log_dir, timeout_s, env, restarts)
+def service(name: str, args: list[str], health_url: str, log_dir: Path, **options: Any) -> Iterator[Service]:
+    """A healthy, watched `Service` for the `with` block (`options`: those of `Service`), stopped on exit."""
+    svc = Service(name, args, health_url, log_dir, **options)
     try:
         svc.start()
         svc.watch()
