@@ -5,7 +5,7 @@ from components import COMPONENT_IMAGE
 
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
 def deploy(settings_json: str, version: str) -> str:
-    """Roll serving to the new champion (local pointer file, or the InferenceService canary)."""
+    """Start the admitted candidate's canary (local record, or its own predictor beside the champion)."""
     import json
 
     from llm_auction.pipeline import steps

@@ -1,7 +1,12 @@
 """The `irpo-epoch` pipeline: one IRPO epoch, one run (ARCHITECTURE.md, "One IRPO epoch").
 
-    configure -> ingest -> train_pctr -> build_preferences -> train_dpo -> evaluate
-              -> dsl.If(gate clears): promote -> deploy   dsl.Else: promote (records the hold)
+    configure -> canary (the running canary's verdict on the window's live traffic: promote,
+                         roll back, inconclusive or keep collecting)
+              -> ingest -> train_pctr -> build_preferences -> train_dpo -> evaluate
+              -> dsl.If(offline gate clears): admit -> dsl.If(admitted): deploy (start its canary)
+                 dsl.Else: admit (records the hold)
+
+Promotion is decided by live traffic only: the candidate this run admits is the next run's canary.
 
 Parameters map onto the configuration: `profile` and `config_path` pick it, the named parameters
 override single keys, and `overrides` (YAML) any others. `python -m pipelines.irpo_epoch` (`make
@@ -13,12 +18,13 @@ from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
 
+from components.admit import admit
 from components.build_preferences import build_preferences
+from components.canary import canary
 from components.configure import configure
 from components.deploy import deploy
 from components.evaluate import evaluate
 from components.ingest import ingest
-from components.promote import promote
 from components.train_dpo import train_dpo
 from components.train_pctr import train_pctr
 from llm_auction.config import load_config
@@ -54,7 +60,8 @@ def _on_gpus(task: dsl.PipelineTask) -> dsl.PipelineTask:
 
 
 @dsl.pipeline(
-    name="irpo-epoch", description="One IRPO epoch: ingest, pCTR, pairs, DPO, evaluation, gate, rollout."
+    name="irpo-epoch",
+    description="One IRPO epoch: canary verdict, ingest, pCTR, pairs, DPO, evaluation, gate, next canary.",
 )
 def irpo_epoch(
     epoch: int = 1,
@@ -65,12 +72,22 @@ def irpo_epoch(
     profile: str = "cluster",
     config_path: str = "",
     overrides: str = "",
+    end_canary: bool = False,
 ) -> None:
     config = _on_cluster(
         configure(profile=profile, config_path=config_path, overrides=overrides, epoch=epoch)
     )
     config.set_display_name("configure")
     settings, parent = config.outputs["settings_json"], config.outputs["parent_run_id"]
+    verdict = _on_cluster(
+        canary(
+            settings_json=settings,
+            parent_run_id=parent,
+            feedback_dir=feedback_dir,
+            window_end=window_end,
+            end_canary=end_canary,
+        )
+    )
     ingested = _on_cluster(
         ingest(
             settings_json=settings,
@@ -100,7 +117,7 @@ def irpo_epoch(
             window_end=window_end,
             epoch=epoch,
         )
-    )
+    ).after(verdict)  # the champion the canary leaves is the policy this epoch improves
     dpo = _on_gpus(
         _on_cluster(
             train_dpo(
@@ -126,9 +143,9 @@ def irpo_epoch(
     )
 
     def record_gate(display_name: str) -> dsl.PipelineTask:
-        """The promote step records the verdict on either branch (and moves the alias on a pass)."""
+        """The admit step records the verdict on either branch (and sets `challenger` on a pass)."""
         task = _on_cluster(
-            promote(
+            admit(
                 settings_json=settings,
                 parent_run_id=parent,
                 evaluation=evaluated.outputs["evaluation"],
@@ -138,8 +155,9 @@ def irpo_epoch(
         return task.set_display_name(display_name)
 
     with dsl.If(evaluated.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition)
-        promoted = record_gate("promote")
-        _on_cluster(deploy(settings_json=settings, version=dpo.outputs["Output"])).after(promoted)
+        admitted = record_gate("admit")
+        with dsl.If(admitted.output == True, name="canary-free"):  # noqa: E712
+            _on_cluster(deploy(settings_json=settings, version=dpo.outputs["Output"]))
     with dsl.Else(name="gate-held"):
         record_gate("hold")
 

@@ -151,6 +151,7 @@ def test_metrics_count_what_happened(collector):
     assert 'collector_events_total{kind="click",outcome="duplicate"}' in text
     assert 'collector_rejected_total{reason="auth"}' in text
     assert "collector_commit_seconds_bucket" in text
+    assert "collector_arm_refresh_errors_total 1.0" in text  # the test pair above is no auction request
 
 
 @pytest.mark.slow

@@ -113,10 +113,81 @@ def test_overlay_keeps_the_names_the_system_uses(rendered: dict[str, list[Manife
     assert find(docs, "TrainJob", "irpo-dpo-template")["spec"]["runtimeRef"]["name"] == "torch-distributed"
 
 
-def test_prod_has_a_standard_mode_canary(rendered: dict[str, list[Manifest]]) -> None:
-    isvc = find(rendered["prod"], "InferenceService", "policy")
+def _keys(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        return set(node).union(*(_keys(value) for value in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_keys(value) for value in node))
+    return set()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_overlay_declares_a_kserve_canary(rendered: dict[str, list[Manifest]], overlay: str) -> None:
+    """The canary is a second InferenceService the pipeline creates, split by user in the transformer:
+    KServe's canaries split per request, so a user would see both arms."""
+    docs = rendered[overlay]
+    isvc = find(docs, "InferenceService", "policy")
     assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
-    assert [c["trafficPercent"] for c in isvc["spec"]["canary"]] == [10]
+    for doc in docs:
+        assert not {"canary", "canaryTrafficPercent"} & _keys(doc), f"{doc['kind']}/{doc['metadata']['name']}"
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "InferenceService"] == ["policy"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_pipeline_may_roll_the_policy_and_its_challenger_only(
+    rendered: dict[str, list[Manifest]], overlay: str
+) -> None:
+    rules = find(rendered[overlay], "Role", "llm-auction-pipeline")["rules"]
+    isvc_rules = [r for r in rules if "inferenceservices" in r["resources"]]
+    assert all(
+        r["apiGroups"] == ["serving.kserve.io"] and r["resources"] == ["inferenceservices"]
+        for r in isvc_rules
+    )
+    verbs = {tuple(r.get("resourceNames", ())): sorted(r["verbs"]) for r in isvc_rules}
+    assert verbs == {
+        ("policy",): ["get", "patch"],
+        ("policy-challenger",): ["delete", "get", "update"],
+        (): ["create"],  # resourceNames cannot restrict create
+    }
+    assert len(isvc_rules) == len(verbs)
+
+
+def _admits(policy: Manifest, labels: dict[str, str], port: int) -> bool:
+    """Whether a NetworkPolicy lets a pod of this namespace with `labels` in on `port`."""
+    for rule in policy["spec"].get("ingress", []):
+        ports = [p["port"] for p in rule.get("ports", [])]
+        peers = [p["podSelector"]["matchLabels"] for p in rule.get("from", []) if set(p) == {"podSelector"}]
+        if (not ports or port in ports) and any(peer.items() <= labels.items() for peer in peers):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_transformer_reaches_both_predictors_and_nothing_else_reaches_the_challenger(
+    rendered: dict[str, list[Manifest]], overlay: str
+) -> None:
+    from llm_auction.serving.rollout import challenger_isvc
+
+    docs = rendered[overlay]
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    transformer = {"serving.kserve.io/inferenceservice": "policy", "component": "transformer"}
+    challenger_predictor = {
+        "serving.kserve.io/inferenceservice": "policy-challenger",
+        "component": "predictor",
+    }
+    guarding = [
+        p
+        for p in policies
+        if p["spec"]["podSelector"].get("matchLabels", {}).items() <= challenger_predictor.items()
+    ]
+    assert [p["metadata"]["name"] for p in guarding] == ["default-deny-ingress", "policy-challenger"]
+    assert any(_admits(p, transformer, 8080) for p in guarding)
+    assert not any(_admits(p, {"app.kubernetes.io/name": "feedback-collector"}, 8080) for p in guarding)
+    assert _admits(find(docs, "NetworkPolicy", "policy-endpoint"), transformer, 8080)
+    # The challenger built from this overlay's `policy` (what the pipeline reads from the cluster) is valid.
+    challenger = challenger_isvc(find(docs, "InferenceService", "policy"), "s3://llm-auction-mlflow/a/policy")
+    assert challenger["metadata"]["namespace"] == NAMESPACE
+    assert validate_documents([challenger]) == []
 
 
 def images_in(node: Any) -> set[str]:

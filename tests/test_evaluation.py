@@ -53,7 +53,7 @@ def test_a_candidate_identical_to_the_champion_is_held(summary):
     assert summary["gain"]["reward"]["mean"] == 0 and summary["gain"]["reward"]["ci"] == [0, 0]
     assert abs(summary["kl"]) < 1e-4
     gate = summary["gate"]
-    assert not gate["promoted"]
+    assert not gate["admitted"]
     assert [c["name"] for c in gate["checks"] if not c["passed"]] == ["reward gain lower bound"]
     assert set(summary["policies"]) == {"candidate", "champion", "pre_generation", "post_generation"}
     assert summary["monotonicity"]["n_checks"] > 0 and summary["monotonicity"]["click_model"] == "psi_t"
@@ -77,7 +77,7 @@ def test_the_report_and_the_review_card(evaluation, summary, tmp_path):
     html = (tmp_path / "report.html").read_text()
     assert "reward gain lower bound" in html and 'class="fail"' in html
     card = review_card(summary, "llm-auction-policy v2", {"report": "runs:/abc/evaluation/report.html"})
-    assert card.startswith("## llm-auction-policy v2") and "**Gate (auto): HOLD**" in card
+    assert card.startswith("## llm-auction-policy v2") and "**Offline gate: HOLD**" in card
     assert "| candidate |" in card and "[report](runs:/abc/evaluation/report.html)" in card
 
 
@@ -100,33 +100,35 @@ def clear_summary() -> dict:
     }
 
 
-def test_gate_step_tags_the_version_and_waits_for_approval_in_manual_mode(tmp_path):
+def test_the_gate_step_tags_the_version_and_admits_one_candidate_at_a_time_to_the_canary(tmp_path):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracking = {"uri": uri, "artifact_location": str(tmp_path / "artifacts")}
-    settings = load_config(environ={}, overrides={"tracking": tracking, "gate": {"mode": "manual"}})
+    settings = load_config(environ={}, overrides={"tracking": tracking})
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "card.json").write_text("{}")
     name = settings.irpo.registered_model
-    versions = register_versions(settings, tmp_path / "m", 2)
+    versions = register_versions(settings, tmp_path / "m", 3)
     registry.promote(settings.tracking, name, versions[0], "bootstrap", "pi_0")
-
-    waiting = gate_step(settings, clear_summary(), versions[1])
     client = MlflowClient(tracking_uri=uri)
-    assert not waiting.promote and "approved=true" in waiting.reason
-    assert str(client.get_model_version_by_alias(name, "challenger").version) == versions[1]
-    version = client.get_model_version(name, versions[1])
-    assert version.tags["gate.promote"] == "false" and version.tags["lineage.epoch"] == "1"
-    assert version.tags["gate.failed"] == "none" and version.tags["metric.gain_reward"] == "0.05"
-    assert version.description.startswith(f"## {name} v{versions[1]}")
 
-    registry.approve(settings.tracking, name, versions[1], "carol")
-    promoted = gate_step(settings, clear_summary(), versions[1])
-    assert promoted.promote and promoted.approved is True
-    assert str(client.get_model_version_by_alias(name, "champion").version) == versions[1]
-    assert client.get_model_version(name, versions[1]).tags["previous_champion"] == versions[0]
-    assert json.loads(json.dumps(promoted.to_dict()))["promoted"] is True
     failing = clear_summary()
     failing["gate_inputs"]["format_error_rate"] = 0.5
-    assert not gate_step(settings, failing, versions[1]).promote  # approval never overrides a guardrail
+    held = gate_step(settings, failing, versions[1])
+    assert not held["admitted"] and held["reason"] == "failed: format error rate"
+    assert registry.alias_version(settings.tracking, name, "challenger") is None  # held: no canary
+
+    admitted = gate_step(settings, clear_summary(), versions[1])
+    assert admitted["admitted"] and json.loads(json.dumps(admitted))["reason"].endswith("enters the canary")
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == versions[1]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == versions[0]  # not promoted
+    version = client.get_model_version(name, versions[1])
+    assert version.tags["gate.admitted"] == "true" and version.tags["lineage.epoch"] == "1"
+    assert version.tags["gate.failed"] == "none" and version.tags["metric.gain_reward"] == "0.05"
+    assert version.tags["canary.status"] == "running" and "canary.started_at" in version.tags
+    assert version.description.startswith(f"## {name} v{versions[1]}")
+
+    busy = gate_step(settings, clear_summary(), versions[2])  # one canary at a time
+    assert not busy["admitted"] and busy["reason"] == "failed: canary slot free"
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == versions[1]

@@ -301,7 +301,7 @@ def test_the_tracking_server_down_fails_the_gate_step_clearly_and_leaves_champio
         assert registry.alias_version(settings.tracking, name, registry.CHAMPION) == versions[0]
         assert registry.alias_version(settings.tracking, name, registry.CHALLENGER) is None
         info = {v["version"]: v for v in registry.show(settings.tracking, name)["versions"]}
-        assert "gate.promote" not in info[versions[1]]["tags"]
+        assert "gate.admitted" not in info[versions[1]]["tags"]
     finally:
         mlflow.terminate()
         mlflow.wait(timeout=30)

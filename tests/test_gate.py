@@ -1,4 +1,5 @@
-"""The promotion gate: never promotes without a gain and every guardrail, always promotes with them."""
+"""The offline gate: never admits a candidate to the canary without a gain and every guardrail;
+always with them."""
 
 from __future__ import annotations
 
@@ -48,27 +49,20 @@ def clears_every_check(x: GateInputs, cfg: GateConfig) -> bool:
 @given(x=inputs())
 def test_promotes_exactly_when_every_check_clears(x):
     decision = decide(x, CFG)
-    assert decision.promote == clears_every_check(x, CFG)
+    assert decision.admit == clears_every_check(x, CFG)
     if x.gain_ci[0] <= 0:  # the gain interval reaches zero or below: never promoted
-        assert not decision.promote
+        assert not decision.admit
     assert len(decision.checks) == 6
-    assert decision.promote == all(c.passed for c in decision.checks)
-    if decision.promote:
-        assert decision.reason == "every check passed"
+    assert decision.admit == all(c.passed for c in decision.checks)
+    if decision.admit:
+        assert decision.reason == "every check passed: enters the canary"
     else:
         assert decision.failed and decision.reason.startswith("failed: ")
 
 
-@settings(max_examples=200, deadline=None)
-@given(x=inputs(), approved=st.sampled_from([None, False, True]))
-def test_manual_mode_also_needs_the_approval(x, approved):
-    decision = decide(x, GateConfig(mode="manual"), approved)
-    assert decision.promote == (clears_every_check(x, CFG) and approved is True)
-
-
-def test_a_clear_candidate_is_promoted_and_each_broken_guardrail_blocks_it():
+def test_a_clear_candidate_is_admitted_and_each_broken_guardrail_blocks_it():
     good = GateInputs(0.1, (0.05, 0.15), 0.18, 0.19, 2.0, 0.03, 1.0, 0.0)
-    assert decide(good, CFG).promote
+    assert decide(good, CFG).admit
     for field, value in [
         ("gain_ci", (0.0, 0.2)),
         ("candidate_itctr", 0.10),
@@ -78,6 +72,4 @@ def test_a_clear_candidate_is_promoted_and_each_broken_guardrail_blocks_it():
         ("monotonicity_violation_rate", 0.5),
     ]:
         decision = decide(GateInputs(**{**good.__dict__, field: value}), CFG)
-        assert not decision.promote and len(decision.failed) == 1, (field, decision.failed)
-    waiting = decide(good, GateConfig(mode="manual"), approved=None)
-    assert not waiting.promote and "approved=true" in waiting.reason
+        assert not decision.admit and len(decision.failed) == 1, (field, decision.failed)

@@ -128,7 +128,7 @@ def test_a_bad_psi_is_held_and_a_good_one_takes_the_alias(world, tmp_path: Path)
         == first["registered_version"]
         == "1"
     )
-    assert current_versions(settings) == (None, "1")  # the server prices with the pCTR champion
+    assert current_versions(settings) == (None, None, "1")  # the server prices with the pCTR champion
     assert client.get_run(first["mlflow_run_id"]).data.params["gate.max_auc_drop"] == "0.01"
 
     # A broken label join: clicks inverted on the train and validation rows only, so both psis are
@@ -142,7 +142,7 @@ def test_a_bad_psi_is_held_and_a_good_one_takes_the_alias(world, tmp_path: Path)
     assert "ECE rose" in gate["reason"] and gate["champion_before"] == gate["champion_after"] == "1"
     assert gate["ece_delta"] > CFG.max_ece_increase
     assert registry.alias_version(settings.tracking, name, registry.CHAMPION) == "1"  # did not move
-    assert current_versions(settings) == (None, "1")  # the newest version (2) does not serve
+    assert current_versions(settings) == (None, None, "1")  # the newest version (2) does not serve
     # the champion was measured on the same rows: its numbers there are its own test metrics
     assert gate["champion_auc"] == pytest.approx(first["test_auc"])
     assert gate["champion_ece"] == pytest.approx(first["test_ece"]) and gate["n"] == first["test_n"]
@@ -158,7 +158,7 @@ def test_a_bad_psi_is_held_and_a_good_one_takes_the_alias(world, tmp_path: Path)
     _, good = train_and_register(settings, frame, encoder, tmp_path / "v3", {"epoch": 2})
     assert good["gate"]["decision"] == PROMOTE and good["gate"]["champion_after"] == "3"
     assert registry.alias_version(settings.tracking, name, registry.CHAMPION) == "3"
-    assert current_versions(settings) == (None, "3")
+    assert current_versions(settings) == (None, None, "3")
     promoted = client.get_model_version(name, "3")
     assert promoted.tags["gate_decision"] == "promote" and promoted.tags["promoted_by"] == "pctr-gate"
     assert (

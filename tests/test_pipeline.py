@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,13 +15,14 @@ from llm_auction.pipeline.steps import resolve_settings, resolve_window
 REPO = Path(__file__).resolve().parents[1]
 COMPILED = REPO / "pipelines" / "irpo_epoch.yaml"
 STEPS = (
+    "canary",
     "configure",
     "ingest",
     "train-pctr",
     "build-preferences",
     "train-dpo",
     "evaluate",
-    "promote",
+    "admit",
     "deploy",
 )
 
@@ -73,8 +75,9 @@ def test_the_gate_is_a_condition_with_both_branches():
         for t in dag["tasks"].values()
         if "triggerPolicy" in t
     }
-    assert set(conditions) == {"gate-passed", "gate-held"}
+    assert set(conditions) == {"gate-passed", "gate-held", "canary-free"}
     assert conditions["gate-held"].startswith("!(") and "evaluate-Output" in conditions["gate-passed"]
+    assert "admit-Output" in conditions["canary-free"]  # deploy only what the gate step admitted
 
 
 def test_settings_are_validated_once_with_the_failing_key_named():
@@ -128,18 +131,193 @@ def test_schedule_replaces_an_existing_recurring_run_and_never_overlaps():
     assert Path(created["pipeline_package_path"]) == COMPILED
 
 
-def test_the_canary_patch_keeps_the_inferenceservice_valid():
+def _policy_isvc() -> dict:
+    docs = yaml.safe_load_all((REPO / "deploy" / "base" / "inferenceservice.yaml").read_text())
+    return next(d for d in docs if d and d.get("kind") == "InferenceService")
+
+
+def _keys(node: object) -> set[str]:
+    if isinstance(node, dict):
+        return set(node).union(*(_keys(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_keys(v) for v in node))
+    return set()
+
+
+ARTIFACTS = "s3://llm-auction-mlflow/artifacts/1/abc/artifacts/policy"
+
+
+def test_the_challenger_inferenceservice_is_the_policy_predictor_alone():
+    from llm_auction.deploy import validate_documents
+    from llm_auction.serving.rollout import challenger_isvc
+
+    policy = _policy_isvc()
+    before = yaml.safe_dump(policy)
+    challenger = challenger_isvc(policy, ARTIFACTS)
+    assert yaml.safe_dump(policy) == before  # the base manifest is not touched
+    problems = validate_documents([challenger])
+    assert [p for p in problems if p.check in ("schema", "canary")] == [], problems
+    assert problems == [], problems
+    assert challenger["metadata"]["name"] == "policy-challenger"
+    annotations = challenger["metadata"]["annotations"]
+    assert annotations["serving.kserve.io/deploymentMode"] == "Standard"
+    assert challenger["metadata"]["labels"]["llm-auction.io/arm"] == "challenger"
+    assert challenger["metadata"]["labels"]["networking.kserve.io/visibility"] == "cluster-local"
+    assert list(challenger["spec"]) == ["predictor"]  # no transformer, no logger, no canary
+    assert not {"canary", "canaryTrafficPercent", "transformer", "logger"} & _keys(challenger)
+    model = challenger["spec"]["predictor"]["model"]
+    assert model["storageUri"] == ARTIFACTS
+    # It serves under the champion's name, the one the transformer's completions ask for.
+    assert model["args"][-1] == "--model_name=policy" and "--backend=vllm" in model["args"]
+    expected = {k: v for k, v in policy["spec"]["predictor"].items() if k != "model"}
+    assert {k: v for k, v in challenger["spec"]["predictor"].items() if k != "model"} == expected
+    with pytest.raises(ValueError, match="storage_uri"):
+        challenger_isvc(policy, "")
+
+
+def test_the_promotion_patch_keeps_the_policy_inferenceservice_valid():
     from llm_auction.deploy import validate_documents
     from llm_auction.deploy.policies import deep_merge
-    from llm_auction.serving.rollout import canary_patch
+    from llm_auction.serving.rollout import promotion_patch
 
-    docs = list(yaml.safe_load_all((REPO / "deploy" / "base" / "inferenceservice.yaml").read_text()))
-    isvc = next(d for d in docs if d and d.get("kind") == "InferenceService")
-    patched = deep_merge(isvc, canary_patch("s3://llm-auction-mlflow/artifacts/1/abc/artifacts/policy", 10))
-    assert patched["spec"]["predictor"]["canaryTrafficPercent"] == 10
-    assert [p for p in validate_documents([patched]) if p.check == "schema"] == []
-    with pytest.raises(ValueError, match="canary_percent"):
-        canary_patch("s3://x", 120)
+    patched = deep_merge(_policy_isvc(), promotion_patch(ARTIFACTS))
+    assert patched["spec"]["predictor"]["model"]["storageUri"] == ARTIFACTS
+    assert "transformer" in patched["spec"] and not {"canary", "canaryTrafficPercent"} & _keys(patched)
+    assert validate_documents([patched]) == []
+
+
+def test_the_cluster_profile_reaches_the_challenger_predictor_service():
+    from llm_auction.config import load_config
+    from llm_auction.serving.rollout import CHALLENGER
+
+    settings = load_config(profile="cluster", environ={})
+    host = f"{CHALLENGER}-predictor.{settings.irpo.distributed.namespace}.svc.cluster.local"
+    assert settings.serving.challenger_predictor_url == f"http://{host}"
+
+
+@pytest.fixture()
+def local_serving(tmp_path, monkeypatch):
+    """Local settings on tmp_path with a stand-in registry: version 2 is challenger, 1 champion."""
+    from llm_auction.config import load_config
+    from llm_auction.serving import rollout
+
+    aliases = {"champion": "1", "challenger": "2"}
+    monkeypatch.setattr(rollout.registry, "alias_version", lambda cfg, name, alias: aliases.get(alias))
+    monkeypatch.setattr(rollout.registry, "version_source", lambda cfg, name, v: f"/models/v{v}")
+    settings = load_config(profile="local", environ={}, overrides={"data_dir": str(tmp_path)})
+    return settings, aliases
+
+
+def test_local_canary_records_round_trip(local_serving):
+    from llm_auction.serving.rollout import end_canary, start_canary
+
+    settings, aliases = local_serving
+    serving = settings.data_dir / "serving"
+    assert start_canary(settings, "3") == {"started": False, "challenger": "2", "version": "3"}
+    assert not serving.exists()
+
+    started = start_canary(settings, "2")
+    canary = json.loads((serving / "canary.json").read_text())
+    assert canary == {k: v for k, v in started.items() if k != "record"}
+    assert canary["challenger"] == "2" and canary["source"] == "/models/v2"
+    assert canary["canary_percent"] == settings.serving.canary_percent and canary["started_at"]
+
+    ended = end_canary(settings, "2", "rollback")
+    assert not (serving / "canary.json").exists() and not (serving / "champion.json").exists()
+    (line,) = (serving / "canary-history.jsonl").read_text().splitlines()
+    assert json.loads(line) == {k: v for k, v in ended.items() if k != "history"}
+    assert ended["decision"] == "rollback" and ended["started_at"] == canary["started_at"]
+
+    start_canary(settings, "2")
+    aliases.update(champion="2", challenger=None)  # the registry promoted it before serving follows
+    promoted = end_canary(settings, "2", "promote")
+    assert promoted["promotion"]["rolled"] is True and promoted["promotion"]["source"] == "/models/v2"
+    assert json.loads((serving / "champion.json").read_text())["champion"] == "2"
+    decisions = [
+        json.loads(x)["decision"] for x in (serving / "canary-history.jsonl").read_text().splitlines()
+    ]
+    assert decisions == ["rollback", "promote"]
+
+
+def test_an_unknown_canary_decision_is_named(local_serving):
+    from llm_auction.serving.rollout import end_canary, start_canary
+
+    settings, _ = local_serving
+    start_canary(settings, "2")
+    with pytest.raises(ValueError, match="'keep going'"):
+        end_canary(settings, "2", "keep going")
+    assert (settings.data_dir / "serving" / "canary.json").is_file()  # nothing was ended
+
+
+class FakeCustomObjects:
+    """The CustomObjectsApi calls the rollout makes, on a dict of InferenceServices."""
+
+    def __init__(self, objects: dict[str, dict]):
+        self.objects, self.calls = objects, []
+
+    def _missing(self, name: str):
+        from kubernetes.client import ApiException
+
+        if name not in self.objects:
+            raise ApiException(status=404, reason=f"{name} not found")
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        self._missing(name)
+        return self.objects[name]
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+        from kubernetes.client import ApiException
+
+        self.calls.append(("create", body["metadata"]["name"]))
+        if body["metadata"]["name"] in self.objects:
+            raise ApiException(status=409, reason="AlreadyExists")
+        self.objects[body["metadata"]["name"]] = {
+            **body,
+            "metadata": {**body["metadata"], "resourceVersion": "1"},
+        }
+
+    def replace_namespaced_custom_object(self, group, version, namespace, plural, name, body):
+        self._missing(name)
+        assert body["metadata"]["resourceVersion"] == self.objects[name]["metadata"]["resourceVersion"]
+        self.calls.append(("replace", name))
+        self.objects[name] = body
+
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name):
+        self.calls.append(("delete", name))
+        self._missing(name)
+        del self.objects[name]
+
+    def patch_namespaced_custom_object(self, group, version, namespace, plural, name, body):
+        from llm_auction.deploy.policies import deep_merge
+
+        self._missing(name)
+        self.calls.append(("patch", name))
+        self.objects[name] = deep_merge(self.objects[name], body)
+
+
+def test_cluster_canary_creates_replaces_deletes_and_promotes(local_serving, monkeypatch):
+    from llm_auction.serving import rollout
+
+    settings, aliases = local_serving
+    settings = settings.model_copy(update={"profile": "cluster"})
+    api = FakeCustomObjects({"policy": {**_policy_isvc(), "metadata": {"name": "policy", "namespace": "x"}}})
+    monkeypatch.setattr(rollout, "_api", lambda: api)
+
+    assert rollout.start_canary(settings, "2")["action"] == "created"
+    assert rollout.start_canary(settings, "2")["action"] == "replaced"  # one a crashed run left
+    assert api.objects["policy-challenger"]["spec"]["predictor"]["model"]["storageUri"] == "/models/v2"
+    assert rollout.end_canary(settings, "2", "rollback")["deleted"] is True
+    assert rollout.end_canary(settings, "2", "inconclusive")["deleted"] is False  # 404: already gone
+    rollout.start_canary(settings, "2")
+    aliases.update(champion="2", challenger=None)
+    promoted = rollout.end_canary(settings, "2", "promote")
+    assert promoted["deleted"] is True and promoted["promotion"]["inferenceservice"] == "policy"
+    assert api.objects["policy"]["spec"]["predictor"]["model"]["storageUri"] == "/models/v2"
+    assert set(api.objects) == {"policy"}
+    assert [c for c in api.calls if c[0] in ("patch", "delete")][-2:] == [
+        ("patch", "policy"),
+        ("delete", "policy-challenger"),
+    ]
 
 
 def test_a_corrupted_feedback_file_is_named_in_the_error(tmp_path):

@@ -179,11 +179,16 @@ def test_one_epoch_through_kfp_local(workspace):
     name = settings.irpo.registered_model
     candidate = client.get_model_version(name, "2")
     assert candidate.tags["lineage.epoch"] == "1" and candidate.tags["lineage.pctr_version"] == "1"
-    assert candidate.tags["gate.promote"] == str(evaluation["gate"]["promoted"]).lower()
-    champion = registry.alias_version(settings.tracking, name, registry.CHAMPION)
-    assert champion == ("2" if evaluation["gate"]["promoted"] else "1")
-    pointer = settings.data_dir / "serving" / "champion.json"
-    assert pointer.is_file() == evaluation["gate"]["promoted"]
+    admitted = evaluation["gate"]["admitted"] and all(c["passed"] for c in evaluation["gate"]["checks"])
+    assert candidate.tags["gate.admitted"] == str(admitted).lower()
+    # No challenger served this window: the canary step found nothing to decide, and only live
+    # traffic promotes, so pi_0 stays champion whatever the offline gate said.
+    verdict = json.loads((next(run_dir.glob("canary/result")) / "canary.json").read_text())
+    assert (verdict["champion"], verdict["challenger"], verdict["decision"]) == ("1", None, "none")
+    assert registry.alias_version(settings.tracking, name, registry.CHAMPION) == "1"
+    challenger = registry.alias_version(settings.tracking, name, registry.CHALLENGER)
+    assert challenger == ("2" if admitted else None)
+    assert (settings.data_dir / "serving" / "canary.json").is_file() == admitted  # the canary started
 
 
 def test_a_corrupted_feedback_file_fails_the_run_and_leaves_the_champion(workspace, tmp_path):

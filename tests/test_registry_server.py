@@ -75,7 +75,7 @@ def test_plain_clients_read_versions_aliases_tags_and_the_review_card(server, tm
     registry.promote(cfg, NAME, v1, "bootstrap", "pi_0")
     card = "## llm-auction-policy v2\n\n| check | value | bound | result |\n|---|---|---|---|\n"
     card += "| kl | 1.2 | <= 5 | pass |\n"
-    registry.annotate_version(cfg, NAME, v2, {"gate.promote": "true", "metric.revenue": 0.37}, card)
+    registry.annotate_version(cfg, NAME, v2, {"gate.admitted": "true", "metric.revenue": 0.37}, card)
     assert registry.promote(cfg, NAME, v2, "irpo-pipeline", "every check passed") == v1
     registry.set_alias(cfg, NAME, registry.CHALLENGER, v3)
     registry.approve(cfg, NAME, v3, "bob")

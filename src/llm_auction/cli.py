@@ -62,6 +62,11 @@ registry_app = typer.Typer(
     help="The MLflow model registry: review, approve, promote, roll back.", no_args_is_help=True
 )
 app.add_typer(registry_app, name="registry")
+canary_app = typer.Typer(
+    help="The canary: challenger and champion on live traffic, per-arm metrics, the verdict.",
+    no_args_is_help=True,
+)
+app.add_typer(canary_app, name="canary")
 
 # Wide enough for the metric table when the output is a file or a CI log (rich assumes 80 there).
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -822,7 +827,7 @@ def irpo_evaluate(
 
 
 def _print_gate(gate: dict[str, Any]) -> None:
-    table = Table(title=f"gate ({gate['mode']}): {gate['reason']}", title_justify="left", box=box.SIMPLE_HEAD)
+    table = Table(title=f"offline gate: {gate['reason']}", title_justify="left", box=box.SIMPLE_HEAD)
     for column in ("check", "value", "bound", "result"):
         table.add_column(column, justify="left" if column == "check" else "right")
     for c in gate["checks"]:
@@ -841,7 +846,7 @@ def irpo_gate(
     profile: ProfileOption = None,
     sets: SetOption = None,
 ) -> None:
-    """Write the review card and tags onto the version; promote it to champion when the gate passes."""
+    """Write the review card and tags onto the version; it enters the canary when the gate passes."""
     from llm_auction.evaluation.candidate import EVALUATION_FILE
     from llm_auction.pipeline.steps import gate_step
 
@@ -851,8 +856,8 @@ def irpo_gate(
             f"--evaluation {evaluation}: no {EVALUATION_FILE}; run `llm-auction irpo evaluate` first"
         )
     decision = gate_step(_settings(config, profile, sets, None), json.loads(path.read_text()), version, by)
-    _print_gate(decision.to_dict())
-    if not decision.promote:
+    _print_gate(decision)
+    if not decision["admitted"]:
         raise typer.Exit(3)
 
 
@@ -911,10 +916,12 @@ def collector(
     """Serve the feedback collector: inference-logger CloudEvents and clicks, acknowledged once durable."""
     import uvicorn
 
+    from llm_auction.serving.arm_metrics import ArmMetrics
     from llm_auction.serving.collector import EventStore, create_app
 
     token = os.environ.get(token_env) or None
-    app_ = create_app(EventStore(store), token, max_body_bytes)
+    events = EventStore(store)
+    app_ = create_app(events, token, max_body_bytes, [ArmMetrics(events)])
     err_console.print(f"collector on http://{host}:{port} (store {store}, auth {'on' if token else 'off'})")
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
@@ -1065,7 +1072,7 @@ def run_closed_loop(
     report = run_loop(epochs, out, config, profile, _parse_sets(sets), pi0)
     metrics = ("revenue", "social_welfare", "itctr", "ad_load")
     table = Table(title=f"closed loop -> {out}/report.json", box=box.SIMPLE_HEAVY)
-    for column in ("epoch", "version", *metrics, "gate"):
+    for column in ("epoch", "version", *metrics, "offline gate", "canary"):
         table.add_column(column, justify="right")
     for entry in report["epochs"]:
         gate = entry["gate"]
@@ -1075,8 +1082,9 @@ def run_closed_loop(
             else "n/a"
             for m in metrics
         ]
-        verdict = "" if gate is None else ("promoted" if gate["promoted"] else "held")
-        table.add_row(str(entry["epoch"]), str(entry["policy_version"]), *cells, verdict)
+        verdict = "" if gate is None else ("admitted" if gate["admitted"] else "held")
+        canary = (entry.get("canary") or {}).get("decision", "")
+        table.add_row(str(entry["epoch"]), str(entry["policy_version"]), *cells, verdict, canary)
     console.print(table)
     console.print(f"wall time {report['wall_seconds'] / 60:.1f} min; report {out}/report.html")
 
@@ -1095,7 +1103,7 @@ def registry_show(
     profile: ProfileOption = None,
     sets: SetOption = None,
 ) -> None:
-    """Versions with their aliases, lineage and gate tags."""
+    """Versions with their aliases, lineage, offline gate and canary outcome."""
     from llm_auction.tracking import registry
 
     settings = _settings(config, profile, sets, None)
@@ -1103,13 +1111,13 @@ def registry_show(
     table = Table(
         title=f"{info['name']} (champion history {info['champion_history'] or '-'})", box=box.SIMPLE_HEAD
     )
-    for column in ("version", "aliases", "epoch", "gate", "created", "run"):
+    for column in ("version", "aliases", "epoch", "admitted", "canary", "created", "run"):
         table.add_column(column)
     for v in info["versions"]:
         tags = v["tags"]
         table.add_row(
             v["version"], ",".join(v["aliases"]), tags.get("lineage.epoch", ""),
-            tags.get("gate.promote", ""), v["created"], v["run_id"] or "",
+            tags.get("gate.admitted", ""), tags.get("canary.status", ""), v["created"], v["run_id"] or "",
         )  # fmt: skip
     console.print(table)
     if json_path is not None:
@@ -1203,3 +1211,126 @@ def main() -> None:
             markup=False,
         )
         sys.exit(1)
+
+
+def _print_canary(result: dict[str, Any]) -> None:
+    if result.get("arms") is None:
+        console.print(f"canary: {result['reason']} (champion v{result['champion']})")
+        return
+    table = Table(
+        title=f"canary: challenger v{result['challenger']} vs champion v{result['champion']} "
+        f"since {result['started_at']}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
+    columns = (
+        "arm",
+        "versions",
+        "requests",
+        "impressions",
+        "clicks",
+        "revenue / request",
+        "ITCTR",
+        "ad load",
+    )
+    for column in columns:
+        table.add_column(column, justify="left" if column == "arm" else "right")
+
+    def fmt(e: dict[str, Any]) -> str:
+        if e["mean"] is None:
+            return "n/a"
+        lo, hi = e["ci"]
+        return f"{e['mean']:.4f}" + ("" if lo is None else f" [{lo:.4f}, {hi:.4f}]")
+
+    for arm, m in result["arms"].items():
+        table.add_row(
+            arm, ",".join(m["policy_versions"]), str(m["requests"]), str(m["impressions"]), str(m["clicks"]),
+            fmt(m["revenue"]), fmt(m["itctr"]), fmt(m["ad_load"]),
+        )  # fmt: skip
+    console.print(table)
+
+    def band(s: dict[str, Any]) -> str:
+        if s["mean"] is None:
+            return "n/a"
+        lo = "-inf" if s["lo"] is None else f"{s['lo']:+.4f}"
+        hi = "+inf" if s["hi"] is None else f"{s['hi']:+.4f}"
+        return f"{s['mean']:+.4f} [{lo}, {hi}]"
+
+    console.print(
+        f"revenue per request, challenger - champion: {band(result['revenue_difference'])}; "
+        f"ITCTR - (1 - {result['itctr_margin']:.0%}) x champion's: {band(result['itctr_noninferiority'])} "
+        f"({result['test']}, alpha {result['alpha']})"
+    )
+    console.print(f"[bold]verdict: {result['decision']}[/bold] — {result['reason']}")
+
+
+FeedbackDirOption = Annotated[
+    Path | None,
+    typer.Option("--feedback", help="A feedback store folder (requests/, impressions/, clicks/)."),
+]
+StoreOption = Annotated[
+    Path | None, typer.Option("--store", help="The collector's event store folder (the freshest view).")
+]
+
+
+def _canary_frames(feedback: Path | None, store: Path | None) -> tuple[Any, Any, Any]:
+    from llm_auction.pipeline.steps import read_logs
+    from llm_auction.serving.collector import DB_FILE, EventStore
+    from llm_auction.serving.export import feedback_frames
+
+    if (feedback is None) == (store is None):
+        raise InputError("--feedback or --store: give exactly one source of the live traffic's logs")
+    if store is not None:
+        if not (store / DB_FILE).is_file():
+            raise InputError(f"--store {store}: no collector store ({DB_FILE}) there")
+        events = EventStore(store)
+        try:
+            return feedback_frames(events)
+        finally:
+            events.close()
+    assert feedback is not None
+    if not feedback.is_dir():
+        raise InputError(f"--feedback {feedback}: not a folder")
+    return read_logs(feedback)
+
+
+@canary_app.command("status")
+def canary_status_cmd(
+    feedback: FeedbackDirOption = None,
+    store: StoreOption = None,
+    json_path: JsonOption = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    sets: SetOption = None,
+) -> None:
+    """Per-arm online metrics of the running canary and the verdict the next decision would take."""
+    from llm_auction.pipeline.steps import canary_status
+
+    settings = _settings(config, profile, sets, None)
+    if (feedback is None) == (store is None):
+        raise InputError("--feedback or --store: give exactly one source of the live traffic's logs")
+    result, _, _ = canary_status(settings, lambda: _canary_frames(feedback, store))
+    _print_canary(result)
+    if json_path is not None:
+        _write_json(json_path, result)
+
+
+@canary_app.command("decide")
+def canary_decide_cmd(
+    feedback: Annotated[Path, typer.Option("--feedback", help="The feedback store folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Where canary.json and canary.png go.")] = Path("canary"),
+    end: Annotated[
+        bool, typer.Option("--end", help="No more traffic comes: without a verdict it ends inconclusive.")
+    ] = False,
+    by: ByOption = "llm-auction-cli",
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    sets: SetOption = None,
+) -> None:
+    """Take the canary's verdict and carry it out (promote, roll back, end inconclusive or keep going)."""
+    from llm_auction.pipeline.steps import canary
+
+    settings = _settings(config, profile, sets, None)
+    if not feedback.is_dir():
+        raise InputError(f"--feedback {feedback}: not a folder")
+    _print_canary(canary(settings.model_dump_json(), str(feedback), "", str(out), "", end, by))

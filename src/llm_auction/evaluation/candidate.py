@@ -187,7 +187,7 @@ def review_card(summary: Mapping[str, Any], title: str, links: Mapping[str, str]
         f"monotonicity violations under psi {audit['violations']} of {audit['n_checks']}; "
         f"{summary['ir']}.",
         "",
-        f"**Gate ({summary['gate']['mode']}): {'PROMOTE' if summary['gate']['promoted'] else 'HOLD'}** "
+        f"**Offline gate: {'ENTERS THE CANARY' if summary['gate']['admitted'] else 'HOLD'}** "
         f"— {summary['gate']['reason']}",
         "",
         "| check | value | bound | result |",
@@ -221,7 +221,7 @@ def epoch_history(settings: Settings, summary: Mapping[str, Any]) -> list[dict[s
     history = []
     for version in reversed(versions):
         tags = version["tags"]
-        if "gate.promote" in tags and int(tags.get("lineage.epoch", epoch)) < epoch:
+        if "gate.admitted" in tags and int(tags.get("lineage.epoch", epoch)) < epoch:
             metrics = {
                 k.removeprefix("metric."): float(v) for k, v in tags.items() if k.startswith("metric.")
             }
@@ -273,7 +273,7 @@ def write_evaluation_report(
     ]
     report = write_report(
         out_dir,
-        f"Candidate evaluation: {'promote' if summary['gate']['promoted'] else 'hold'}",
+        f"Candidate evaluation: {'enters the canary' if summary['gate']['admitted'] else 'hold'}",
         {
             "held-out requests": str(summary["requests"]),
             "metrics": "psi_t's estimates (reward model side)",

@@ -1,7 +1,9 @@
-"""The promotion gate: a candidate replaces the champion only with a gain and every guardrail held.
+"""The offline gate: a candidate may enter the canary only with a gain and every guardrail held.
 
-`decide` is a pure function of the evaluation summary and `GateConfig`, so what the gate does can
-be tested exhaustively; the registry side effects (aliases, tags) live in `tracking.registry`.
+It decides admission, not promotion: the offline gain is R under psi_t, the very reward model DPO
+just optimised against, so only live traffic (`evaluation.canary`) may promote. `decide` is a pure
+function of the evaluation summary and `GateConfig`, so what the gate does can be tested
+exhaustively; the registry side effects (aliases, tags) live in `tracking.registry`.
 """
 
 from __future__ import annotations
@@ -29,12 +31,10 @@ class Check:
 
 @dataclass(frozen=True)
 class GateDecision:
-    """Whether to promote, and why: every check, whichever way it went."""
+    """Whether the candidate may enter the canary, and why: every check, whichever way it went."""
 
-    promote: bool
-    mode: str
+    admit: bool
     checks: list[Check] = field(default_factory=list)
-    approved: bool | None = None
 
     @property
     def failed(self) -> list[str]:
@@ -42,20 +42,10 @@ class GateDecision:
 
     @property
     def reason(self) -> str:
-        if self.promote:
-            return "every check passed" + (" and the version is approved" if self.mode == "manual" else "")
-        if not self.failed and self.mode == "manual":
-            return "every check passed; waiting for the registry tag approved=true"
-        return "failed: " + ", ".join(self.failed)
+        return "every check passed: enters the canary" if self.admit else "failed: " + ", ".join(self.failed)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "promoted": self.promote,
-            "mode": self.mode,
-            "approved": self.approved,
-            "reason": self.reason,
-            "checks": [asdict(c) for c in self.checks],
-        }
+        return {"admitted": self.admit, "reason": self.reason, "checks": [asdict(c) for c in self.checks]}
 
 
 def _check(name: str, value: float | None, op: Op, bound: float, detail: str = "") -> Check:
@@ -84,8 +74,8 @@ class GateInputs:
     monotonicity_violation_rate: float
 
 
-def decide(inputs: GateInputs, cfg: GateConfig, approved: bool | None = None) -> GateDecision:
-    """Promote iff the gain's lower bound exceeds `min_gain`, every guardrail holds, and (manual) approved."""
+def decide(inputs: GateInputs, cfg: GateConfig) -> GateDecision:
+    """Admit iff the gain's lower bound exceeds `min_gain` and every guardrail holds."""
     floor = None if inputs.champion_itctr is None else inputs.champion_itctr * (1 - cfg.itctr_margin)
     checks = [
         _check(
@@ -114,6 +104,4 @@ def decide(inputs: GateInputs, cfg: GateConfig, approved: bool | None = None) ->
     ]
     if floor is None:  # no champion ITCTR (it showed no ads): non-inferiority holds trivially
         checks[1] = Check("itctr non-inferior", math.nan, ">=", math.nan, True, "champion shows no ads")
-    clear = all(c.passed for c in checks)
-    promote = clear and (cfg.mode == "auto" or approved is True)
-    return GateDecision(promote, cfg.mode, checks, approved)
+    return GateDecision(all(c.passed for c in checks), checks)

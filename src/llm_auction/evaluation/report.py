@@ -236,3 +236,27 @@ def write_report(
     out = directory / "report.html"
     out.write_text(html_report(title, summary, tables, images, notes), encoding="utf-8")
     return out
+
+
+def plot_canary(trajectory: Any, path: Path, title: str) -> Path:
+    """The canary over its window: each arm's realised revenue per request as traffic accrued, and
+    the difference with its confidence sequence (the verdict is taken where the band leaves 0).
+    """
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    n = trajectory["requests"]
+    for arm, color in (("champion", "C0"), ("challenger", "C1")):
+        left.plot(n, trajectory[f"{arm}_revenue"], color=color, label=arm)
+    left.set_title("realised revenue per request, per arm")
+    left.legend()
+    finite = trajectory[["lo", "hi"]].replace([math.inf, -math.inf], math.nan)
+    right.fill_between(n, finite["lo"], finite["hi"], color="C1", alpha=0.25, label="confidence sequence")
+    right.plot(n, trajectory["difference"], color="C1", label="challenger - champion")
+    right.axhline(0, color="black", lw=0.8)
+    right.set_title("revenue difference (always-valid band)")
+    right.legend()
+    for ax in (left, right):
+        ax.set_xlabel("requests in the canary")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    return _save(fig, path)

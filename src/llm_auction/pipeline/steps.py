@@ -19,7 +19,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,15 @@ import yaml
 
 from llm_auction.config import Settings, load_config
 from llm_auction.errors import LaunchError
+from llm_auction.evaluation.canary import (
+    CHALLENGER,
+    CHAMPION,
+    CanaryDecision,
+    canary_outcomes,
+    card_section,
+    trajectory,
+)
+from llm_auction.evaluation.canary import decide as decide_canary
 from llm_auction.evaluation.candidate import (
     EVALUATION_FILE,
     CandidateEvaluation,
@@ -38,7 +47,8 @@ from llm_auction.evaluation.candidate import (
     review_card,
     write_evaluation_report,
 )
-from llm_auction.evaluation.gate import GateDecision, GateInputs, decide
+from llm_auction.evaluation.gate import Check, GateInputs, decide
+from llm_auction.evaluation.report import plot_canary
 from llm_auction.features.encoder import encoder_for
 from llm_auction.features.ingest import IngestReport, ingest_window, labeled_impressions
 from llm_auction.features.retrieval import pctr_inputs, training_frame
@@ -51,10 +61,10 @@ from llm_auction.irpo.sampling import build_preference_set, prompt_requests
 from llm_auction.irpo.trainjob import run_trainjob
 from llm_auction.policy.generation import make_generator
 from llm_auction.public.catalog import HELD_OUT_FILE, SYNTHETIC_FILE, Catalog, read_requests
-from llm_auction.public.feedback import logged_requests
+from llm_auction.public.feedback import logged_requests, read_kind
 from llm_auction.reward.scorer import feast_reward_scorer
 from llm_auction.reward.training import train_and_register
-from llm_auction.serving.rollout import roll_out
+from llm_auction.serving.rollout import end_canary, start_canary
 from llm_auction.tracking import registry
 from llm_auction.tracking.registry import register_version, resolve_model
 from llm_auction.tracking.runs import lineage_tags, mlflow_client, open_run, tracked_run
@@ -413,7 +423,7 @@ def evaluate(
         if run is not None:
             metrics: dict[str, float] = {
                 "kl": summary["kl"],
-                "gate_promote": float(summary["gate"]["promoted"]),
+                "gate_admitted": float(summary["gate"]["admitted"]),
             }
             for label, values in summary["policies"].items():
                 metrics |= {f"{label}_{k}": v["mean"] for k, v in values.items() if v["mean"] is not None}
@@ -428,31 +438,35 @@ def evaluate(
 
 
 def gate(settings_json: str, evaluation_dir: str, version: str, parent_run_id: str) -> dict:
-    """Step 6: card and tags on the version, `challenger`, and `champion` moved when the gate passes.
+    """Step 6: card and tags on the version; `challenger` (the canary) when the offline gate admits it.
 
     Both branches of the pipeline's `dsl.If` end here: a held candidate is recorded just the same.
     """
     settings = settings_from(settings_json)
     summary = json.loads((Path(evaluation_dir) / EVALUATION_FILE).read_text())
-    decision = gate_step(settings, summary, version).to_dict()
-    finish_epoch(settings_json, parent_run_id, "FINISHED", {"llm_auction.promoted": decision["promoted"]})
+    decision = gate_step(settings, summary, version)
+    finish_epoch(settings_json, parent_run_id, "FINISHED", {"llm_auction.admitted": decision["admitted"]})
     return decision
 
 
 def gate_step(
     settings: Settings, summary: Mapping[str, Any], candidate_version: str, who: str = "irpo-pipeline"
-) -> GateDecision:
-    """Tag the candidate version with its card, make it the challenger, and promote it if the gate says so.
+) -> dict[str, Any]:
+    """Tag the candidate version with its card and, if the offline gate admits it, make it the
+    challenger: it enters the canary, where live traffic decides its promotion (`canary`).
 
-    In manual mode the decision is taken again with the version's `approved` tag, so a reviewer's
-    `registry approve` followed by a re-run of this step promotes.
+    One canary at a time: while another challenger is still in canary the candidate is held.
     """
     name = settings.irpo.registered_model
     inputs = dict(summary["gate_inputs"])
     inputs["gain_ci"] = tuple(inputs["gain_ci"])
-    manual = settings.gate.mode == "manual"
-    approved = registry.is_approved(settings.tracking, name, candidate_version) if manual else None
-    decision = decide(GateInputs(**inputs), settings.gate, approved)
+    offline = decide(GateInputs(**inputs), settings.gate)
+    running = registry.alias_version(settings.tracking, name, registry.CHALLENGER)
+    busy = running is not None and running != candidate_version
+    slot = Check(
+        "canary slot free", 0.0 if busy else 1.0, ">", 0.0, not busy, f"v{running} in canary" if busy else ""
+    )
+    decision = dataclasses.replace(offline, admit=offline.admit and not busy, checks=[*offline.checks, slot])
     run_id = summary.get("mlflow_run_id")
     links = (
         {
@@ -466,8 +480,7 @@ def gate_step(
     candidate = summary["policies"]["candidate"]
     tags = {
         **{f"lineage.{k}": v for k, v in summary.get("lineage", {}).items()},
-        "gate.promote": str(decision.promote).lower(),
-        "gate.mode": decision.mode,
+        "gate.admitted": str(decision.admit).lower(),
         "gate.failed": ",".join(decision.failed) or "none",
         "metric.kl": round(summary["kl"], 5),
         **{
@@ -478,13 +491,126 @@ def gate_step(
         **{f"metric.{k}": round(v["mean"], 5) for k, v in candidate.items() if v["mean"] is not None},
     }
     registry.annotate_version(settings.tracking, name, candidate_version, tags, description=card)
-    if registry.alias_version(settings.tracking, name, registry.CHAMPION) != candidate_version:
-        registry.set_alias(settings.tracking, name, registry.CHALLENGER, candidate_version)
-    if decision.promote:
-        registry.promote(settings.tracking, name, candidate_version, who, decision.reason)
-    return decision
+    if decision.admit:
+        registry.enter_canary(settings.tracking, name, candidate_version, who)
+    return decision.to_dict()
 
 
 def deploy(settings_json: str, version: str) -> dict:
-    """Roll serving to the champion: the local pointer file, or the InferenceService canary."""
-    return roll_out(settings_from(settings_json), version)
+    """Start the admitted candidate's canary on the endpoint (local record, or its own predictor)."""
+    return start_canary(settings_from(settings_json), version)
+
+
+CANARY_FILE, CANARY_PLOT = "canary.json", "canary.png"
+
+
+def read_logs(feedback: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The feedback store's request log, impressions and clicks."""
+    return tuple(read_kind(feedback, kind) for kind in ("requests", "impressions", "clicks"))  # type: ignore[return-value]
+
+
+def canary_status(
+    settings: Settings,
+    frames: Callable[[], tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]],
+    window_end: str = "",
+    end: bool = False,
+) -> tuple[dict[str, Any], CanaryDecision | None, pd.DataFrame]:
+    """The running canary's verdict on the logs `frames()` reads (request log, impressions,
+    clicks), changing nothing; without a challenger nothing is read.
+
+    Only the traffic since the challenger entered the canary counts, each arm's rows answered by
+    the version the registry names for it. In manual mode a promotion waits for `approved=true`.
+    """
+    name, tracking = settings.irpo.registered_model, settings.tracking
+    champion = registry.alias_version(tracking, name, registry.CHAMPION)
+    challenger = registry.alias_version(tracking, name, registry.CHALLENGER)
+    result: dict[str, Any] = {"champion": champion, "challenger": challenger}
+    if challenger is None or challenger == champion:
+        return result | {"decision": "none", "reason": "no challenger in canary"}, None, pd.DataFrame()
+    started = registry.canary_started_at(tracking, name, challenger)
+    outcomes = canary_outcomes(
+        *frames(),
+        start=None if started is None else pd.Timestamp(started),
+        end=pd.Timestamp(window_end) if window_end else None,
+    )
+    expected = outcomes["arm"].map({CHAMPION: champion, CHALLENGER: challenger})
+    outcomes = outcomes[outcomes["policy_version"] == expected].reset_index(drop=True)
+    m = settings.mechanism
+    decision = decide_canary(
+        outcomes, settings.gate.canary, settings.gate.itctr_margin, m.bootstrap_samples, m.ci_level, end
+    )
+    verdict, reason = decision.decision, decision.reason
+    if verdict == "promote" and settings.gate.mode == "manual":
+        if not registry.is_approved(tracking, name, challenger):
+            verdict, reason = "awaiting approval", f"{reason}; waiting for the registry tag approved=true"
+    result |= {
+        **decision.to_dict(),
+        "decision": verdict,
+        "reason": reason,
+        "started_at": None if started is None else started.isoformat(),
+        "window_end": window_end,
+    }
+    return result, decision, outcomes
+
+
+def canary(
+    settings_json: str,
+    feedback_dir: str,
+    window_end: str,
+    out_dir: str,
+    parent_run_id: str = "",
+    end: bool = False,
+    who: str = "irpo-pipeline",
+) -> dict:
+    """Step 0: the running canary's verdict on the traffic logged since it started (`canary_status`),
+    carried out: promote (the `champion` alias moves, serving follows), roll back or end it
+    inconclusive (the challenger is removed, the reason kept on its version), or keep collecting.
+
+    `end`: no more traffic comes to this canary, so a missing verdict is inconclusive.
+    """
+    settings = settings_from(settings_json)
+    name, tracking = settings.irpo.registered_model, settings.tracking
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result, decision, outcomes = canary_status(
+        settings, lambda: read_logs(Path(feedback_dir)), window_end, end
+    )
+    if decision is None:
+        (out / CANARY_FILE).write_text(json.dumps(result, indent=2) + "\n")
+        return result
+    verdict, reason, champion, challenger = (
+        result["decision"], result["reason"], result["champion"], result["challenger"],
+    )  # fmt: skip
+    if verdict in ("promote", "rollback", "inconclusive"):
+        numbers = {
+            "requests": decision.requests,
+            "revenue_difference": round(decision.revenue_difference.mean, 6),
+            "revenue_difference_lo": round(decision.revenue_difference.lo, 6),
+        }
+        card = card_section(decision, verdict, reason, champion, challenger)
+        registry.end_canary(tracking, name, challenger, verdict, reason, who, numbers, card)
+        result["rollout"] = end_canary(settings, challenger, verdict)
+    if len(outcomes):
+        path = trajectory(outcomes, settings.gate.canary, settings.gate.itctr_margin)
+        plot_canary(path, out / CANARY_PLOT, f"canary v{challenger} vs v{champion}: {verdict}")
+    (out / CANARY_FILE).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    tags = lineage_tags("canary", {"challenger": challenger, "champion": champion})
+    with tracked_run(tracking, "canary", tags, parent_run_id=parent_run_id or None) as run:
+        if run is not None:
+            arms = decision.arms
+            run.log_metrics(
+                {
+                    "requests": decision.requests,
+                    **finite_metrics(
+                        {
+                            f"{arm}_{k}": getattr(arms[arm], k).mean
+                            for arm in arms
+                            for k in ("revenue", "itctr", "ad_load")
+                        }
+                    ),
+                    **finite_metrics({"revenue_difference_lo": decision.revenue_difference.lo}),
+                }
+            )
+            run.set_tags({"canary.decision": verdict})
+            run.log_artifacts(out, "canary")
+    return result

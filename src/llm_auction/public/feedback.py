@@ -8,9 +8,12 @@ One parquet file per batch under `<kind>/<batch>.parquet`; the schemas:
                  position, n_ads, bid, policy_version, query, response
     clicks:      event_id, event_timestamp, request_id, response_id, ad_id
 
-    requests:    event_id, event_timestamp, request_id, user_id, query, ads, max_ads
+    requests:    event_id, event_timestamp, request_id, user_id, query, ads, max_ads, arm,
+                 policy_version
                  (`ads`: the candidates as JSON, `[{"ad_id", "advertiser_id", "text", "bid"}]`;
-                 every auction request the server answered, as the collector logged it)
+                 every auction request the server answered, as the collector logged it; `arm`:
+                 `champion` or `challenger` while a canary runs, else empty; `policy_version`: the
+                 version that answered)
 
 A click's `event_id` is unique (the collector deduplicates on it); it refers to its impression by
 (`response_id`, `ad_id`).
@@ -32,7 +35,10 @@ IMPRESSION_COLUMNS = (
     "position", "n_ads", "bid", "policy_version", "query", "response",
 )  # fmt: skip
 CLICK_COLUMNS = ("event_id", "event_timestamp", "request_id", "response_id", "ad_id")
-REQUEST_COLUMNS = ("event_id", "event_timestamp", "request_id", "user_id", "query", "ads", "max_ads")
+REQUEST_COLUMNS = (
+    "event_id", "event_timestamp", "request_id", "user_id", "query", "ads", "max_ads",
+    "arm", "policy_version",
+)  # fmt: skip
 KINDS = {"impressions": IMPRESSION_COLUMNS, "clicks": CLICK_COLUMNS, "requests": REQUEST_COLUMNS}
 
 
@@ -40,8 +46,16 @@ class FeedbackFileError(ValueError):
     """A feedback file that cannot be read (corrupted, truncated, not parquet)."""
 
 
-def request_rows(requests: Sequence[AuctionRequest], received_at: Sequence[pd.Timestamp]) -> pd.DataFrame:
-    """The request log of `requests`, each received at the matching time (UTC)."""
+def request_rows(
+    requests: Sequence[AuctionRequest],
+    received_at: Sequence[pd.Timestamp],
+    arms: Sequence[str | None] | None = None,
+    policy_versions: Sequence[str | None] | None = None,
+) -> pd.DataFrame:
+    """The request log of `requests`, each received at the matching time (UTC), with the arm and
+    policy version that answered it where they are known.
+    """
+    missing = [None] * len(requests)
     return pd.DataFrame(
         {
             "event_id": [f"req:{r.request_id}" for r in requests],
@@ -51,6 +65,8 @@ def request_rows(requests: Sequence[AuctionRequest], received_at: Sequence[pd.Ti
             "query": [r.query for r in requests],
             "ads": [json.dumps([a.model_dump() for a in r.ads]) for r in requests],
             "max_ads": pd.array([r.max_ads for r in requests], dtype="Int64"),
+            "arm": pd.array(list(arms or missing), dtype="string"),
+            "policy_version": pd.array(list(policy_versions or missing), dtype="string"),
         },
         columns=list(REQUEST_COLUMNS),
     )

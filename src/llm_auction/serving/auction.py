@@ -75,8 +75,11 @@ def prediction(
     served_at: datetime,
     max_ads: int,
     pctr: Sequence[float] | None,
+    arm: str = "champion",
 ) -> dict[str, Any]:
-    """One priced allocation; `pctr` holds the click estimate of each inserted ad, in order."""
+    """One priced allocation; `pctr` holds the click estimate of each inserted ad, in order; `arm`
+    says whether the champion or the challenger (in canary) answered.
+    """
     parsed = parse_response(
         response, len(request.ads), request.max_ads if request.max_ads is not None else max_ads
     )
@@ -100,6 +103,7 @@ def prediction(
         "response_id": response_id,
         "response": response,
         "policy_version": policy_version,
+        "arm": arm,
         "served_at": served_at.isoformat(),
         "format_errors": parsed.n_errors,
         "allocation": allocation,

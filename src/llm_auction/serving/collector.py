@@ -18,6 +18,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.registry import Collector
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from llm_auction.config import describe_validation_error
@@ -144,10 +146,19 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(store: EventStore, token: str | None = None, max_body_bytes: int = 1_000_000) -> FastAPI:
-    """The collector's HTTP API over `store`; `token` turns on bearer authentication of the POST routes."""
+def create_app(
+    store: EventStore,
+    token: str | None = None,
+    max_body_bytes: int = 1_000_000,
+    collectors: Sequence[Collector] = (),
+) -> FastAPI:
+    """The collector's HTTP API over `store`; `token` turns on bearer authentication of the POST routes;
+    `collectors` add to `/metrics` (the canary's per-arm metrics, `serving.arm_metrics`).
+    """
     app = FastAPI(title="llm-auction feedback collector", docs_url=None, redoc_url=None, openapi_url=None)
     registry = CollectorRegistry()
+    for extra in collectors:
+        registry.register(extra)
     events = Counter("collector_events", "Events acknowledged", ["kind", "outcome"], registry=registry)
     rejected = Counter("collector_rejected", "Requests refused", ["reason"], registry=registry)
     commit = Histogram("collector_commit_seconds", "Time to commit an acknowledged batch", registry=registry)

@@ -4,7 +4,8 @@ The contract between the policy server and the collector, as the inference logge
 
     request  payload: {"instances": [auction request, ...]}
     response payload: {"predictions": [{"request_id", "response_id", "response", "policy_version",
-                        "served_at", "allocation": [{"ad_id", "advertiser_id", "position", "bid"}]}]}
+                        "arm", "served_at", "allocation": [{"ad_id", "advertiser_id", "position",
+                        "bid"}]}]}
 
 Every inserted ad becomes one impression event (`imp:<response_id>:<ad_id>`, the id the simulated
 logs use too), so exporting the same store again changes nothing after ingest's deduplication.
@@ -55,25 +56,37 @@ def impression_rows(pairs: Iterable[tuple[str, Any, Any]]) -> pd.DataFrame:
 
 
 def request_log(pairs: Iterable[tuple[str, Any, Any]]) -> pd.DataFrame:
-    """The request log: every auction request the server received, stamped when it was served.
+    """The request log: every auction request the server received, stamped when it was served,
+    with the arm and policy version that answered it.
 
     A request whose response names no `served_at` (it failed) still counts; it takes the time of
     any other prediction of its event, so the log never loses an accepted request.
     """
-    requests, times = [], []
+    requests, times, arms, versions = [], [], [], []
     for _, request, response in pairs:
-        served = [pd.Timestamp(p["served_at"]) for p in response.get("predictions", []) if "served_at" in p]
+        predictions = response.get("predictions", [])
+        served = [pd.Timestamp(p["served_at"]) for p in predictions if "served_at" in p]
+        answered = {p.get("request_id"): p for p in predictions}
         for instance in request.get("instances", []):
             requests.append(AuctionRequest.model_validate(instance))
             times.append(min(served) if served else pd.NaT)
-    return request_rows(requests, times)
+            answer = answered.get(instance.get("request_id"), {})
+            arms.append(answer.get("arm"))
+            versions.append(None if answer.get("policy_version") is None else str(answer["policy_version"]))
+    return request_rows(requests, times, arms, versions)
 
 
-def export_feedback(store: EventStore, feedback_dir: Path, name: str = "collector") -> list[Path]:
-    """Write the store's request log, impressions and clicks as one batch `name` of the feedback store."""
+def feedback_frames(store: EventStore) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(request log, impressions, clicks) of everything in the collector's store, the feedback schemas."""
     pairs = store.inference_pairs()
     impressions = impression_rows(pairs)
     clicks = pd.DataFrame(store.click_rows(), columns=list(CLICK_COLUMNS))
     clicks["event_timestamp"] = pd.to_datetime(clicks["event_timestamp"], utc=True)
     impressions["event_timestamp"] = pd.to_datetime(impressions["event_timestamp"], utc=True)
-    return write_feedback(feedback_dir, name, impressions, clicks, request_log(pairs))
+    return request_log(pairs), impressions, clicks
+
+
+def export_feedback(store: EventStore, feedback_dir: Path, name: str = "collector") -> list[Path]:
+    """Write the store's request log, impressions and clicks as one batch `name` of the feedback store."""
+    requests, impressions, clicks = feedback_frames(store)
+    return write_feedback(feedback_dir, name, impressions, clicks, requests)

@@ -10,6 +10,11 @@
 - the served version follows the registry's `champion` alias (checked every
   `serving.reload_interval_s`), and the pCTR behind the expected payments follows the pCTR
   model's own `champion` alias, which only psi's gate moves (`reward.gate`);
+- while the registry has a `challenger` (a candidate the offline gate admitted to the canary), it
+  is loaded beside the champion without a restart and answers `serving.canary_percent` percent of
+  the users, chosen by a stable hash of the user (`serving.split`); every prediction and logged
+  inference names its `arm` and `policy_version`, which is what the canary's decision reads
+  (`evaluation.canary`);
 - every inference is sent to the collector as a request and a response CloudEvent
   (`serving.inference_logger`), as KServe's logger does on the cluster.
 """
@@ -24,7 +29,7 @@ import tempfile
 import uuid
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
@@ -49,7 +54,9 @@ from llm_auction.serving.auth import bearer_ok
 from llm_auction.serving.batcher import MicroBatcher
 from llm_auction.serving.inference_logger import InferenceLogger
 from llm_auction.serving.openai_routes import openai_router
+from llm_auction.serving.split import CHALLENGER, CHAMPION, arm_for
 from llm_auction.tracking import registry
+from llm_auction.tracking.registry import Versions, current_versions
 
 # `kserve` parses sys.argv when imported (kserve.model_server): our own options, e.g. --config,
 # would be taken for its --configure_logging. It sees a bare command line instead.
@@ -65,7 +72,12 @@ finally:
 logger = logging.getLogger(__name__)
 
 RELOADS = Counter("llm_auction_policy_reloads", "Champion reloads", ["outcome"])
-SERVED_VERSION = Gauge("llm_auction_policy_version", "Registry version being served (0: a model directory)")
+SERVED_VERSION = Gauge(
+    "llm_auction_policy_version", "Registry version each arm serves (0: a model directory or none)", ["arm"]
+)
+ARM_REQUESTS = Counter(
+    "llm_auction_arm_requests", "Auction requests answered per arm and version", ["arm", "policy_version"]
+)
 BATCH_SIZE = Histogram(
     "llm_auction_batch_size", "Auction requests per generate call", buckets=(1, 2, 4, 8, 16, 32, 64)
 )
@@ -110,6 +122,9 @@ class ServedPolicy:
         return len(self.tokenizer(prompt)["input_ids"])
 
 
+Output = tuple[str, list[float] | None, str, str]
+"""One answered request: (response, pCTR of each inserted ad, policy version, arm)."""
+
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
@@ -131,18 +146,6 @@ def _registry_dir(settings: Settings, name: str, version: str, into: Path, weigh
     return target
 
 
-def current_versions(settings: Settings) -> tuple[str | None, str | None]:
-    """(champion policy version, champion pCTR version) in the registry.
-
-    The pCTR is its `champion` alias, not the newest version: a psi the gate held never prices.
-    """
-    if settings.tracking.uri is None:
-        return None, None
-    champion = registry.alias_version(settings.tracking, settings.irpo.registered_model, registry.CHAMPION)
-    pctr = registry.alias_version(settings.tracking, settings.pctr.registered_model, registry.CHAMPION)
-    return champion, pctr
-
-
 def load_served(
     settings: Settings,
     scratch: Path,
@@ -154,7 +157,7 @@ def load_served(
 
     Without `weights` (a transformer) only the tokenizer and the model's configuration are loaded.
     """
-    champion, pctr_version = versions or current_versions(settings)
+    champion, _, pctr_version = versions or current_versions(settings)
     if model_dir is None:
         if champion is None:
             raise RuntimeError(
@@ -165,11 +168,7 @@ def load_served(
         version = champion
     else:
         version = model_dir.name
-    if weights:
-        model, tokenizer = load_policy(model_dir)
-    else:
-        model, tokenizer = None, AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    max_positions = int(AutoConfig.from_pretrained(model_dir, local_files_only=True).max_position_embeddings)
+    model, tokenizer, max_positions = _load_model(model_dir, weights)
     scorer = None
     if pctr_version is not None:
         pctr_dir = _registry_dir(settings, settings.pctr.registered_model, pctr_version, scratch)
@@ -177,6 +176,49 @@ def load_served(
     return ServedPolicy(
         version, model, tokenizer, max_positions, settings.policy.generation, scorer, pctr_version
     )
+
+
+def _load_model(model_dir: Path, weights: bool) -> tuple[Any, Any, int]:
+    if weights:
+        model, tokenizer = load_policy(model_dir)
+    else:
+        model, tokenizer = None, AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    max_positions = int(AutoConfig.from_pretrained(model_dir, local_files_only=True).max_position_embeddings)
+    return model, tokenizer, max_positions
+
+
+def load_challenger(
+    settings: Settings, scratch: Path, version: str, champion: ServedPolicy, weights: bool = True
+) -> ServedPolicy:
+    """The challenger's policy, priced by the champion's pCTR (one psi prices both arms)."""
+    model_dir = _registry_dir(settings, settings.irpo.registered_model, version, scratch, weights)
+    model, tokenizer, max_positions = _load_model(model_dir, weights)
+    return replace(champion, version=version, model=model, tokenizer=tokenizer, max_positions=max_positions)
+
+
+@dataclass(frozen=True)
+class Arms:
+    """The champion and, during a canary, the challenger with the share of users it answers.
+
+    Replaced as a whole on a reload, so a batch in flight finishes on the arms it started with.
+    """
+
+    champion: ServedPolicy
+    challenger: ServedPolicy | None = None
+    canary_percent: int = 0
+
+    def arm(self, user_id: str) -> str:
+        if self.challenger is None:
+            return CHAMPION
+        return arm_for(user_id, self.canary_percent, salt=self.challenger.version)
+
+    def policy(self, arm: str) -> ServedPolicy:
+        return self.challenger if arm == CHALLENGER and self.challenger is not None else self.champion
+
+    @property
+    def versions(self) -> Versions:
+        challenger = None if self.challenger is None else self.challenger.version
+        return Versions(self.champion.version, challenger, self.champion.pctr_version)
 
 
 class AuctionModel(kserve.Model):
@@ -198,30 +240,79 @@ class AuctionModel(kserve.Model):
         self.model_dir = model_dir
         self.predictor_url = predictor_url
         cfg = settings.serving
-        self.batcher: MicroBatcher[tuple[AuctionRequest, str], tuple[str, list[float] | None, str]] = (
-            MicroBatcher(
-                self._run_batch,
-                cfg.max_batch_size,
-                cfg.max_latency_ms / 1000,
-                cfg.batching if batching is None else batching,
-            )
+        self.batcher: MicroBatcher[tuple[AuctionRequest, str], Output] = MicroBatcher(
+            self._run_batch,
+            cfg.max_batch_size,
+            cfg.max_latency_ms / 1000,
+            cfg.batching if batching is None else batching,
         )
         self.inference_logger = InferenceLogger.from_settings(settings)
-        self.served: ServedPolicy | None = None
+        self.arms: Arms | None = None
         self._scratch = Path(tempfile.mkdtemp(prefix="llm-auction-serve-"))
         self._seed = settings.seed
         self._store: Any = None
 
     # --- loading -------------------------------------------------------------------------
+    @property
+    def served(self) -> ServedPolicy | None:
+        """The champion (raw OpenAI completions, which carry no user, are always the champion's)."""
+        return None if self.arms is None else self.arms.champion
+
     def load(self) -> bool:
         self._store = open_store(self.settings)
-        self.served = load_served(
-            self.settings, self._scratch, self.model_dir, weights=self.predictor_url is None
-        )
-        SERVED_VERSION.set(float(self.served.version) if self.served.version.isdigit() else 0)
-        logger.info("serving policy %s (pCTR %s)", self.served.version, self.served.pctr_version)
+        versions = None if self.model_dir is not None else current_versions(self.settings)
+        self._set_arms(self._load_arms(versions, None))
         self.ready = True
         return self.ready
+
+    @property
+    def _weights(self) -> bool:
+        return self.predictor_url is None
+
+    def _load_arms(self, versions: Versions | None, current: Arms | None) -> Arms:
+        """The arms `versions` name, reusing what is already loaded; a model directory has no canary."""
+        if versions is None:
+            return Arms(load_served(self.settings, self._scratch, self.model_dir, weights=self._weights))
+        if current is not None and (current.champion.version, current.champion.pctr_version) == (
+            versions.champion,
+            versions.pctr,
+        ):
+            champion = current.champion
+        else:
+            champion = load_served(self.settings, self._scratch, None, versions, self._weights)
+        challenger = None
+        if versions.challenger is not None and not self._can_split():
+            logger.warning(
+                "challenger %s not served: a transformer needs serving.challenger_predictor_url",
+                versions.challenger,
+            )
+        elif versions.challenger is not None:
+            old = current.challenger if current is not None else None
+            if old is not None and old.version == versions.challenger:
+                challenger = replace(
+                    champion, version=old.version, model=old.model, tokenizer=old.tokenizer,
+                    max_positions=old.max_positions,
+                )  # fmt: skip
+            else:
+                challenger = load_challenger(
+                    self.settings, self._scratch, versions.challenger, champion, self._weights
+                )
+        return Arms(champion, challenger, self.settings.serving.canary_percent)
+
+    def _can_split(self) -> bool:
+        return self.predictor_url is None or self.settings.serving.challenger_predictor_url is not None
+
+    def _set_arms(self, arms: Arms) -> None:
+        self.arms = arms  # one assignment: a batch in flight finishes on the arms it started with
+        for arm, version in ((CHAMPION, arms.versions.champion), (CHALLENGER, arms.versions.challenger)):
+            SERVED_VERSION.labels(arm).set(float(version) if version and version.isdigit() else 0)
+        logger.info(
+            "serving policy %s (pCTR %s)%s",
+            arms.champion.version,
+            arms.champion.pctr_version,
+            "" if arms.challenger is None else
+            f", challenger {arms.challenger.version} for {arms.canary_percent}% of users",
+        )  # fmt: skip
 
     async def follow_champion(self) -> None:
         """Reload when the champion alias (or the pCTR's) moves; a failed reload keeps serving."""
@@ -238,17 +329,15 @@ class AuctionModel(kserve.Model):
                 )
 
     async def reload_if_moved(self) -> bool:
+        """Load what the registry's aliases name now (the champion, psi, the challenger)."""
         versions = await asyncio.to_thread(current_versions, self.settings)
-        served = self.served
-        if served is None or versions == (served.version, served.pctr_version) or versions[0] is None:
+        arms = self.arms
+        if not self._can_split():
+            versions = versions._replace(challenger=None)
+        if arms is None or versions == arms.versions or versions.champion is None:
             return False
-        new = await asyncio.to_thread(
-            load_served, self.settings, self._scratch, None, versions, self.predictor_url is None
-        )
-        self.served = new  # one assignment: a batch in flight finishes on the version it started with
-        SERVED_VERSION.set(float(new.version))
+        self._set_arms(await asyncio.to_thread(self._load_arms, versions, arms))
         RELOADS.labels("ok").inc()
-        logger.info("now serving policy %s (pCTR %s)", new.version, new.pctr_version)
         return True
 
     # --- the KServe handlers -------------------------------------------------------------
@@ -261,7 +350,7 @@ class AuctionModel(kserve.Model):
         with STAGE_SECONDS.labels("profiles").time():
             profiles = await asyncio.to_thread(online_profile, self._store, user_ids)
         prompts = []
-        served = self.served
+        served = self.served  # every version shares the champion's tokenizer and context
         assert served is not None
         limit = served.max_positions - served.generation.max_new_tokens
         for i, request in enumerate(requests):
@@ -298,9 +387,12 @@ class AuctionModel(kserve.Model):
                 served_at=now,
                 max_ads=self.settings.mechanism.max_ads,
                 pctr=pctr,
+                arm=arm,
             )
-            for request, (response, pctr, version) in zip(result["requests"], result["outputs"])
+            for request, (response, pctr, version, arm) in zip(result["requests"], result["outputs"])
         ]
+        for p in predictions:
+            ARM_REQUESTS.labels(p["arm"], p["policy_version"]).inc()
         body = {"predictions": predictions}
         if self.inference_logger is not None:
             instances = [r.model_dump(mode="json") for r in result["requests"]]
@@ -312,26 +404,35 @@ class AuctionModel(kserve.Model):
         self._seed += 1
         return self._seed
 
-    def _run_batch(
-        self, items: list[tuple[AuctionRequest, str]]
-    ) -> list[tuple[str, list[float] | None, str]]:
-        served = self.served
-        assert served is not None
+    def _run_batch(self, items: list[tuple[AuctionRequest, str]]) -> list[Output]:
+        """Each request's arm (its user's), one generate call per arm, one pricing call for all."""
+        arms = self.arms
+        assert arms is not None
         requests = [r for r, _ in items]
+        labels = [arms.arm(r.user_id) for r in requests]
+        responses = [""] * len(items)
         with STAGE_SECONDS.labels("generate").time():
-            responses = served.generate([p for _, p in items], self.next_seed())
+            for arm, indices in _by_arm(labels).items():
+                texts = arms.policy(arm).generate([items[i][1] for i in indices], self.next_seed())
+                for i, text in zip(indices, texts):
+                    responses[i] = text
         BATCH_SIZE.observe(len(items))
         with STAGE_SECONDS.labels("price").time():
-            pctr = served.pctr(requests, responses)
+            pctr = arms.champion.pctr(requests, responses)
         GENERATED.labels("responses").inc(len(responses))
         GENERATED.labels("characters").inc(sum(map(len, responses)))
         GENERATED.labels("priced_ads").inc(sum(len(p or []) for p in pctr))
-        return list(zip(responses, pctr, [served.version] * len(items)))
+        versions = [arms.policy(arm).version for arm in labels]
+        return list(zip(responses, pctr, versions, labels))
 
     async def complete(
-        self, prompts: Sequence[str], seed: int, cfg: GenerationConfig | None = None
+        self,
+        prompts: Sequence[str],
+        seed: int,
+        cfg: GenerationConfig | None = None,
+        predictor_url: str | None = None,
     ) -> list[str]:
-        """One sampled completion per prompt, here or by the predictor; never concurrent with a batch."""
+        """One sampled completion per prompt, here or by a predictor; never concurrent with a batch."""
         served = self.served
         assert served is not None
         if self.predictor_url is None:
@@ -339,7 +440,8 @@ class AuctionModel(kserve.Model):
         g = cfg or served.generation
         token = os.environ.get(self.settings.serving.predictor_token_env)
         headers = {"authorization": f"Bearer {token}"} if token else {}
-        async with httpx.AsyncClient(base_url=self.predictor_url, timeout=120, headers=headers) as client:
+        base_url = predictor_url or self.predictor_url
+        async with httpx.AsyncClient(base_url=base_url, timeout=120, headers=headers) as client:
             reply = await client.post(
                 "/openai/v1/completions",
                 json={
@@ -354,19 +456,40 @@ class AuctionModel(kserve.Model):
             reply.raise_for_status()
         return [c["text"].strip() for c in sorted(reply.json()["choices"], key=lambda c: c["index"])]
 
-    async def _remote_batch(
-        self, items: list[tuple[AuctionRequest, str]]
-    ) -> list[tuple[str, list[float] | None, str]]:
-        """Generation by the predictor's OpenAI completions route (the vLLM runtime on the cluster)."""
-        served = self.served
-        assert served is not None
+    async def _remote_batch(self, items: list[tuple[AuctionRequest, str]]) -> list[Output]:
+        """Generation by the predictors' OpenAI completions routes (vLLM runtimes on the cluster):
+        the champion's, and the challenger's own predictor for its users.
+        """
+        arms = self.arms
+        assert arms is not None
         requests = [r for r, _ in items]
-        responses = await self.complete([p for _, p in items], self.next_seed())
-        pctr = await asyncio.to_thread(served.pctr, requests, responses)
-        return list(zip(responses, pctr, [served.version] * len(items)))
+        labels = [arms.arm(r.user_id) for r in requests]
+        urls = {CHAMPION: self.predictor_url, CHALLENGER: self.settings.serving.challenger_predictor_url}
+        groups = _by_arm(labels)
+        replies = await asyncio.gather(
+            *(
+                self.complete([items[i][1] for i in indices], self.next_seed(), predictor_url=urls[arm])
+                for arm, indices in groups.items()
+            )
+        )
+        responses = [""] * len(items)
+        for indices, texts in zip(groups.values(), replies):
+            for i, text in zip(indices, texts):
+                responses[i] = text
+        pctr = await asyncio.to_thread(arms.champion.pctr, requests, responses)
+        versions = [arms.policy(arm).version for arm in labels]
+        return list(zip(responses, pctr, versions, labels))
 
     def stop(self) -> None:
         self.batcher.close()
+
+
+def _by_arm(labels: Sequence[str]) -> dict[str, list[int]]:
+    """The positions of each arm's requests, in order."""
+    groups: dict[str, list[int]] = {}
+    for i, arm in enumerate(labels):
+        groups.setdefault(arm, []).append(i)
+    return groups
 
 
 OPEN_PATHS_METHOD = "GET"  # health, readiness, metrics and listings stay open for probes and scrapers
@@ -481,12 +604,15 @@ def serve(
 
     @app.get("/served")
     async def served() -> dict[str, Any]:
-        """Which policy and pCTR versions answer now (the loop waits on this after a promotion)."""
-        current = model.served
+        """Which policy versions (both arms) and pCTR version answer now (the loop waits on this)."""
+        arms = model.arms
+        versions = arms.versions if arms is not None else Versions(None, None, None)
         return {
             "model": model.name,
-            "policy_version": current and current.version,
-            "pctr_version": current and current.pctr_version,
+            "policy_version": versions.champion,
+            "challenger_version": versions.challenger,
+            "canary_percent": arms.canary_percent if arms is not None and arms.challenger else 0,
+            "pctr_version": versions.pctr,
             "batching": model.batcher.enabled,
         }
 

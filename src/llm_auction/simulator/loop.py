@@ -1,8 +1,11 @@
 """`llm-auction run`: the closed loop of the paper on this machine.
 
     bootstrap: world -> pi_0 (SFT, registered champion) -> pi_0 serves traffic -> psi_0
-    epoch t:   the server follows the champion -> traffic -> collector -> irpo-epoch (kfp.local)
-               -> gate -> (promotion moves the alias; the server reloads) -> report
+    epoch t:   the server follows the aliases: the champion, and candidate t-1 as the challenger
+               for `serving.canary_percent` percent of users -> traffic -> collector
+               -> irpo-epoch (kfp.local): the canary's verdict on candidate t-1 (promote or not),
+               then pCTR, DPO and the offline gate, which admits candidate t to the next canary
+    last:      one more phase of traffic is candidate T's canary, and its verdict -> report
 
 The policy server and the collector are real processes on 127.0.0.1; users are the simulator's
 click model; everything the loop writes lives under `--out`. The loop is the simulation's driver
@@ -48,6 +51,7 @@ from llm_auction.simulator.oracle import ORACLE_LABEL, oracle_metrics, reference
 from llm_auction.simulator.services import Service, free_port, service, wait_until
 from llm_auction.simulator.traffic import TrafficReport, send_traffic
 from llm_auction.tracking import registry
+from llm_auction.tracking.registry import Versions, current_versions
 
 ORACLE_METRICS = ("revenue", "social_welfare", "itctr", "ad_load", "format_error_rate")
 SECTIONS = {
@@ -105,22 +109,26 @@ class TrafficPlan:
 
     bootstrap: list[AuctionRequest]
     epochs: list[list[AuctionRequest]]
+    final_canary: list[AuctionRequest]
 
 
 def plan_traffic(env: Environment, epochs: int) -> TrafficPlan:
     s = env.settings
     start = s.policy.warm_start.n_requests
     end = len(env.world.requests) - s.policy.held_out_requests
-    need = s.loop.bootstrap_requests + epochs * s.loop.requests_per_epoch
+    phases = epochs + 1 if epochs else 0  # the last epoch's candidate gets its canary too
+    need = s.loop.bootstrap_requests + phases * s.loop.requests_per_epoch
     if start + need > end:
         raise ConfigError(
-            f"loop.requests_per_epoch: {epochs} epochs of {s.loop.requests_per_epoch} requests and "
-            f"{s.loop.bootstrap_requests} bootstrap requests need {need}, but the stream has {end - start} "
-            "between pi_0's SFT set and the held-out requests (raise world.n_requests)"
+            f"loop.requests_per_epoch: {epochs} epochs and the last candidate's canary, each of "
+            f"{s.loop.requests_per_epoch} requests, and {s.loop.bootstrap_requests} bootstrap requests "
+            f"need {need}, but the stream has {end - start} between pi_0's SFT set and the held-out "
+            "requests (raise world.n_requests)"
         )
     stream = env.world.auction_requests(limit=need, offset=start)
     b, e = s.loop.bootstrap_requests, s.loop.requests_per_epoch
-    return TrafficPlan(stream[:b], [stream[b + t * e : b + (t + 1) * e] for t in range(epochs)])
+    chunks = [stream[b + t * e : b + (t + 1) * e] for t in range(phases)]
+    return TrafficPlan(stream[:b], chunks[:epochs], chunks[epochs] if epochs else [])
 
 
 class Loop:
@@ -247,25 +255,29 @@ class Loop:
     def served_versions(self, endpoint: str) -> dict[str, Any]:
         return httpx.get(f"{endpoint}/served", timeout=5).json()
 
-    def await_champion(self, endpoint: str) -> str:
-        """Wait until the server serves both `champion` aliases: the policy's and psi's (whose gate
-        may have held the psi just trained, so the newest pCTR version need not be the one served).
+    def await_arms(self, endpoint: str) -> Versions:
+        """Wait until the server serves what the registry's aliases name: the policy's champion and
+        challenger, and psi's champion (whose gate may have held the psi just trained).
         """
-        name = self.settings.irpo.registered_model
-        champion = registry.alias_version(self.settings.tracking, name, registry.CHAMPION)
-        pctr = registry.alias_version(
-            self.settings.tracking, self.settings.pctr.registered_model, registry.CHAMPION
-        )
+        versions = current_versions(self.settings)
 
         def loaded() -> bool:
             served = self.served_versions(endpoint)
-            return served["policy_version"] == champion and served["pctr_version"] == pctr
+            return (
+                served["policy_version"],
+                served["challenger_version"],
+                served["pctr_version"],
+            ) == versions
 
-        wait_until(loaded, f"the server to load champion {champion} and pCTR {pctr}")
-        return str(champion)
+        wait_until(loaded, f"the server to load {versions}")
+        return versions
 
-    def run_epoch(self, epoch: int, window: tuple[str, str]) -> tuple[dict[str, Any], pd.DataFrame]:
-        """One irpo-epoch pipeline run; its evaluation summary and every policy's held-out responses."""
+    def run_epoch(
+        self, epoch: int, window: tuple[str, str]
+    ) -> tuple[dict[str, Any], pd.DataFrame, dict[str, Any]]:
+        """One irpo-epoch pipeline run: its evaluation summary, every policy's held-out responses, and
+        the canary verdict it took first (on the window's traffic, which ends that canary).
+        """
         root = self.out / "pipeline" / f"epoch-{epoch}"
         run_local(
             root,
@@ -277,9 +289,40 @@ class Loop:
             profile=self.settings.profile,
             config_path=str(self.config_path),
             overrides="",
+            end_canary=True,
         )
         (evaluation,) = root.glob(f"*/evaluate/evaluation/{EVALUATION_FILE}")
-        return json.loads(evaluation.read_text()), pd.read_parquet(evaluation.parent / RESPONSES_FILE)
+        (canary,) = root.glob(f"*/canary/result/{steps.CANARY_FILE}")
+        return (
+            json.loads(evaluation.read_text()),
+            pd.read_parquet(evaluation.parent / RESPONSES_FILE),
+            json.loads(canary.read_text()),
+        )
+
+    def settle(
+        self,
+        epoch: int,
+        evaluation: Mapping[str, Any],
+        oracle: Mapping[str, Mapping[str, Estimate]],
+        canary: Mapping[str, Any],
+        oracle_refs: Mapping[str, Mapping[str, Estimate]],
+        report: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Epoch `epoch`'s report entry, once live traffic has decided its candidate: the champion
+        after that verdict (the candidate if promoted), with the canary's numbers and its plot.
+        """
+        name = self.settings.irpo.registered_model
+        promoted = canary.get("decision") == "promote"
+        version = registry.alias_version(self.settings.tracking, name, registry.CHAMPION)
+        entry = report_entry(
+            epoch, version, evaluation, oracle, oracle_refs, "candidate" if promoted else "champion"
+        )
+        entry["canary"] = canary_entry(canary)
+        plot = next(self.out.glob(f"pipeline/epoch-{epoch + 1}/*/canary/result/{steps.CANARY_PLOT}"), None)
+        plot = plot or (self.out / "final-canary" / steps.CANARY_PLOT)
+        if plot.is_file():
+            shutil.copyfile(plot, self.out / f"canary-epoch-{epoch}.png")
+        return entry
 
     def run(self) -> dict[str, Any]:
         started_all = time.perf_counter()
@@ -322,29 +365,13 @@ class Loop:
             ) as server,
         ):
             services = (collector_service, server)
-            served_total = 0
-            self._say(f"bootstrap: pi_0 serves {len(plan.bootstrap)} requests")
-            started = datetime.now(UTC) - timedelta(seconds=1)
-            traffic = self.send(endpoint, collector, plan.bootstrap, env, seed=0, services=services)
-            served_total += traffic.served
-            self.collect(served_total, server.restarts)
-            window = self.window(traffic, started)
-            work = server_work(endpoint)
-            report["traffic"].append(
-                {"phase": "bootstrap", "window": window, **traffic.to_dict(), "server": work}
-            )
-            self._say("psi_0: pCTR on pi_0's traffic")
-            steps.ingest(self.settings_json, str(self.feedback), *window, "")
-            steps.train_pctr(self.settings_json, str(self.out / "pctr0"), *window, 0, "")
-            for epoch in range(1, self.epochs + 1):
-                champion = self.await_champion(endpoint)
-                self._say(
-                    f"epoch {epoch}: champion v{champion} serves {len(plan.epochs[epoch - 1])} requests"
-                )
+            served_total, work = 0, {}
+
+            def phase(name: str, requests: list[AuctionRequest], seed: int) -> tuple[str, str]:
+                """One phase of traffic, logged and exported; its window, and its line in the report."""
+                nonlocal served_total, work
                 started = datetime.now(UTC) - timedelta(seconds=1)
-                traffic = self.send(
-                    endpoint, collector, plan.epochs[epoch - 1], env, seed=epoch, services=services
-                )
+                traffic = self.send(endpoint, collector, requests, env, seed=seed, services=services)
                 served_total += traffic.served
                 self.collect(served_total, server.restarts)
                 window = self.window(traffic, started)
@@ -354,27 +381,74 @@ class Loop:
                     k: v - before.get(k, 0.0) if v >= before.get(k, 0.0) else v for k, v in work.items()
                 }
                 report["traffic"].append(
-                    {"phase": f"epoch-{epoch}", "window": window, **traffic.to_dict(), "server": phase_work}
+                    {"phase": name, "window": window, **traffic.to_dict(), "server": phase_work}
                 )
-                self._say(f"epoch {epoch}: irpo-epoch pipeline (kfp.local)")
-                evaluation, responses = self.run_epoch(epoch, window)
+                return window
+
+            self._say(f"bootstrap: pi_0 serves {len(plan.bootstrap)} requests")
+            window = phase("bootstrap", plan.bootstrap, seed=0)
+            self._say("psi_0: pCTR on pi_0's traffic")
+            steps.ingest(self.settings_json, str(self.feedback), *window, "")
+            steps.train_pctr(self.settings_json, str(self.out / "pctr0"), *window, 0, "")
+            pending: tuple[int, dict[str, Any], dict[str, Any]] | None = None  # awaiting its canary
+            for epoch in range(1, self.epochs + 1):
+                arms = self.await_arms(endpoint)
+                canary_note = "" if arms.challenger is None else (
+                    f", candidate v{arms.challenger} in canary for {self.settings.serving.canary_percent}% "
+                    "of users"
+                )  # fmt: skip
+                requests = plan.epochs[epoch - 1]
+                self._say(
+                    f"epoch {epoch}: champion v{arms.champion} serves {len(requests)} requests{canary_note}"
+                )
+                window = phase(f"epoch-{epoch}", requests, seed=epoch)
+                self._say(f"epoch {epoch}: irpo-epoch pipeline (kfp.local), its canary verdict first")
+                evaluation, responses, canary = self.run_epoch(epoch, window)
+                self._say(f"epoch {epoch}: canary {canary['decision']}: {canary['reason']}")
                 oracle = oracle_metrics(env, held_out, responses, self.settings.seed)
                 if epoch == 1:
                     report["epochs"].append(
-                        report_entry(0, champion, evaluation, oracle, oracle_refs, "champion")
+                        report_entry(0, arms.champion, evaluation, oracle, oracle_refs, "champion")
                     )
-                name = self.settings.irpo.registered_model
-                after = registry.alias_version(self.settings.tracking, name, registry.CHAMPION)
-                promoted = bool(evaluation["gate"]["promoted"])
-                label = "candidate" if promoted else "champion"
-                report["epochs"].append(report_entry(epoch, after, evaluation, oracle, oracle_refs, label))
+                if pending is not None:
+                    report["epochs"].append(self.settle(*pending, canary, oracle_refs, report))
+                pending = (epoch, evaluation, oracle)
                 write_report(report, self.out)
-            if self.epochs:  # the last promotion reaches the endpoint too
-                self.await_champion(endpoint)
+            if pending is not None:
+                arms = self.await_arms(endpoint)
+                last = plan.final_canary
+                if arms.challenger is not None:
+                    self._say(f"the last candidate's canary: v{arms.challenger} beside v{arms.champion}")
+                    window = phase("final canary", last, seed=self.epochs + 1)
+                else:
+                    self._say("the last candidate was held by the offline gate: no final canary")
+                canary = steps.canary(
+                    self.settings_json, str(self.feedback), window[1], str(self.out / "final-canary"), "",
+                    end=True, who="closed-loop",
+                )  # fmt: skip
+                report["epochs"].append(self.settle(*pending, canary, oracle_refs, report))
+                self.await_arms(endpoint)  # the last verdict reaches the endpoint too
             report["final_served"] = self.served_versions(endpoint)
         report["wall_seconds"] = time.perf_counter() - started_all
         write_report(report, self.out)
         return report
+
+
+CANARY_KEYS = ("decision", "reason", "requests", "challenger", "champion", "started_at", "window_end", "test")
+
+
+def canary_entry(canary: Mapping[str, Any]) -> dict[str, Any]:
+    """The canary's verdict for the report: arms, volumes, metrics, the sequences, the decision."""
+    keep = (
+        *CANARY_KEYS,
+        "arms",
+        "revenue_difference",
+        "itctr_noninferiority",
+        "alpha",
+        "itctr_margin",
+        "test",
+    )
+    return {k: canary[k] for k in keep if k in canary}
 
 
 def _metrics(estimates: Mapping[str, Estimate]) -> dict[str, Any]:
@@ -407,7 +481,7 @@ def report_entry(
         "oracle_references": {r: _metrics(m) for r, m in oracle_refs.items()},
         "gate": None
         if gate is None
-        else {"promoted": bool(gate["promoted"]), "reason": gate.get("reason"), "checks": gate["checks"]},
+        else {"admitted": bool(gate["admitted"]), "reason": gate.get("reason"), "checks": gate["checks"]},
         "held_out_requests": evaluation["requests"],
     }
 
@@ -445,6 +519,8 @@ def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
     ]
     images = [plot_epoch_curves(curves, out / "epochs.png")] if epochs else []
     images += [plot_traffic(report["traffic"], out / "traffic.png")] if report["traffic"] else []
+    images += [out / f"canary-epoch-{e['epoch']}.png" for e in epochs if e.get("canary")]
+    images = [i for i in images if i.is_file()]
 
     def fmt(estimate: Mapping[str, Any] | None) -> str:
         if not estimate or estimate.get("mean") is None:
@@ -457,8 +533,25 @@ def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
     rows = [
         [e["epoch"], e["policy_version"], *(fmt(e["policy"].get(m)) for m in metrics),
          fmt(e["reward_model"].get("reward")), fmt(e["reward_model"].get("revenue")),
-         "" if e["gate"] is None else ("promoted" if e["gate"]["promoted"] else "held")]
+         "" if e["gate"] is None else ("admitted" if e["gate"]["admitted"] else "held"),
+         (e.get("canary") or {}).get("decision", "")]
         for e in epochs
+    ]  # fmt: skip
+
+    def band(s: Mapping[str, Any] | None) -> str:
+        if not s or s.get("mean") is None:
+            return "n/a"
+        lo, hi = (f"{x:+.4f}" if x is not None else "inf" for x in (s["lo"], s["hi"]))
+        return f"{s['mean']:+.4f} [{lo}, {hi}]"
+
+    canary_rows = [
+        [e["epoch"], f"v{c['challenger']} vs v{c['champion']}",
+         *(f"{c['arms'][a]['requests']}" for a in ("challenger", "champion")),
+         *(fmt(c["arms"][a]["revenue"]) for a in ("challenger", "champion")),
+         *(fmt(c["arms"][a]["itctr"]) for a in ("challenger", "champion")),
+         band(c["revenue_difference"]), c["decision"]]
+        for e in epochs
+        if (c := e.get("canary")) and c.get("arms")
     ]  # fmt: skip
     traffic_rows = [
         [t["phase"], t["served"], t["clicks"], f"{t['revenue']:.1f}", f"{t['throughput_rps']:.1f}",
@@ -485,10 +578,34 @@ def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
         "LLM-Auction closed loop",
         summary,
         {
-            "champion after each epoch (held-out requests): oracle metrics (simulation only) beside "
-            "psi_t's estimates": (
-                ["epoch", "version", *(f"{m} (oracle)" for m in metrics), "R (psi)", "revenue (psi)", "gate"],
+            "champion after each epoch's canary (held-out requests): oracle metrics (simulation only) "
+            "beside psi_t's estimates; the offline gate admits a candidate to the canary, live traffic "
+            "decides": (
+                [
+                    "epoch",
+                    "version",
+                    *(f"{m} (oracle)" for m in metrics),
+                    "R (psi)",
+                    "revenue (psi)",
+                    "offline gate",
+                    "canary",
+                ],
                 rows,
+            ),
+            "each epoch's candidate in canary (live traffic, realised; always-valid sequences)": (
+                [
+                    "epoch",
+                    "challenger vs champion",
+                    "requests (ch.)",
+                    "requests (champ.)",
+                    "revenue/req (ch.)",
+                    "revenue/req (champ.)",
+                    "ITCTR (ch.)",
+                    "ITCTR (champ.)",
+                    "revenue difference [sequence]",
+                    "decision",
+                ],
+                canary_rows,
             ),
             "baselines on the same requests, last epoch": (
                 ["baseline", *(f"{m} (oracle)" for m in metrics), "revenue (psi)"],

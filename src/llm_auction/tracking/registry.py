@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlflow.artifacts
 
-from llm_auction.config import TrackingConfig
+from llm_auction.config import Settings, TrackingConfig
 from llm_auction.errors import RegistryError
 from llm_auction.tracking.runs import mlflow_client
 
@@ -97,6 +97,29 @@ def set_alias(cfg: TrackingConfig, name: str, alias: str, version: str) -> None:
     client.set_registered_model_alias(name, alias, version)
 
 
+class Versions(NamedTuple):
+    """What the registry says should serve: the policy's two aliases and psi's champion."""
+
+    champion: str | None
+    challenger: str | None
+    pctr: str | None
+
+
+def current_versions(settings: Settings) -> Versions:
+    """The registry's champion and challenger policy versions and champion pCTR version.
+
+    The pCTR is its `champion` alias, not the newest version: a psi the gate held never prices.
+    A challenger equal to the champion is no challenger.
+    """
+    if settings.tracking.uri is None:
+        return Versions(None, None, None)
+    name = settings.irpo.registered_model
+    champion = alias_version(settings.tracking, name, CHAMPION)
+    challenger = alias_version(settings.tracking, name, CHALLENGER)
+    pctr = alias_version(settings.tracking, settings.pctr.registered_model, CHAMPION)
+    return Versions(champion, None if challenger == champion else challenger, pctr)
+
+
 def approve(cfg: TrackingConfig, name: str, version: str, who: str) -> None:
     """The manual gate's approval: `approved=true` on the version, with who and when."""
     annotate_version(cfg, name, version, {"approved": "true", "approved_by": who, "approved_at": _now()})
@@ -125,6 +148,60 @@ def promote(cfg: TrackingConfig, name: str, version: str, who: str, reason: str)
     if alias_version(cfg, name, CHALLENGER) == version:
         client.delete_registered_model_alias(name, CHALLENGER)
     return previous
+
+
+CANARY_STARTED = "canary.started_at"
+
+
+def enter_canary(cfg: TrackingConfig, name: str, version: str, who: str) -> None:
+    """`challenger` to `version`, stamped with when its canary started (the decision's window)."""
+    client = _client(cfg)
+    _version(client, name, version)
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    for key, value in {"canary.status": "running", CANARY_STARTED: _now(), "canary.entered_by": who}.items():
+        client.set_model_version_tag(name, version, key, value)
+
+
+def canary_started_at(cfg: TrackingConfig, name: str, version: str) -> datetime | None:
+    started = _version(_client(cfg), name, version).tags.get(CANARY_STARTED)
+    return None if started is None else datetime.fromisoformat(started)
+
+
+def end_canary(
+    cfg: TrackingConfig,
+    name: str,
+    version: str,
+    decision: str,
+    reason: str,
+    who: str,
+    numbers: Mapping[str, Any] | None = None,
+    card: str | None = None,
+) -> None:
+    """Record the canary's verdict on the version; `promote` makes it the champion, anything else
+    clears `challenger` (the champion stays) with the reason kept on the version. `card` (markdown)
+    is appended to the version's review card.
+    """
+    if decision not in ("promote", "rollback", "inconclusive"):
+        raise ValueError(f"decision: {decision!r} is not promote, rollback or inconclusive")
+    client = _client(cfg)
+    current = _version(client, name, version)
+    if card:
+        description = f"{current.description}\n\n{card}" if current.description else card
+        client.update_model_version(name, version, description=description)
+    status = {"promote": "promoted", "rollback": "rolled back", "inconclusive": "inconclusive"}[decision]
+    tags = {
+        "canary.status": status,
+        "canary.reason": reason,
+        "canary.ended_at": _now(),
+        "canary.ended_by": who,
+    }
+    tags |= {f"canary.{k}": v for k, v in (numbers or {}).items()}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    if decision == "promote":
+        promote(cfg, name, version, who, f"canary: {reason}")
+    elif alias_version(cfg, name, CHALLENGER) == version:
+        client.delete_registered_model_alias(name, CHALLENGER)
 
 
 def rollback(cfg: TrackingConfig, name: str, who: str, reason: str) -> tuple[str, str]:
