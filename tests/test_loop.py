@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 METRICS = ("revenue", "social_welfare", "itctr", "ad_load")
 
 
-def test_one_epoch_of_the_closed_loop(pi0, tmp_path):
+def test_one_epoch_of_the_closed_loop(pi0, tmp_path, capfd):
     # An offline gate that admits any candidate, so the canary always runs: what it decides is
     # live traffic's business (50 requests: too few for a verdict, so it must end inconclusive).
     admit_all = {
@@ -103,3 +103,18 @@ def test_one_epoch_of_the_closed_loop(pi0, tmp_path):
     assert "oracle_greedy (oracle reference, simulation only)" in html and "R (psi)" in html
     assert "each epoch&#x27;s candidate in canary" in html or "each epoch's candidate in canary" in html
     assert html.count("<img") == 3 and (out / "canary-epoch-1.png").is_file()
+
+    # Where the time went: every phase, the pipeline's steps by name, nothing beyond the wall time.
+    timings = report["timings"]
+    phases = {r["phase"] for r in timings}
+    assert {"bootstrap", "epoch 1", "final canary"} <= phases
+    steps = {r["step"] for r in timings if r["phase"] == "epoch 1"}
+    assert {"traffic", "pipeline: canary", "pipeline: train-dpo", "pipeline: evaluate"} <= steps
+    assert all(r["seconds"] >= 0 for r in timings)
+    assert sum(r["seconds"] for r in timings) <= report["wall_seconds"]
+    assert "where the time went" in html
+    # The console shows the loop's progress, not kfp.local's executor input or the steps' output:
+    # those are in the run's log file.
+    printed = capfd.readouterr().out
+    assert "Executing task" not in printed and "executorInput" not in printed
+    assert "Executing task" in (out / "logs" / "pipeline-epoch-1.log").read_text()

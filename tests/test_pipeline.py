@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -9,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from llm_auction.pipeline.local import pipeline_function
+from llm_auction.pipeline.local import StepClock, pipeline_function
 from llm_auction.pipeline.steps import resolve_settings, resolve_window
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,6 +79,18 @@ def test_the_gate_is_a_condition_with_both_branches():
     assert set(conditions) == {"gate-passed", "gate-held", "canary-free"}
     assert conditions["gate-held"].startswith("!(") and "evaluate-Output" in conditions["gate-passed"]
     assert "admit-Output" in conditions["canary-free"]  # deploy only what the gate step admitted
+
+
+def test_the_step_clock_times_each_task_from_kfp_locals_lines_and_passes_them_on():
+    sink = io.StringIO()
+    clock = StepClock(sink)
+    task = "\x1b[96m'train-dpo'\x1b[0m"  # kfp.local colours the task's name
+    clock.write(f"06:00:00.000 - INFO - Executing task {task}\n")
+    clock.write("    {'loss': 0.69}\n")
+    clock.write(f"06:00:02.000 - INFO - Task {task} finished with status \x1b[92mSUCCESS\x1b[0m\n")
+    assert set(clock.seconds) == {"train-dpo"} and clock.seconds["train-dpo"] >= 0
+    assert clock.status == {"train-dpo": "SUCCESS"}
+    assert "{'loss': 0.69}" in sink.getvalue()  # everything still reaches the log
 
 
 def test_settings_are_validated_once_with_the_failing_key_named():

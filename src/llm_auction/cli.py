@@ -887,7 +887,7 @@ def pipeline_run(
     if not feedback.is_dir():
         raise InputError(f"--feedback {feedback}: not a folder")
     settings = _settings(config, profile, sets, None)
-    run_local(
+    clock = run_local(
         root.resolve(),
         epoch=epoch,
         window_start=start.isoformat(),
@@ -898,6 +898,12 @@ def pipeline_run(
         config_path=str(config.resolve()) if config else "",
         overrides=yaml.safe_dump(_parse_sets(sets)) if sets else "",
     )
+    table = Table(title="irpo-epoch steps", box=box.SIMPLE_HEAVY)
+    for column in ("step", "status", "seconds"):
+        table.add_column(column)
+    for task, seconds in clock.seconds.items():
+        table.add_row(task, clock.status.get(task, ""), f"{seconds:.1f}")
+    console.print(table)
     console.print(f"epoch {epoch}: pipeline finished; step outputs under {root}")
 
 
@@ -1067,7 +1073,7 @@ def run_closed_loop(
     sets: SetOption = None,
 ) -> None:
     """The closed loop: pi_0 and psi_0, then each epoch: serve the champion, traffic, irpo-epoch."""
-    from llm_auction.simulator.loop import run_loop
+    from llm_auction.simulator.loop import TIMING_COLUMNS, run_loop, timing_rows
 
     report = run_loop(epochs, out, config, profile, _parse_sets(sets), pi0)
     metrics = ("revenue", "social_welfare", "itctr", "ad_load")
@@ -1086,6 +1092,12 @@ def run_closed_loop(
         canary = (entry.get("canary") or {}).get("decision", "")
         table.add_row(str(entry["epoch"]), str(entry["policy_version"]), *cells, verdict, canary)
     console.print(table)
+    timing = Table(title="where the time went", box=box.SIMPLE_HEAVY)
+    for column in TIMING_COLUMNS:
+        timing.add_column(column, justify="left" if column in ("phase", "step") else "right")
+    for row in timing_rows(report["timings"], report["wall_seconds"]):
+        timing.add_row(*row)
+    console.print(timing)
     console.print(f"wall time {report['wall_seconds'] / 60:.1f} min; report {out}/report.html")
 
 

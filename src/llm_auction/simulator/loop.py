@@ -17,13 +17,14 @@ responses the pipeline's evaluation sampled (`simulator.oracle`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,62 @@ def plan_traffic(env: Environment, epochs: int) -> TrafficPlan:
     return TrafficPlan(stream[:b], chunks[:epochs], chunks[epochs] if epochs else [])
 
 
+@dataclass
+class Timings:
+    """Where the loop's wall time went: one row per (phase, step), in the order they ran."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, phase: str, step: str, seconds: float) -> None:
+        self.rows.append({"phase": phase, "step": step, "seconds": round(seconds, 2)})
+
+    @contextlib.contextmanager
+    def time(self, phase: str, step: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(phase, step, time.perf_counter() - started)
+
+    def by_phase(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for row in self.rows:
+            out[row["phase"]] = out.get(row["phase"], 0.0) + row["seconds"]
+        return out
+
+
+TIMING_COLUMNS = ("phase", "step", "seconds", "share")
+
+
+def timing_rows(rows: Sequence[Mapping[str, Any]], wall_seconds: float | None = None) -> list[list[str]]:
+    """The timing table: every (phase, step), each phase's total, and what no step accounts for."""
+    total = wall_seconds or sum(r["seconds"] for r in rows) or 1.0
+    out, phases = [], Timings(list(rows)).by_phase()
+
+    def line(phase: str, step: str, seconds: float) -> list[str]:
+        return [phase, step, f"{seconds:.1f}", f"{seconds / total:.0%}"]
+
+    for phase, seconds in phases.items():
+        steps_of = [r for r in rows if r["phase"] == phase]
+        out += [line(phase, r["step"], r["seconds"]) for r in steps_of]
+        if len(steps_of) > 1:
+            out.append(line(phase, "(phase total)", seconds))
+    if wall_seconds is not None:
+        out.append(line("", "other (reports, waits between phases)", wall_seconds - sum(phases.values())))
+        out.append(line("", "wall time", wall_seconds))
+    return out
+
+
+@contextlib.contextmanager
+def stdout_to(log_path: Path) -> Iterator[None]:
+    """What libraries print (TRL's step dictionaries, Feast's notices) goes to the run's log file;
+    the console keeps the loop's own progress (stderr) and errors.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a") as sink, contextlib.redirect_stdout(sink):
+        yield
+
+
 class Loop:
     """One closed-loop run under `out`; `run()` returns the report it also writes."""
 
@@ -151,6 +208,8 @@ class Loop:
         self.feedback = self.out / "feedback"
         self.collector_store = self.out / "collector"
         self.settings_json = self.settings.model_dump_json()
+        self.logs = self.out / "logs"
+        self.timings = Timings()
 
     # --- phases ----------------------------------------------------------------------------
     def _say(self, text: str) -> None:
@@ -279,8 +338,11 @@ class Loop:
         the canary verdict it took first (on the window's traffic, which ends that canary).
         """
         root = self.out / "pipeline" / f"epoch-{epoch}"
-        run_local(
+        log = self.logs / f"pipeline-epoch-{epoch}.log"
+        self._say(f"  (kfp.local's and the steps' output: {log.relative_to(self.out)})")
+        clock = run_local(
             root,
+            log,
             epoch=epoch,
             window_start=window[0],
             window_end=window[1],
@@ -291,6 +353,8 @@ class Loop:
             overrides="",
             end_canary=True,
         )
+        for task, seconds in clock.seconds.items():
+            self.timings.add(f"epoch {epoch}", f"pipeline: {task}", seconds)
         (evaluation,) = root.glob(f"*/evaluate/evaluation/{EVALUATION_FILE}")
         (canary,) = root.glob(f"*/canary/result/{steps.CANARY_FILE}")
         return (
@@ -326,20 +390,27 @@ class Loop:
 
     def run(self) -> dict[str, Any]:
         started_all = time.perf_counter()
+        clock = self.timings.time
         self.prepare()
-        env = build_environment(self.settings)
-        plan = plan_traffic(env, self.epochs)
-        held_out = self.export_public(env)
-        self.bootstrap_policy(held_out)
+        with clock("bootstrap", "world and public files"):
+            env = build_environment(self.settings)
+            plan = plan_traffic(env, self.epochs)
+            held_out = self.export_public(env)
+        with clock("bootstrap", "pi_0"), stdout_to(self.logs / "pi0.log"):
+            self.bootstrap_policy(held_out)
         self._say("oracle references (simulation only) on the held-out requests")
-        oracle_refs = references(env, held_out, self.settings.seed)
+        with clock("bootstrap", "oracle references"):
+            oracle_refs = references(env, held_out, self.settings.seed)
         self._say("feature store: users and ads sign up")
-        sign_up(self.settings, self.feedback)
+        with clock("bootstrap", "sign-up (Feast)"), stdout_to(self.logs / "bootstrap.log"):
+            sign_up(self.settings, self.feedback)
         collector_port, server_port = free_port(), free_port()
         collector = f"http://127.0.0.1:{collector_port}"
         endpoint = f"http://127.0.0.1:{server_port}"
-        logs = self.out / "logs"
+        logs = self.logs
         report: dict[str, Any] = {"sections": SECTIONS, "epochs": [], "traffic": [], "out": str(self.out)}
+        report["timings"] = self.timings.rows
+        services_started = time.perf_counter()
         with (
             service(
                 "collector",
@@ -365,15 +436,17 @@ class Loop:
             ) as server,
         ):
             services = (collector_service, server)
+            self.timings.add("bootstrap", "services start", time.perf_counter() - services_started)
             served_total, work = 0, {}
 
             def phase(name: str, requests: list[AuctionRequest], seed: int) -> tuple[str, str]:
                 """One phase of traffic, logged and exported; its window, and its line in the report."""
                 nonlocal served_total, work
                 started = datetime.now(UTC) - timedelta(seconds=1)
-                traffic = self.send(endpoint, collector, requests, env, seed=seed, services=services)
-                served_total += traffic.served
-                self.collect(served_total, server.restarts)
+                with clock(name.replace("-", " "), "traffic"):
+                    traffic = self.send(endpoint, collector, requests, env, seed=seed, services=services)
+                    served_total += traffic.served
+                    self.collect(served_total, server.restarts)
                 window = self.window(traffic, started)
                 before, work = work, server_work(endpoint)
                 # A restarted server counts from 0 again: its counters are then this phase's work.
@@ -388,11 +461,15 @@ class Loop:
             self._say(f"bootstrap: pi_0 serves {len(plan.bootstrap)} requests")
             window = phase("bootstrap", plan.bootstrap, seed=0)
             self._say("psi_0: pCTR on pi_0's traffic")
-            steps.ingest(self.settings_json, str(self.feedback), *window, "")
-            steps.train_pctr(self.settings_json, str(self.out / "pctr0"), *window, 0, "")
+            with stdout_to(self.logs / "bootstrap.log"):
+                with clock("bootstrap", "ingest"):
+                    steps.ingest(self.settings_json, str(self.feedback), *window, "")
+                with clock("bootstrap", "psi_0 (pCTR)"):
+                    steps.train_pctr(self.settings_json, str(self.out / "pctr0"), *window, 0, "")
             pending: tuple[int, dict[str, Any], dict[str, Any]] | None = None  # awaiting its canary
             for epoch in range(1, self.epochs + 1):
-                arms = self.await_arms(endpoint)
+                with clock(f"epoch {epoch}", "serving follows the registry"):
+                    arms = self.await_arms(endpoint)
                 canary_note = "" if arms.challenger is None else (
                     f", candidate v{arms.challenger} in canary for {self.settings.serving.canary_percent}% "
                     "of users"
@@ -405,7 +482,8 @@ class Loop:
                 self._say(f"epoch {epoch}: irpo-epoch pipeline (kfp.local), its canary verdict first")
                 evaluation, responses, canary = self.run_epoch(epoch, window)
                 self._say(f"epoch {epoch}: canary {canary['decision']}: {canary['reason']}")
-                oracle = oracle_metrics(env, held_out, responses, self.settings.seed)
+                with clock(f"epoch {epoch}", "oracle scoring (simulation only)"):
+                    oracle = oracle_metrics(env, held_out, responses, self.settings.seed)
                 if epoch == 1:
                     report["epochs"].append(
                         report_entry(0, arms.champion, evaluation, oracle, oracle_refs, "champion")
@@ -422,10 +500,11 @@ class Loop:
                     window = phase("final canary", last, seed=self.epochs + 1)
                 else:
                     self._say("the last candidate was held by the offline gate: no final canary")
-                canary = steps.canary(
-                    self.settings_json, str(self.feedback), window[1], str(self.out / "final-canary"), "",
-                    end=True, who="closed-loop",
-                )  # fmt: skip
+                with clock("final canary", "verdict"), stdout_to(self.logs / "final-canary.log"):
+                    canary = steps.canary(
+                        self.settings_json, str(self.feedback), window[1], str(self.out / "final-canary"),
+                        "", end=True, who="closed-loop",
+                    )  # fmt: skip
                 report["epochs"].append(self.settle(*pending, canary, oracle_refs, report))
                 self.await_arms(endpoint)  # the last verdict reaches the endpoint too
             report["final_served"] = self.served_versions(endpoint)
@@ -614,6 +693,10 @@ def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
             "live traffic per phase": (
                 ["phase", "served", "clicks", "revenue", "req/s", "p50 ms", "p99 ms", "versions"],
                 traffic_rows,
+            ),
+            "where the time went": (
+                list(TIMING_COLUMNS),
+                timing_rows(report.get("timings", []), report.get("wall_seconds")),
             ),
         },
         images,
