@@ -23,8 +23,8 @@ setup: $(STAMP) ## create or refresh the virtual environment
 
 EPOCHS ?= 3
 
-run: $(STAMP) ## the closed loop on the embedded local defaults: pi_0, psi_0, then $(EPOCHS) IRPO epochs
-	$(BIN)/llm-auction run --epochs $(EPOCHS) --out $(RUN_DIR)
+run: $(STAMP) ## the closed loop on the embedded local defaults: pi_0, psi_0, then $(EPOCHS) IRPO epochs (RESUME=1: continue)
+	$(BIN)/llm-auction run --out $(RUN_DIR) $(if $(RESUME),--resume,--epochs $(EPOCHS))
 
 test: $(STAMP) ## the test suite (slow end-to-end tests included)
 	$(BIN)/python -m pytest -q

@@ -116,6 +116,26 @@ def test_the_verdict_moves_the_aliases_and_is_recorded(
     assert _decide(settings, tmp_path)["decision"] == "none"  # decided once; nothing left in canary
 
 
+def test_an_interrupted_verdict_is_undone_and_taken_again_identically(canary_registry, tmp_path):
+    # `run --resume` after a crash between the verdict's registry moves and the loop's record of it.
+    settings, champion, challenger = canary_registry()
+    live_traffic(tmp_path / "feedback", champion, challenger, {"champion": 0.05, "challenger": 0.30}, 1000)
+    name, pctr = settings.irpo.registered_model, settings.pctr.registered_model
+    before = registry.snapshot(settings.tracking, [name, pctr])
+    assert before == {
+        name: {"aliases": {"champion": champion, "challenger": challenger}, "history": champion}
+    }
+    first = _decide(settings, tmp_path)
+    assert first["decision"] == "promote"
+    moved = registry.snapshot(settings.tracking, [name])[name]
+    assert moved == {"aliases": {"champion": challenger}, "history": f"{champion},{challenger}"}
+    registry.restore(settings.tracking, before)
+    assert registry.snapshot(settings.tracking, [name, pctr]) == before
+    again = _decide(settings, tmp_path)
+    assert (again["decision"], again["reason"]) == (first["decision"], first["reason"])
+    assert registry.snapshot(settings.tracking, [name])[name] == moved  # promoted once, not twice
+
+
 def test_no_verdict_keeps_collecting_until_the_canary_ends(canary_registry, tmp_path):
     settings, champion, challenger = canary_registry()
     live_traffic(tmp_path / "feedback", champion, challenger, {"champion": 0.1, "challenger": 0.1}, 300)

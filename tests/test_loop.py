@@ -9,16 +9,58 @@ import pytest
 import yaml
 
 from helpers import TINY_EPOCH
+from llm_auction.config import load_config
 from llm_auction.mechanism.payments import expected_payments
 from llm_auction.serving.collector import EventStore
+from llm_auction.simulator import loop as loop_module
 from llm_auction.simulator.loop import run_loop
+from llm_auction.simulator.run_state import STATE_FILE
+from llm_auction.tracking import registry
 
 pytestmark = pytest.mark.slow
+
+
+class Crash(KeyboardInterrupt):
+    """The loop's process stopped from outside (a node drained, someone pressed Ctrl-C)."""
+
+
+def interrupt_the_last_canary(monkeypatch, out, config, pi0) -> dict:
+    """Run the loop twice into a crash, then resume it: once in the middle of the final canary's
+    traffic (20 of its 50 requests served), once right after the verdict moved the registry.
+    Returns the verdict the second crash cut off.
+    """
+    real_send, real_canary, cut = loop_module.send_traffic, loop_module.steps.canary, {}
+
+    async def send(endpoint, requests, *args, seed, **kwargs):
+        if seed == 2 and not kwargs.get("skip"):  # the final canary's phase, first try
+            await real_send(endpoint, requests[:20], *args, seed=seed, **kwargs)
+            raise Crash
+        return await real_send(endpoint, requests, *args, seed=seed, **kwargs)
+
+    def canary(*args, **kwargs):
+        cut.update(real_canary(*args, **kwargs))
+        raise Crash
+
+    monkeypatch.setattr(loop_module, "send_traffic", send)
+    with pytest.raises(Crash):
+        run_loop(1, out, config, pi0=pi0)
+    state = json.loads((out / STATE_FILE).read_text())
+    assert "epoch 1" in state["finished"] and "traffic final canary" in state["begun"]
+    monkeypatch.setattr(loop_module.steps, "canary", canary)
+    with pytest.raises(Crash):
+        run_loop(None, out, resume=True)
+    assert (
+        cut["decision"] == "inconclusive"
+        and "final canary" in json.loads((out / STATE_FILE).read_text())["begun"]
+    )
+    monkeypatch.setattr(loop_module.steps, "canary", real_canary)
+    return cut
+
 
 METRICS = ("revenue", "social_welfare", "itctr", "ad_load")
 
 
-def test_one_epoch_of_the_closed_loop(pi0, tmp_path, capfd):
+def test_one_epoch_of_the_closed_loop_interrupted_and_resumed(pi0, tmp_path, capfd, monkeypatch):
     # An offline gate that admits any candidate, so the canary always runs: what it decides is
     # live traffic's business (50 requests: too few for a verdict, so it must end inconclusive).
     admit_all = {
@@ -33,7 +75,9 @@ def test_one_epoch_of_the_closed_loop(pi0, tmp_path, capfd):
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "run"
-    report = run_loop(1, out, tmp_path / "config.yaml", pi0=pi0[0])
+    cut = interrupt_the_last_canary(monkeypatch, out, tmp_path / "config.yaml", pi0[0])
+    report = run_loop(None, out, resume=True)
+    assert run_loop(None, out, resume=True) == report  # finished: nothing left to resume
 
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report, default=str))
     first, last = report["epochs"]
@@ -43,6 +87,13 @@ def test_one_epoch_of_the_closed_loop(pi0, tmp_path, capfd):
     canary = last["canary"]
     assert (canary["challenger"], canary["champion"]) == ("2", "1")
     assert canary["decision"] == "inconclusive" and canary["reason"].startswith("too few requests")
+    assert {k: cut[k] for k in ("decision", "reason", "requests")} == {
+        k: canary[k] for k in ("decision", "reason", "requests")
+    }  # the verdict the crash cut off, taken again on the same logs
+    settings = load_config(out / "config.yaml")  # the run's own, stores under `out`
+    name = settings.irpo.registered_model
+    after = registry.snapshot(settings.tracking, [name])[name]
+    assert after == {"aliases": {"champion": "1"}, "history": "1"}  # the challenger left, nothing promoted
     assert last["policy_version"] == "1"  # not promoted: the champion stays
     arms = canary["arms"]
     assert arms["challenger"]["policy_versions"] == ["2"] and arms["champion"]["policy_versions"] == ["1"]
@@ -68,12 +119,11 @@ def test_one_epoch_of_the_closed_loop(pi0, tmp_path, capfd):
     bootstrap, epoch, final = report["traffic"]
     assert (bootstrap["served"], bootstrap["failed"], bootstrap["policy_versions"]) == (100, 0, {"1": 100})
     assert (epoch["served"], epoch["failed"], epoch["policy_versions"]) == (50, 0, {"1": 50})  # no canary yet
-    assert (final["phase"], final["served"], final["failed"]) == ("final canary", 50, 0)
-    split = final["policy_versions"]
-    assert set(split) == {"1", "2"} and split == {
-        "1": arms["champion"]["requests"],
-        "2": arms["challenger"]["requests"],
-    }  # the canary's per-arm volumes are the traffic each arm answered
+    # The resumed phase sent only what the collector had not logged before the crash.
+    assert (final["phase"], final["skipped"], final["served"], final["failed"]) == ("final canary", 20, 30, 0)
+    assert arms["champion"]["requests"] + arms["challenger"]["requests"] == 50
+    for version, n in final["policy_versions"].items():
+        assert n <= arms["champion" if version == "1" else "challenger"]["requests"]
     assert bootstrap["clicks_acknowledged"] == bootstrap["clicks"] > 0
 
     store = EventStore(out / "collector")
@@ -82,7 +132,7 @@ def test_one_epoch_of_the_closed_loop(pi0, tmp_path, capfd):
         predictions = [p for _, _, response in pairs for p in response["predictions"]]
     finally:
         store.close()
-    assert len(predictions) == 200
+    assert len(predictions) == 200 and len({p["request_id"] for p in predictions}) == 200  # none twice
     by_user: dict[str, set[str]] = {}
     for p in predictions:
         assert p["arm"] in ("champion", "challenger") and p["policy_version"] == (
@@ -107,7 +157,7 @@ def test_one_epoch_of_the_closed_loop(pi0, tmp_path, capfd):
     # Where the time went: every phase, the pipeline's steps by name, nothing beyond the wall time.
     timings = report["timings"]
     phases = {r["phase"] for r in timings}
-    assert {"bootstrap", "epoch 1", "final canary"} <= phases
+    assert {"bootstrap", "epoch 1", "final canary", "resume"} <= phases
     steps = {r["step"] for r in timings if r["phase"] == "epoch 1"}
     assert {"traffic", "pipeline: canary", "pipeline: train-dpo", "pipeline: evaluate"} <= steps
     assert all(r["seconds"] >= 0 for r in timings)

@@ -1060,7 +1060,9 @@ def traffic(
 
 @app.command("run")
 def run_closed_loop(
-    epochs: Annotated[int, typer.Option("--epochs", min=0, help="IRPO epochs after the bootstrap.")] = 3,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", min=0, help="IRPO epochs after the bootstrap (default 3).")
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Folder of the run (stores, logs, report).")] = Path(
         "runs/local"
     ),
@@ -1068,6 +1070,10 @@ def run_closed_loop(
         Path | None,
         typer.Option("--pi0", help="Start from this pi_0 (a `policy init` output) instead of a warm start."),
     ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue the interrupted run in --out from its last finished phase."),
+    ] = False,
     config: ConfigOption = None,
     profile: ProfileOption = None,
     sets: SetOption = None,
@@ -1075,7 +1081,7 @@ def run_closed_loop(
     """The closed loop: pi_0 and psi_0, then each epoch: serve the champion, traffic, irpo-epoch."""
     from llm_auction.simulator.loop import TIMING_COLUMNS, run_loop, timing_rows
 
-    report = run_loop(epochs, out, config, profile, _parse_sets(sets), pi0)
+    report = run_loop(epochs, out, config, profile, _parse_sets(sets) or None, pi0, resume=resume)
     metrics = ("revenue", "social_welfare", "itctr", "ad_load")
     table = Table(title=f"closed loop -> {out}/report.json", box=box.SIMPLE_HEAVY)
     for column in ("epoch", "version", *metrics, "offline gate", "canary"):

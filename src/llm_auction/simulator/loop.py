@@ -23,7 +23,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -49,6 +49,7 @@ from llm_auction.serving.collector import EventStore
 from llm_auction.serving.export import export_feedback
 from llm_auction.simulator.experiment import Environment, build_environment, export_public
 from llm_auction.simulator.oracle import ORACLE_LABEL, oracle_metrics, references
+from llm_auction.simulator.run_state import COMPLETE, STATE_FILE, RunState
 from llm_auction.simulator.services import Service, free_port, service, wait_until
 from llm_auction.simulator.traffic import TrafficReport, send_traffic
 from llm_auction.tracking import registry
@@ -62,6 +63,7 @@ SECTIONS = {
     "oracle_references": "upper references priced with the simulator's truth, never deployable",
 }
 STATE_DIRS = ("data", "mlflow", "feedback", "collector", "pipeline", "pi0", "pctr0", "quarantine", "logs")
+RUN_FILES = (STATE_FILE, "report.json", "report.html")
 
 
 def loop_settings(base: Settings, out: Path) -> Settings:
@@ -82,6 +84,16 @@ def loop_settings(base: Settings, out: Path) -> Settings:
             ),
         }
     )
+
+
+def logged_requests(store_dir: Path) -> tuple[int, set[str]]:
+    """How many inferences the collector's store holds, and the ids of the requests they answered."""
+    store = EventStore(store_dir)
+    try:
+        pairs = store.inference_pairs()
+    finally:
+        store.close()
+    return len(pairs), {r["request_id"] for _, q, _ in pairs for r in q["instances"]}
 
 
 def sign_up(settings: Settings, feedback_dir: Path) -> None:
@@ -198,9 +210,11 @@ class Loop:
         out: Path,
         pi0: Path | None = None,
         console: Console | None = None,
+        resume: bool = False,
     ) -> None:
         self.out = out.resolve()
         self.pi0 = pi0
+        self.resume = resume
         self.settings = loop_settings(settings, self.out)
         self.epochs = epochs
         self.console = console or Console(stderr=True)
@@ -215,7 +229,14 @@ class Loop:
     def _say(self, text: str) -> None:
         self.console.print(f"[bold]{datetime.now().strftime('%H:%M:%S')}[/bold] {text}")
 
-    def prepare(self) -> None:
+    def prepare(self) -> RunState:
+        """A fresh run replaces the previous one's stores; a resumed one keeps them and its state."""
+        if self.resume:
+            state = RunState.load(self.out)
+            self._say(
+                f"resuming the run in {self.out}: finished {', '.join(state.data['finished']) or 'nothing'}"
+            )
+            return state
         if self.out.exists():
             keep = self.pi0.resolve() if self.pi0 is not None else None  # `--pi0 runs/local/pi0` survives
             stale = [
@@ -227,9 +248,29 @@ class Loop:
                 self._say(f"replacing the previous run in {self.out} ({', '.join(stale)})")
             for d in stale:
                 shutil.rmtree(self.out / d)
+            for name in RUN_FILES:
+                (self.out / name).unlink(missing_ok=True)
         self.out.mkdir(parents=True, exist_ok=True)
         self.feedback.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.settings.model_dump(mode="json"), sort_keys=False))
+        return RunState.new(self.out, self.epochs, self.pi0)
+
+    def registry_snapshot(self) -> dict[str, Any]:
+        """The aliases a pipeline or verdict step may move, so an interrupted one can be undone."""
+        names = (self.settings.irpo.registered_model, self.settings.pctr.registered_model)
+        return registry.snapshot(self.settings.tracking, names)
+
+    def undo(self, state: RunState) -> None:
+        """Put the registry back as it was when an interrupted step began (a pipeline run or the last
+        verdict), before anything serves: its rerun decides again on the same durable logs, so a
+        verdict already carried out is taken again, identically.
+        """
+        for key, begun in state.data["begun"].items():
+            if "registry" in begun:
+                self._say(
+                    f"{key} was cut short: the registry's aliases go back to where it began; it runs again"
+                )
+                registry.restore(self.settings.tracking, begun["registry"])
 
     def export_public(self, env: Environment) -> list[AuctionRequest]:
         """The world's platform files (catalog, profiles, request files); returns the held-out requests."""
@@ -256,6 +297,7 @@ class Loop:
         env: Environment,
         seed: int,
         services: Sequence[Service] = (),
+        skip: Collection[str] = (),
     ) -> TrafficReport:
         """One phase of traffic; fails clearly if a service died for good during it."""
         loop = self.settings.loop
@@ -270,11 +312,12 @@ class Loop:
                 seed=seed,
                 mean_click_delay_s=loop.mean_click_delay_s,
                 retry_budget_s=loop.retry_budget_s,
+                skip=skip,
             )
         )
         for svc in services:
             svc.check()
-        if report.served == 0:
+        if report.served == 0 and report.skipped < len(requests):
             raise RuntimeError(f"no request was served: {report.errors[:3]}")
         if report.failed:
             self._say(f"[yellow]{report.failed} requests failed: {report.errors[:3]}[/yellow]")
@@ -314,6 +357,12 @@ class Loop:
     def served_versions(self, endpoint: str) -> dict[str, Any]:
         return httpx.get(f"{endpoint}/served", timeout=5).json()
 
+    def serving_note(self, arms: Versions) -> str:
+        if arms.challenger is None:
+            return f"champion v{arms.champion}"
+        percent = self.settings.serving.canary_percent
+        return f"champion v{arms.champion} and candidate v{arms.challenger} (canary, {percent}% of users)"
+
     def await_arms(self, endpoint: str) -> Versions:
         """Wait until the server serves what the registry's aliases name: the policy's champion and
         challenger, and psi's champion (whose gate may have held the psi just trained).
@@ -332,13 +381,31 @@ class Loop:
         return versions
 
     def run_epoch(
-        self, epoch: int, window: tuple[str, str]
+        self, epoch: int, window: tuple[str, str], state: RunState
     ) -> tuple[dict[str, Any], pd.DataFrame, dict[str, Any]]:
         """One irpo-epoch pipeline run: its evaluation summary, every policy's held-out responses, and
         the canary verdict it took first (on the window's traffic, which ends that canary).
+        An interrupted run is undone in the registry and run again from its first step.
         """
         root = self.out / "pipeline" / f"epoch-{epoch}"
+        key = f"pipeline epoch {epoch}"
+        if not state.done(key):
+            if state.begun(key) is not None:  # cut short: its registry moves were undone on resume
+                shutil.rmtree(root, ignore_errors=True)
+            state.begin(key, registry=self.registry_snapshot())
+            self.pipeline(epoch, window, root)
+            state.finish(key)
+        (evaluation,) = root.glob(f"*/evaluate/evaluation/{EVALUATION_FILE}")
+        (canary,) = root.glob(f"*/canary/result/{steps.CANARY_FILE}")
+        return (
+            json.loads(evaluation.read_text()),
+            pd.read_parquet(evaluation.parent / RESPONSES_FILE),
+            json.loads(canary.read_text()),
+        )
+
+    def pipeline(self, epoch: int, window: tuple[str, str], root: Path) -> None:
         log = self.logs / f"pipeline-epoch-{epoch}.log"
+        self._say(f"epoch {epoch}: irpo-epoch pipeline (kfp.local), its canary verdict first")
         self._say(f"  (kfp.local's and the steps' output: {log.relative_to(self.out)})")
         clock = run_local(
             root,
@@ -355,22 +422,14 @@ class Loop:
         )
         for task, seconds in clock.seconds.items():
             self.timings.add(f"epoch {epoch}", f"pipeline: {task}", seconds)
-        (evaluation,) = root.glob(f"*/evaluate/evaluation/{EVALUATION_FILE}")
-        (canary,) = root.glob(f"*/canary/result/{steps.CANARY_FILE}")
-        return (
-            json.loads(evaluation.read_text()),
-            pd.read_parquet(evaluation.parent / RESPONSES_FILE),
-            json.loads(canary.read_text()),
-        )
 
     def settle(
         self,
         epoch: int,
         evaluation: Mapping[str, Any],
-        oracle: Mapping[str, Mapping[str, Estimate]],
+        oracle: Mapping[str, Mapping[str, Any]],
         canary: Mapping[str, Any],
-        oracle_refs: Mapping[str, Mapping[str, Estimate]],
-        report: dict[str, Any],
+        oracle_refs: Mapping[str, Mapping[str, Any]],
     ) -> dict[str, Any]:
         """Epoch `epoch`'s report entry, once live traffic has decided its candidate: the champion
         after that verdict (the candidate if promoted), with the canary's numbers and its plot.
@@ -389,27 +448,41 @@ class Loop:
         return entry
 
     def run(self) -> dict[str, Any]:
-        started_all = time.perf_counter()
+        state = self.prepare()
+        if state.done(COMPLETE):
+            self._say(f"the run in {self.out} finished already: nothing to resume")
+            return json.loads((self.out / "report.json").read_text())
+        self.undo(state)
+        report: dict[str, Any] = state.data.setdefault(
+            "report", {"sections": SECTIONS, "epochs": [], "traffic": [], "out": str(self.out), "timings": []}
+        )
+        self.timings = Timings(report["timings"])  # a resumed run keeps the finished phases' times
         clock = self.timings.time
-        self.prepare()
-        with clock("bootstrap", "world and public files"):
+        # A bootstrap step cut short runs again whole; what a resumed session rebuilds is its own phase.
+        start = "resume" if self.resume else "bootstrap"
+        with clock(start, "world and public files"):
             env = build_environment(self.settings)
             plan = plan_traffic(env, self.epochs)
             held_out = self.export_public(env)
-        with clock("bootstrap", "pi_0"), stdout_to(self.logs / "pi0.log"):
-            self.bootstrap_policy(held_out)
-        self._say("oracle references (simulation only) on the held-out requests")
-        with clock("bootstrap", "oracle references"):
-            oracle_refs = references(env, held_out, self.settings.seed)
-        self._say("feature store: users and ads sign up")
-        with clock("bootstrap", "sign-up (Feast)"), stdout_to(self.logs / "bootstrap.log"):
-            sign_up(self.settings, self.feedback)
+        if not state.done("pi_0"):
+            with clock("bootstrap", "pi_0"), stdout_to(self.logs / "pi0.log"):
+                self.bootstrap_policy(held_out)
+            state.finish("pi_0")
+        if not state.done("oracle references"):
+            self._say("oracle references (simulation only) on the held-out requests")
+            with clock("bootstrap", "oracle references"):
+                refs = oracle_rows(references(env, held_out, self.settings.seed))
+            state.finish("oracle references", oracle_refs=refs)
+        oracle_refs = state.data["oracle_refs"]
+        if not state.done("sign-up"):
+            self._say("feature store: users and ads sign up")
+            with clock("bootstrap", "sign-up (Feast)"), stdout_to(self.logs / "bootstrap.log"):
+                sign_up(self.settings, self.feedback)
+            state.finish("sign-up")
         collector_port, server_port = free_port(), free_port()
         collector = f"http://127.0.0.1:{collector_port}"
         endpoint = f"http://127.0.0.1:{server_port}"
         logs = self.logs
-        report: dict[str, Any] = {"sections": SECTIONS, "epochs": [], "traffic": [], "out": str(self.out)}
-        report["timings"] = self.timings.rows
         services_started = time.perf_counter()
         with (
             service(
@@ -436,15 +509,32 @@ class Loop:
             ) as server,
         ):
             services = (collector_service, server)
-            self.timings.add("bootstrap", "services start", time.perf_counter() - services_started)
-            served_total, work = 0, {}
+            self.timings.add(start, "services start", time.perf_counter() - services_started)
+            served_total, logged = logged_requests(self.collector_store)  # by earlier sessions, if any
+            work: dict[str, float] = {}
 
             def phase(name: str, requests: list[AuctionRequest], seed: int) -> tuple[str, str]:
-                """One phase of traffic, logged and exported; its window, and its line in the report."""
+                """One phase of traffic, logged and exported; its window, and its line in the report.
+                A phase cut short sends only the requests the collector has not logged.
+                """
                 nonlocal served_total, work
-                started = datetime.now(UTC) - timedelta(seconds=1)
+                key = f"traffic {name}"
+                if state.done(key):
+                    return tuple(state.data["windows"][name])
+                skip: set[str] = set()
+                if (begun := state.begun(key)) is not None:
+                    started = datetime.fromisoformat(begun["started"])
+                    skip = logged & {r.request_id for r in requests}
+                    self._say(
+                        f"{name} resumes: {len(skip)} of its {len(requests)} requests were served and logged"
+                    )
+                else:
+                    started = datetime.now(UTC) - timedelta(seconds=1)
+                    state.begin(key, started=started.isoformat())
                 with clock(name.replace("-", " "), "traffic"):
-                    traffic = self.send(endpoint, collector, requests, env, seed=seed, services=services)
+                    traffic = self.send(
+                        endpoint, collector, requests, env, seed=seed, services=services, skip=skip
+                    )
                     served_total += traffic.served
                     self.collect(served_total, server.restarts)
                 window = self.window(traffic, started)
@@ -456,60 +546,66 @@ class Loop:
                 report["traffic"].append(
                     {"phase": name, "window": window, **traffic.to_dict(), "server": phase_work}
                 )
+                state.data["windows"][name] = window
+                state.finish(key)
                 return window
 
-            self._say(f"bootstrap: pi_0 serves {len(plan.bootstrap)} requests")
+            if not state.done("traffic bootstrap"):
+                self._say(f"bootstrap: pi_0 serves {len(plan.bootstrap)} requests")
             window = phase("bootstrap", plan.bootstrap, seed=0)
-            self._say("psi_0: pCTR on pi_0's traffic")
-            with stdout_to(self.logs / "bootstrap.log"):
-                with clock("bootstrap", "ingest"):
-                    steps.ingest(self.settings_json, str(self.feedback), *window, "")
-                with clock("bootstrap", "psi_0 (pCTR)"):
-                    steps.train_pctr(self.settings_json, str(self.out / "pctr0"), *window, 0, "")
-            pending: tuple[int, dict[str, Any], dict[str, Any]] | None = None  # awaiting its canary
+
+            if not state.done("psi_0"):
+                self._say("psi_0: pCTR on pi_0's traffic")
+                with stdout_to(self.logs / "bootstrap.log"):
+                    with clock("bootstrap", "ingest"):
+                        steps.ingest(self.settings_json, str(self.feedback), *window, "")
+                    with clock("bootstrap", "psi_0 (pCTR)"):
+                        steps.train_pctr(self.settings_json, str(self.out / "pctr0"), *window, 0, "")
+                state.finish("psi_0")
             for epoch in range(1, self.epochs + 1):
+                if state.done(f"epoch {epoch}"):
+                    window = tuple(state.data["windows"][f"epoch-{epoch}"])
+                    continue
                 with clock(f"epoch {epoch}", "serving follows the registry"):
                     arms = self.await_arms(endpoint)
-                canary_note = "" if arms.challenger is None else (
-                    f", candidate v{arms.challenger} in canary for {self.settings.serving.canary_percent}% "
-                    "of users"
-                )  # fmt: skip
                 requests = plan.epochs[epoch - 1]
-                self._say(
-                    f"epoch {epoch}: champion v{arms.champion} serves {len(requests)} requests{canary_note}"
-                )
+                if not state.done(f"traffic epoch-{epoch}"):
+                    self._say(f"epoch {epoch}: {self.serving_note(arms)} serve {len(requests)} requests")
                 window = phase(f"epoch-{epoch}", requests, seed=epoch)
-                self._say(f"epoch {epoch}: irpo-epoch pipeline (kfp.local), its canary verdict first")
-                evaluation, responses, canary = self.run_epoch(epoch, window)
+                evaluation, responses, canary = self.run_epoch(epoch, window, state)
                 self._say(f"epoch {epoch}: canary {canary['decision']}: {canary['reason']}")
                 with clock(f"epoch {epoch}", "oracle scoring (simulation only)"):
-                    oracle = oracle_metrics(env, held_out, responses, self.settings.seed)
+                    oracle = oracle_rows(oracle_metrics(env, held_out, responses, self.settings.seed))
                 if epoch == 1:
                     report["epochs"].append(
                         report_entry(0, arms.champion, evaluation, oracle, oracle_refs, "champion")
                     )
-                if pending is not None:
-                    report["epochs"].append(self.settle(*pending, canary, oracle_refs, report))
-                pending = (epoch, evaluation, oracle)
-                write_report(report, self.out)
-            if pending is not None:
+                if (pending := state.data.get("pending")) is not None:
+                    report["epochs"].append(self.settle(*pending, canary, oracle_refs))
+                write_report({**report, "wall_seconds": state.wall_seconds}, self.out)
+                state.finish(f"epoch {epoch}", pending=(epoch, evaluation, oracle))
+            if (pending := state.data.get("pending")) is not None:
                 arms = self.await_arms(endpoint)
                 last = plan.final_canary
                 if arms.challenger is not None:
-                    self._say(f"the last candidate's canary: v{arms.challenger} beside v{arms.champion}")
+                    if not state.done("traffic final canary"):
+                        self._say(f"the last candidate's canary: v{arms.challenger} beside v{arms.champion}")
                     window = phase("final canary", last, seed=self.epochs + 1)
-                else:
+                elif not state.done("traffic final canary"):
                     self._say("the last candidate was held by the offline gate: no final canary")
+                state.begin("final canary", registry=self.registry_snapshot())
                 with clock("final canary", "verdict"), stdout_to(self.logs / "final-canary.log"):
                     canary = steps.canary(
                         self.settings_json, str(self.feedback), window[1], str(self.out / "final-canary"),
                         "", end=True, who="closed-loop",
                     )  # fmt: skip
-                report["epochs"].append(self.settle(*pending, canary, oracle_refs, report))
+                report["epochs"].append(self.settle(*pending, canary, oracle_refs))
+                state.finish("final canary", pending=None)
                 self.await_arms(endpoint)  # the last verdict reaches the endpoint too
             report["final_served"] = self.served_versions(endpoint)
-        report["wall_seconds"] = time.perf_counter() - started_all
+        report["wall_seconds"] = state.wall_seconds
         write_report(report, self.out)
+        state.finish(COMPLETE)
         return report
 
 
@@ -530,16 +626,17 @@ def canary_entry(canary: Mapping[str, Any]) -> dict[str, Any]:
     return {k: canary[k] for k in keep if k in canary}
 
 
-def _metrics(estimates: Mapping[str, Estimate]) -> dict[str, Any]:
-    return {k: v.to_dict() for k, v in estimates.items() if k in ORACLE_METRICS}
+def oracle_rows(scored: Mapping[str, Mapping[str, Estimate]]) -> dict[str, dict[str, Any]]:
+    """The oracle's estimates per policy in report form (JSON, kept in the run's state)."""
+    return {p: {k: v.to_dict() for k, v in est.items() if k in ORACLE_METRICS} for p, est in scored.items()}
 
 
 def report_entry(
     epoch: int,
     version: str | None,
     evaluation: Mapping[str, Any],
-    oracle: Mapping[str, Mapping[str, Estimate]],
-    oracle_refs: Mapping[str, Mapping[str, Estimate]],
+    oracle: Mapping[str, Mapping[str, Any]],
+    oracle_refs: Mapping[str, Mapping[str, Any]],
     label: str,
 ) -> dict[str, Any]:
     """One `report.json` epoch: the champion after the gate on the held-out requests, both sides.
@@ -553,11 +650,11 @@ def report_entry(
     return {
         "epoch": epoch,
         "policy_version": version,
-        "policy": {**_metrics(oracle[label]), "reward": psi[label]["reward"]},
+        "policy": {**oracle[label], "reward": psi[label]["reward"]},
         "reward_model": psi[label],
-        "baselines": {b: _metrics(oracle[b]) for b in deployable},
+        "baselines": {b: dict(oracle[b]) for b in deployable},
         "baselines_reward_model": {b: psi[b] for b in deployable},
-        "oracle_references": {r: _metrics(m) for r, m in oracle_refs.items()},
+        "oracle_references": {r: dict(m) for r, m in oracle_refs.items()},
         "gate": None
         if gate is None
         else {"admitted": bool(gate["admitted"]), "reason": gate.get("reason"), "checks": gate["checks"]},
@@ -725,14 +822,31 @@ def plot_traffic(traffic: list[Mapping[str, Any]], path: Path) -> Path:
 
 
 def run_loop(
-    epochs: int,
+    epochs: int | None,
     out: Path,
     config: Path | None = None,
     profile: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     pi0: Path | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    if epochs < 0:
-        raise ConfigError(f"--epochs: {epochs} must be 0 or more")
+    """A new closed-loop run in `out` (3 epochs unless told), or with `resume` the one there, continued
+    from its last finished phase with its own settings (`out/config.yaml`) and epochs.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return Loop(load_config(config, profile, overrides=overrides), epochs, out, pi0).run()
+    if not resume:
+        epochs = 3 if epochs is None else epochs
+        if epochs < 0:
+            raise ConfigError(f"--epochs: {epochs} must be 0 or more")
+        return Loop(load_config(config, profile, overrides=overrides), epochs, out, pi0).run()
+    given = {"--config": config, "--profile": profile, "--set": overrides or None, "--pi0": pi0}
+    if clash := [flag for flag, value in given.items() if value is not None]:
+        raise ConfigError(f"--resume: continues with the run's own settings; drop {', '.join(clash)}")
+    saved = RunState.load(out.resolve()).data
+    if epochs is not None and epochs != saved["epochs"]:
+        raise ConfigError(
+            f"--epochs: the run in {out} was started with {saved['epochs']} epochs, not {epochs}"
+        )
+    settings = load_config(out / "config.yaml")
+    pi0 = None if saved["pi0"] is None else Path(saved["pi0"])
+    return Loop(settings, saved["epochs"], out, pi0, resume=True).run()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -47,6 +47,7 @@ class TrafficReport:
     last_event_at: str | None = None
     policy_versions: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    skipped: int = 0
 
     @property
     def throughput(self) -> float:
@@ -140,12 +141,17 @@ async def send_traffic(
     collector_token: str | None = None,
     progress: bool = True,
     retry_budget_s: float = 120.0,
+    skip: Collection[str] = (),
 ) -> TrafficReport:
-    """Send `requests` one per call, simulate the user's clicks, post them to `collector`."""
-    report = TrafficReport()
+    """Send `requests` one per call, simulate the user's clicks, post them to `collector`.
+
+    Requests whose id is in `skip` (already served and logged before an interruption) are not sent
+    again; the others keep their place in `requests`, so their users click as they would have.
+    """
+    report = TrafficReport(skipped=sum(r.request_id in skip for r in requests))
     latencies: list[float] = []
     served_times: list[datetime] = []
-    bar = tqdm(total=len(requests), desc="traffic", unit="req", disable=not progress)
+    bar = tqdm(total=len(requests) - report.skipped, desc="traffic", unit="req", disable=not progress)
     semaphore = asyncio.Semaphore(concurrency)
     predict_url = f"{endpoint.rstrip('/')}/v1/models/{model_name}:predict"
     clicks_url = f"{collector.rstrip('/')}/v1/clicks" if collector else None
@@ -199,7 +205,7 @@ async def send_traffic(
 
     start = time.perf_counter()
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        await asyncio.gather(*(one(i, r, client) for i, r in enumerate(requests)))
+        await asyncio.gather(*(one(i, r, client) for i, r in enumerate(requests) if r.request_id not in skip))
     bar.close()
     report.seconds = time.perf_counter() - start
     if latencies:

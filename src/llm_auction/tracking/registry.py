@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -95,6 +95,35 @@ def set_alias(cfg: TrackingConfig, name: str, alias: str, version: str) -> None:
     client = _client(cfg)
     _version(client, name, version)
     client.set_registered_model_alias(name, alias, version)
+
+
+def snapshot(cfg: TrackingConfig, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Each model's aliases and champion history: what a step that moves them can be undone to."""
+    from mlflow.exceptions import MlflowException
+
+    client, out = _client(cfg), {}
+    for name in names:
+        try:
+            model = client.get_registered_model(name)
+        except MlflowException:
+            continue  # not registered yet: nothing to restore
+        out[name] = {
+            "aliases": {a: str(v) for a, v in (model.aliases or {}).items()},
+            "history": model.tags.get(HISTORY_TAG, ""),
+        }
+    return out
+
+
+def restore(cfg: TrackingConfig, state: Mapping[str, Mapping[str, Any]]) -> None:
+    """Put aliases and champion histories back as `snapshot` found them (versions stay registered)."""
+    client = _client(cfg)
+    for name, saved in state.items():
+        model = client.get_registered_model(name)
+        for alias in set(model.aliases or {}) - set(saved["aliases"]):
+            client.delete_registered_model_alias(name, alias)
+        for alias, version in saved["aliases"].items():
+            client.set_registered_model_alias(name, alias, version)
+        client.set_registered_model_tag(name, HISTORY_TAG, saved["history"])
 
 
 class Versions(NamedTuple):
