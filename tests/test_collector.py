@@ -1,7 +1,10 @@
-"""The feedback collector as a real process on 127.0.0.1: bad input, idempotency, auth, durability."""
+"""The feedback collector as a real process on 127.0.0.1: bad input, idempotency, auth, durability,
+group commit (concurrent requests share a commit, each acknowledged only once durable)."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import os
 import signal
@@ -17,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from llm_auction.serving.auth import bearer_ok
-from llm_auction.serving.collector import EventStore
+from llm_auction.serving.collector import MAX_GROUP_ENV, Click, EventStore, StoreWriteError
 
 TOKEN = "s3cret"
 
@@ -28,8 +31,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(store: Path, port: int, token: str | None = TOKEN) -> subprocess.Popen:
-    env = {**os.environ, "LLM_AUCTION_COLLECTOR_TOKEN": token or ""}
+def start(store: Path, port: int, token: str | None = TOKEN, **env_vars: str) -> subprocess.Popen:
+    env = {**os.environ, "LLM_AUCTION_COLLECTOR_TOKEN": token or "", **env_vars}
     command = [sys.executable, "-m", "llm_auction", "collector", "--store", str(store), "--port", str(port),
                "--max-body-bytes", "20000"]  # fmt: skip
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -230,8 +233,6 @@ def test_export_turns_logged_inferences_and_clicks_into_the_feedback_that_ingest
         store.add_inference(
             request.request_id, "response", "x.response", "policy", {"predictions": [prediction]}
         )
-    from llm_auction.serving.collector import Click
-
     store.add_clicks([Click(**row) for row in clicks.to_dict("records")])
     export_feedback(store, tmp_path / "feedback")
     got_impressions, got_clicks = read_feedback(tmp_path / "feedback")
@@ -244,3 +245,179 @@ def test_export_turns_logged_inferences_and_clicks_into_the_feedback_that_ingest
     assert sorted(got_clicks["event_id"]) == sorted(clicks["event_id"])
     export_feedback(store, tmp_path / "feedback")  # again: same files, nothing added
     assert len(read_feedback(tmp_path / "feedback")[0]) == len(impressions)
+
+
+def _metric(port: int, name: str) -> float:
+    """One unlabelled sample of the collector's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(f"{name} "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_concurrent_clicks_share_commits_each_acknowledged_and_stored_once(tmp_path):
+    """32 clients, one click per request: every request 202 once durable, every click stored once,
+    far fewer commits than requests; the same click sent by all 32 at once is new to exactly one."""
+    port, workers, per_worker = _free_port(), 32, 12
+    process = start(tmp_path, port, token=None)
+    replies: list[tuple[str, int, dict]] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(workers)
+
+    def client(worker: int) -> None:
+        barrier.wait()
+        for i in range(per_worker):
+            for event_id in (f"w{worker}-{i}", f"shared-{i}"):  # shared-i: every worker, about at once
+                code, reply = post(port, "/v1/clicks", click(event_id), {"authorization": ""})
+                with lock:
+                    replies.append((event_id, code, reply))
+
+    try:
+        commits_before = _metric(port, "collector_commits_total")
+        threads = [threading.Thread(target=client, args=(w,)) for w in range(workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        commits = _metric(port, "collector_commits_total") - commits_before
+        grouped = _metric(port, "collector_group_requests_count")
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+    assert len(replies) == 2 * workers * per_worker
+    assert {code for _, code, _ in replies} == {202}, [r for r in replies if r[1] != 202][:3]
+    for i in range(per_worker):
+        duplicates = [reply["duplicates"] for event_id, _, reply in replies if event_id == f"shared-{i}"]
+        assert sorted(duplicates) == [0] + [1] * (workers - 1), (i, duplicates)
+    assert all(reply["duplicates"] == 0 for event_id, _, reply in replies if event_id.startswith("w"))
+    stored = EventStore(tmp_path).click_ids()
+    assert len(stored) == len(set(stored)) == (workers + 1) * per_worker
+    assert set(stored) == {event_id for event_id, _, _ in replies}
+    assert grouped == commits  # every commit was observed with its group size
+    assert commits < len(replies) / 2, f"{commits:.0f} commits for {len(replies)} concurrent requests"
+
+
+def _click(event_id: str) -> Click:
+    return Click(
+        event_id=event_id,
+        request_id="r1",
+        response_id="y1",
+        ad_id="a1",
+        event_timestamp="2026-01-01T00:00:05Z",
+    )
+
+
+def test_one_group_is_one_commit_and_tells_duplicates_inside_it_apart(tmp_path):
+    """Writes queued while the connection is busy go in one transaction, in arrival order."""
+    store = EventStore(tmp_path)
+    try:
+        assert store.add_clicks([_click("old")]) == [True] and store.commits == 1
+        assert store.add_clicks([_click("next")]) == [True] and store.commits == 2  # alone: its own commit
+        with store._lock:  # the connection busy (as a reader holds it): the next writes queue up
+            futures = [
+                store.submit_clicks([_click("a"), _click("b")]),
+                store.submit_clicks([_click("a")]),  # a duplicate of a write of the same group
+                store.submit_clicks([_click("c"), _click("c")]),  # a duplicate inside one request
+                store.submit_clicks([_click("old")]),  # a duplicate of an earlier group
+                store.submit_inference("i1", "request", "x.request", "test", {"instances": []}),
+                store.submit_inference("i1", "request", "x.request", "test", {"instances": []}),
+            ]
+        results = [f.result(timeout=30) for f in futures]
+        assert results == [[True, True], [False], [True, False], [False], [True], [False]]
+        assert store.commits == 3
+        assert store.click_ids() == ["a", "b", "c", "next", "old"]
+    finally:
+        store.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        store.add_clicks([_click("late")])
+
+
+def test_a_refused_write_fails_its_group_only(tmp_path):
+    """The disk refuses one group (SQLITE_FULL from a page limit, as on a full disk): every request of
+    that group gets StoreWriteError, even one that alone would have fitted, and nothing of it is
+    stored; the group queued behind it commits and is acknowledged."""
+    store = EventStore(tmp_path, max_group=302)  # 300 + 1 + 1 rows: the first three writes, not more
+    try:
+        store.add_clicks([_click("old")])
+        with store._lock:
+            pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+            store._db.execute(f"PRAGMA max_page_count = {pages + 4}")  # room for a few clicks, not 300
+            big = store.submit_clicks([_click(f"big-{i}-{'x' * 150}") for i in range(300)])
+            small = store.submit_clicks([_click("small")])  # fits alone: refused with its group
+            duplicate = store.submit_clicks([_click("old")])
+            after = [
+                store.submit_clicks([_click("after-1"), _click("old")]),
+                store.submit_clicks([_click("x")]),
+            ]
+        for future in (big, small, duplicate):
+            with pytest.raises(StoreWriteError, match="nothing of this request was stored") as refused:
+                future.result(timeout=30)
+            assert refused.value.full
+        assert [f.result(timeout=30) for f in after] == [[True, False], [True]]
+        assert store.commits == 2
+        assert store.click_ids() == ["after-1", "old", "x"]
+    finally:
+        store.close()
+
+
+def test_group_size_one_commits_every_request_alone(tmp_path, monkeypatch):
+    """`max_group=1` (what the bench compares against): concurrent requests, one commit each."""
+    store = EventStore(tmp_path, max_group=1)
+    try:
+        with store._lock:
+            futures = [store.submit_clicks([_click(f"c{i}")]) for i in range(8)]
+        assert [f.result(timeout=30) for f in futures] == [[True]] * 8
+        assert store.commits == 8
+    finally:
+        store.close()
+    monkeypatch.setenv(MAX_GROUP_ENV, "1")
+    assert EventStore(tmp_path / "env").max_group == 1
+    monkeypatch.setenv(MAX_GROUP_ENV, "0")
+    with pytest.raises(ValueError, match=MAX_GROUP_ENV):
+        EventStore(tmp_path / "bad")
+
+
+def test_a_dropped_store_stops_its_writer(tmp_path):
+    """No thread outlives a store that was never closed (tests and steps open many)."""
+    store = EventStore(tmp_path)
+    store.add_clicks([_click("c")])
+    writer = store._writer._thread
+    assert writer is not None and writer.is_alive()
+    del store
+    gc.collect()
+    writer.join(timeout=10)
+    assert not writer.is_alive()
+
+
+def test_the_http_path_groups_concurrent_writes_and_fails_only_a_refused_group(tmp_path):
+    """`write_clicks`/`write_inference` (what the routes await): the writes of one event loop that
+    arrive while a group commits form the next group; a refused group fails its own writes only."""
+    store = EventStore(tmp_path, max_group=302)
+
+    async def burst() -> list:
+        await store.write_clicks([_click("old")])
+        with store._lock:
+            pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+            store._db.execute(f"PRAGMA max_page_count = {pages + 4}")
+        writes = [
+            store.write_clicks([_click(f"big-{i}-{'x' * 150}") for i in range(300)]),
+            store.write_clicks([_click("small")]),
+            store.write_inference("i1", "request", "x.request", "test", {"instances": []}),
+            # 303 rows so far: the next group
+            store.write_clicks([_click("after-1"), _click("old")]),
+            store.write_inference("i1", "request", "x.request", "test", {"instances": []}),
+            store.write_inference("i1", "request", "x.request", "test", {"instances": []}),
+        ]
+        return await asyncio.gather(*writes, return_exceptions=True)
+
+    try:
+        results = asyncio.run(burst())
+        assert all(isinstance(r, StoreWriteError) and r.full for r in results[:3]), results[:3]
+        assert results[3:] == [[True, False], True, False]
+        assert store.commits == 2
+        assert store.click_ids() == ["after-1", "old"]
+        assert [ce_id for ce_id, *_ in store._db.execute("SELECT ce_id FROM inference_events")] == ["i1"]
+    finally:
+        store.close()
