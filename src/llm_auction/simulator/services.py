@@ -41,6 +41,17 @@ def wait_until(check: Any, what: str, timeout_s: float = 120, interval_s: float 
     raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
+# Importing `feast.metrics` sets these for its own multi-process metrics; a child that inherits them
+# keeps every prometheus_client metric in mmap files (slower, and files left behind). Our services
+# are one process each and export their own registries.
+PROMETHEUS_MULTIPROCESS_VARS = ("PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROCESS_DIR")
+
+
+def service_environ() -> dict[str, str]:
+    """This process's environment for a service, without Feast's multi-process metrics settings."""
+    return {k: v for k, v in os.environ.items() if k not in PROMETHEUS_MULTIPROCESS_VARS}
+
+
 class Service:
     """One `llm-auction` subprocess that is up once `health_url` answers 200, restarted if it dies."""
 
@@ -57,7 +68,7 @@ class Service:
         self.name, self.args, self.health_url = name, args, health_url
         self.log_path = log_dir / f"{name}.log"
         self.timeout_s = timeout_s
-        self.env = None if env is None else {**os.environ, **env}
+        self.env = {**service_environ(), **(env or {})}
         self.max_restarts = restarts
         self.restarts = 0
         self.failure: str | None = None
