@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from datetime import datetime
@@ -141,3 +142,41 @@ def test_expected_payments_are_bid_times_pctr_of_the_parsed_allocation(bids, ord
     for slot, ad in enumerate(out["allocation"]):
         assert ad["expected_payment"] == pytest.approx(bids[chosen[slot]] * pctr[slot])
     assert out["expected_revenue"] == pytest.approx(sum(a["expected_payment"] for a in out["allocation"]))
+
+
+def test_counting_prompt_tokens_on_the_event_loop_does_not_break_a_padded_batch():
+    """The server counts a prompt's tokens on the event loop while the model thread encodes a
+    padded batch: with one shared fast tokenizer the count switches the padding off mid-batch.
+    """
+    from llm_auction.config import GenerationConfig
+    from llm_auction.policy.tokenizer import train_tokenizer
+    from llm_auction.serving.server import ServedPolicy
+
+    corpus = [f"query {i} about shoes and {'very ' * (i % 7)}long answers" for i in range(200)]
+    served = ServedPolicy("1", None, train_tokenizer(corpus, 300), 512, GenerationConfig(), None, None)
+    batch = [corpus[i] for i in range(0, 70, 7)]  # lengths differ: padding is needed
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def encode_batches() -> None:
+        try:
+            for _ in range(20000):
+                served.tokenizer(batch, return_tensors="pt", padding=True)
+        except BaseException as exc:  # noqa: BLE001 - the failure is the finding
+            errors.append(exc)
+        finally:
+            stop.set()
+
+    model_thread = threading.Thread(target=encode_batches)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: the race within a few hundred batches
+    try:
+        model_thread.start()
+        counts = 0
+        while not stop.is_set():
+            assert served.prompt_tokens(corpus[3]) > 0
+            counts += 1
+        model_thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert counts > 100 and not errors, errors[:1]

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import sys
@@ -119,7 +120,15 @@ class ServedPolicy:
         return [found.get(i, []) for i in range(len(responses))]
 
     def prompt_tokens(self, prompt: str) -> int:
-        return len(self.tokenizer(prompt)["input_ids"])
+        """Tokens of `prompt`, counted on the event loop while the model thread generates."""
+        return len(self._counting_tokenizer(prompt)["input_ids"])
+
+    @cached_property
+    def _counting_tokenizer(self) -> Any:
+        # A fast tokenizer is not thread-safe: every call sets the Rust tokenizer's padding, so an
+        # unpadded count on the event loop could switch off the padding of a batch being encoded
+        # in the model thread (ragged rows: "expected sequence of length 139 ... (got 138)").
+        return copy.deepcopy(self.tokenizer)
 
 
 Output = tuple[str, list[float] | None, str, str]
