@@ -5,7 +5,10 @@ against its greedy fallback (speed and revenue it gives up), policy sampling bat
 one prompt at a time on the same model, DPO tokens/s with achieved FLOP/s as a share of a
 matrix-multiply peak measured in the same run (`BENCH_POLICY=DIR` picks the model; by default a
 pi_0 is trained on a small world first), and the policy server (dynamic batching on vs off at
-concurrency 1, 8, 32) and the collector (durable clicks/s), as real processes (`benchmarks.serving`).
+concurrency 1, 8, 32) and the collector (durable clicks/s, group commit on vs off), as real
+processes (`benchmarks.serving`), and the epoch's data steps (ingest, point-in-time training set,
+pCTR) at 10k, 100k and 1M impressions, each as its own process (`benchmarks.scaling`,
+`BENCH_SCALE_SIZES`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.scaling import bench_scaling
+from benchmarks.scaling import markdown as scaling_markdown
 from benchmarks.serving import bench_collector, bench_serving, bench_soak
 from llm_auction.baselines import BASELINES, PRICED, make_baseline, spread_slots
 from llm_auction.config import Settings, load_config
@@ -227,6 +232,7 @@ def main() -> None:
     serving = bench_serving(settings, env, directory, rows)
     collector = bench_collector(rows)
     soak = bench_soak(settings, env, directory, rows, seconds=float(os.environ.get("BENCH_SOAK_S", 120)))
+    scaling = bench_scaling(rows)
 
     table = Table(title="llm-auction benchmarks (this machine, this run)", title_justify="left")
     for column in ("what", "n", "seconds", "per second", "note"):
@@ -248,10 +254,18 @@ def main() -> None:
         "serving at concurrency 32, dynamic batching on vs off: "
         f"{serving['batching_speedup_at_32']:.1f}x the requests/s"
     )
+    slow = collector["group_commit_speedup_slow_fsync"]
     console.print(
-        "collector, durable acknowledgement: "
-        f"{collector['events_per_s_single']:,.0f} clicks/s one per request, "
-        f"{collector['events_per_s_batched']:,.0f} clicks/s in batches of 50"
+        f"collector, durable acks, one click per request at concurrency {collector['concurrency']}: "
+        f"group commit {collector['events_per_s_single']:,.0f} clicks/s vs one commit per request "
+        f"{collector['events_per_s_single_no_group_commit']:,.0f} = {collector['group_commit_speedup']:.1f}x "
+        f"(fsync here {collector['local_fsync_ms']:.2f} ms)"
+        + (
+            f"; {slow:.1f}x with every fsync {collector['slow_fsync_extra_ms']:g} ms slower"
+            if slow is not None
+            else ""
+        )
+        + f"; {collector['events_per_s_batched']:,.0f} clicks/s in batches of 50"
     )
     rss = ", ".join(
         f"{name} {soak['rss_mib_start'][name]:.0f} -> {soak['rss_mib_end'][name]:.0f} MiB"
@@ -267,8 +281,11 @@ def main() -> None:
         f"burst of {burst['concurrency']} users: status codes {burst['status_codes']}; served p99 "
         f"{burst['served_p99_ms']:.0f} ms, shed (503) p99 {burst['shed_p99_ms']:.0f} ms"
     )
+    console.print("data steps by size (each its own process; time, per impression, peak RSS):")
+    console.print(scaling_markdown(scaling), markup=False)
     OUT.mkdir(parents=True, exist_ok=True)
     summary = {
+        "scaling": scaling,
         "soak": soak,
         "serving": serving,
         "collector": collector,

@@ -137,6 +137,18 @@ def window_name(start: pd.Timestamp, end: pd.Timestamp) -> str:
     return f"{start:%Y%m%dT%H%M%SZ}_{end:%Y%m%dT%H%M%SZ}"
 
 
+def _window_bounds(name: str) -> tuple[pd.Timestamp, pd.Timestamp] | None:
+    """(start, end) of a `window_name`, or None for a name that is not one."""
+    first, sep, second = name.partition("_")
+    try:
+        start, end = pd.Timestamp(first), pd.Timestamp(second)
+    except ValueError:
+        return None
+    if not sep or start is pd.NaT or end is pd.NaT:
+        return None
+    return to_utc(start), to_utc(end)
+
+
 def to_utc(value: datetime | str) -> pd.Timestamp:
     """A timezone-aware UTC timestamp; naive input is taken as UTC, as Feast does."""
     stamp = pd.Timestamp(value)
@@ -163,8 +175,25 @@ class _Datasets:
     def exists(self, name: str) -> bool:
         return bool(self.parts(name))
 
+    def windows_overlapping(self, name: str, start: pd.Timestamp, end: pd.Timestamp) -> list[str]:
+        """Window names of the dataset's files whose window meets [start, end) (a file whose name is
+        not a window's is kept): what a window must read instead of the whole history.
+        """
+        names = []
+        for path in self.parts(name):
+            stem = Path(path).stem
+            bounds = _window_bounds(stem)
+            if bounds is None or (bounds[0] < end and start < bounds[1]):
+                names.append(stem)
+        return names
+
     def read(
-        self, name: str, schema: pa.Schema, exclude: str | None = None, columns: Sequence[str] | None = None
+        self,
+        name: str,
+        schema: pa.Schema,
+        exclude: str | None = None,
+        columns: Sequence[str] | None = None,
+        windows: Sequence[str] | None = None,
     ) -> pd.DataFrame:
         """A dataset without the file of window `exclude`, typed by `schema` even when empty.
 
@@ -173,13 +202,15 @@ class _Datasets:
             schema: Its schema.
             exclude: A window name whose file is skipped.
             columns: Only these columns (the history grows with every window).
+            windows: Only the files of these windows (None: every file).
         """
         if columns is not None:
             schema = pa.schema([schema.field(c) for c in columns])
+        keep = None if windows is None else set(windows)
         tables = [
             pq.read_table(p, filesystem=self.fs, columns=schema.names).cast(schema)
             for p in self.parts(name)
-            if Path(p).stem != exclude
+            if Path(p).stem != exclude and (keep is None or Path(p).stem in keep)
         ]
         return pa.concat_tables([schema.empty_table(), *tables]).to_pandas()
 
@@ -482,19 +513,27 @@ def label_impressions(events: WindowEvents) -> pd.DataFrame:
     return frame[LABELED_SCHEMA.names].sort_values(["event_timestamp", "event_id"]).reset_index(drop=True)
 
 
-def _write_labeled(data: _Datasets, window: str, labeled: pd.DataFrame) -> tuple[int, int]:
+def _write_labeled(
+    data: _Datasets, window: str, labeled: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp
+) -> tuple[int, int]:
     """Write the window's labeled impressions; returns (rows written, rows the store lacked).
 
-    Impressions another (overlapping) window already labeled are not labeled twice.
+    Impressions another (overlapping) window already labeled are not labeled twice. An impression
+    is labeled by a window holding its timestamp, so only the files of windows that meet
+    [start, end) are read: the cost is the window's, not the whole history's.
     """
-    others = set(data.read(LABELED, LABELED_SCHEMA, exclude=window, columns=["event_id"])["event_id"])
-    before = set(data.read(LABELED, LABELED_SCHEMA, columns=["event_id"])["event_id"])
+    near = data.windows_overlapping(LABELED, start, end)
+    before = set(data.read(LABELED, LABELED_SCHEMA, columns=["event_id"], windows=near)["event_id"])
+    others = set(
+        data.read(LABELED, LABELED_SCHEMA, exclude=window, columns=["event_id"], windows=near)["event_id"]
+    )
     labeled = labeled[~labeled["event_id"].isin(others)]
     data.write(LABELED, window, labeled, LABELED_SCHEMA)
     return len(labeled), len(set(labeled["event_id"]) - before)
 
 
 def _write_stats(data: _Datasets, window: str, end: pd.Timestamp) -> None:
+    # The whole history (four narrow columns): every entity ever seen gets its row, zeros included.
     history = data.read(LABELED, LABELED_SCHEMA, columns=["event_timestamp", "user_id", "ad_id", "clicked"])
     for key, name in (("user_id", USER_STATS), ("ad_id", AD_STATS)):
         stats = click_stats(history, key, end, data.features)
@@ -531,7 +570,7 @@ def ingest_window(
     n_encoded = encoder.n_encoded
 
     events = validate_window(*read_feedback(feedback_dir), users, ads, start, end)
-    n_labeled, n_new = _write_labeled(data, window, label_impressions(events))
+    n_labeled, n_new = _write_labeled(data, window, label_impressions(events), start, end)
     upsert_entities(data, window, users, ads, start, encoder)
     _write_stats(data, window, end)
     quarantine_path = _write_quarantine(settings.features.quarantine_dir, window, events.quarantine)

@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 FEATURE_SERVICE = "pctr_v1"
 EMBEDDING_COLUMNS = ("user_profile_fv__profile_embedding", "ad_fv__ad_embedding")
 STATS_VIEWS = ("user_stats_fv", "ad_stats_fv")
+# Entity rows per point-in-time query of `training_frame`: bounds the memory of Feast's join.
+ENTITY_ROWS_PER_QUERY = 200_000
 
 
 def _as_float32(value: object) -> np.ndarray | None:
@@ -31,11 +33,30 @@ def _as_float32(value: object) -> np.ndarray | None:
     return np.asarray(value, dtype=np.float32)
 
 
-def _embeddings_as_float32(frame: pd.DataFrame) -> pd.DataFrame:
-    """Embedding cells as float32 vectors (Feast returns lists or float64 arrays); None stays None."""
+def _embeddings_as_float32(
+    frame: pd.DataFrame, shared: dict[str, dict[bytes, np.ndarray]] | None = None
+) -> pd.DataFrame:
+    """Embedding cells as float32 vectors (Feast returns lists or float64 arrays); None stays None.
+
+    Equal vectors are one read-only array shared by their rows (`shared`, per column, carries them
+    across calls): a training frame holds each user's and ad's vector once, not 1.5 KB a row.
+    """
+    shared = {} if shared is None else shared
     for column in EMBEDDING_COLUMNS:
         if column in frame:
-            frame[column] = [_as_float32(v) for v in frame[column]]
+            seen = shared.setdefault(column, {})
+            cells = []
+            for value in frame[column]:
+                vector = _as_float32(value)
+                if vector is not None:
+                    key = vector.tobytes()
+                    if key not in seen:
+                        vector = np.array(vector, copy=True)  # not a view into Feast's whole answer
+                        vector.flags.writeable = False
+                        seen[key] = vector
+                    vector = seen[key]
+                cells.append(vector)
+            frame[column] = cells
     return frame
 
 
@@ -77,11 +98,12 @@ def training_frame(
     Each row gets the feature values valid at its `event_timestamp` (never later ones), so a
     statistic that counts an impression's own click cannot leak into its features.
 
-    Feast is asked once per feature view for the distinct (join keys, timestamp) pairs, and the
-    answers are merged back: Feast 0.67's file (dask) offline store collapses entity rows that
-    share a join key and timestamp (feast-dev/feast#6787; every ad of one response shares its
-    user and time), and drops an entity row whose rows in one view are all later than it instead
-    of returning it without that view's features (so one view's gap would erase the others).
+    Feast is asked once per feature view for the distinct (join keys, timestamp) pairs (in slices
+    of `ENTITY_ROWS_PER_QUERY`), and the answers are merged back: Feast 0.67's file (dask) offline
+    store collapses entity rows that share a join key and timestamp (feast-dev/feast#6787; every
+    ad of one response shares its user and time), and drops an entity row whose rows in one view
+    are all later than it instead of returning it without that view's features (so one view's gap
+    would erase the others).
 
     Args:
         store: The feature store (`open_store`).
@@ -97,17 +119,25 @@ def training_frame(
         raise ValueError("labeled: no impressions to build a training frame from")
     frame = labeled.reset_index(drop=True)
     frame["event_timestamp"] = pd.to_datetime(frame["event_timestamp"], utc=True)
+    shared: dict[str, dict[bytes, np.ndarray]] = {}
     for keys, refs in _view_requests(store, store.get_feature_service(FEATURE_SERVICE)):
         on = [*keys, "event_timestamp"]
         entity_df = frame[on].drop_duplicates().reset_index(drop=True)
-        joined = store.get_historical_features(
-            entity_df=entity_df, features=refs, full_feature_names=True
-        ).to_df()
-        joined["event_timestamp"] = pd.to_datetime(joined["event_timestamp"], utc=True).astype(
-            frame["event_timestamp"].dtype
-        )
+        parts = []
+        # A slice of entity rows at a time: the join's own memory stays bounded whatever the size
+        # (each slice reads the view's source again: entities x windows, not impressions).
+        for start in range(0, len(entity_df), ENTITY_ROWS_PER_QUERY):
+            part = store.get_historical_features(
+                entity_df=entity_df.iloc[start : start + ENTITY_ROWS_PER_QUERY],
+                features=refs,
+                full_feature_names=True,
+            ).to_df()
+            part["event_timestamp"] = pd.to_datetime(part["event_timestamp"], utc=True).astype(
+                frame["event_timestamp"].dtype
+            )
+            parts.append(_embeddings_as_float32(part, shared))
+        joined = pd.concat(parts, ignore_index=True)
         frame = frame.merge(joined, on=on, how="left", validate="many_to_one")
-    frame = _embeddings_as_float32(frame)
     logger.info("training frame: %d rows, %d columns", len(frame), frame.shape[1])
     return frame if features is None else fill_missing_stats(frame, features)
 

@@ -50,6 +50,7 @@ STAT_PATTERN = re.compile(r"^(user|ad)_(ctr|clicks|impressions)_\d+d$")
 WEIGHTS, CONFIG = "model.safetensors", "pctr_config.json"
 PLATT_MIN_LOG_SLOPE = -20.0  # a >= exp(-20): positive, and far from float32 underflow
 N_SIMILARITIES = 6  # four embedding cosines and the two word overlaps of `text_matches`
+CHUNK_ROWS = 16_384  # impressions whose (4, 384) text embeddings are gathered at once outside training
 WORD = re.compile(r"[a-z0-9]+")
 # Function words of English only: a generic list, nothing picked for this world's vocabulary.
 STOPWORDS = frozenset(
@@ -96,35 +97,76 @@ class PCTRNet(nn.Module):
 
 @dataclass
 class Batch:
-    text: torch.Tensor
+    """The model's inputs for N impressions. Texts are held once each: `texts` has one row per
+    distinct embedding and `text_index` (N, 4) points each impression at its query, response,
+    profile and ad, so memory grows with the distinct texts, not 6 KB an impression.
+    """
+
+    texts: torch.Tensor
+    text_index: torch.Tensor
     similarities: torch.Tensor
     user: torch.Tensor
     ad: torch.Tensor
     position: torch.Tensor
     numeric: torch.Tensor
 
+    @property
+    def text(self) -> torch.Tensor:
+        """(N, 4, EMBEDDING_DIM): query, response, profile and ad embeddings of each impression."""
+        return self.texts[self.text_index]
+
+    def __len__(self) -> int:
+        return len(self.text_index)
+
     def take(self, index: np.ndarray | slice) -> Batch:
-        fields = (self.text, self.similarities, self.user, self.ad, self.position, self.numeric)
-        return Batch(*(t[index] for t in fields))
+        rows = (self.text_index, self.similarities, self.user, self.ad, self.position, self.numeric)
+        return Batch(self.texts, *(t[index] for t in rows))
 
 
-def _stored_embeddings(frame: pd.DataFrame, column: str) -> np.ndarray:
-    """Embeddings stored in `column`, one vector a row; a NaN or infinity in one is an error."""
-    values = np.stack(frame[column].map(lambda v: np.asarray(v, dtype=np.float32)).to_numpy())
-    bad = ~np.isfinite(values).all(axis=1)
+def _non_finite(frame: pd.DataFrame, column: str, bad_rows: np.ndarray) -> ValueError:
+    return ValueError(
+        f"pCTR input `{column}` has non-finite values in {int(bad_rows.sum())} of {len(frame)} rows"
+        f" (first at index {frame.index[bad_rows][:5].tolist()})"
+    )
+
+
+def _stored_embeddings(frame: pd.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct vectors, row -> vector) of the embeddings stored in `column`, one a row; a NaN or
+    infinity in one is an error. Rows sharing a vector (the same user's or ad's) share its row.
+    """
+    by_object: dict[int, int] = {}  # the same object in many rows (retrieval shares them): no hashing
+    by_value: dict[bytes, int] = {}
+    vectors: list[np.ndarray] = []
+    index = np.empty(len(frame), dtype=np.int64)
+    for i, value in enumerate(frame[column]):
+        j = by_object.get(id(value))
+        if j is None:
+            vector = np.asarray(value, dtype=np.float32)
+            j = by_value.setdefault(vector.tobytes(), len(vectors))
+            if j == len(vectors):
+                vectors.append(vector)
+            by_object[id(value)] = j
+        index[i] = j
+    table = np.stack(vectors) if vectors else np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+    bad = ~np.isfinite(table.reshape(len(table), -1)).all(axis=1)  # a missing vector (None) is NaN
     if bad.any():
-        raise ValueError(
-            f"pCTR input `{column}` has non-finite values in {int(bad.sum())} of {len(frame)} rows"
-            f" (first at index {frame.index[bad][:5].tolist()})"
-        )
-    return values
+        raise _non_finite(frame, column, bad[index])
+    return table, index
 
 
-def _embeddings(frame: pd.DataFrame, column: str, text_column: str, encoder: TextEncoder) -> np.ndarray:
+def _encoded(texts: pd.Series, encoder: TextEncoder) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings of the distinct texts, row -> text): each distinct text encoded once."""
+    codes, distinct = pd.factorize(texts.astype(str))
+    return encoder.encode(list(distinct)), codes.astype(np.int64)
+
+
+def _embeddings(
+    frame: pd.DataFrame, column: str, text_column: str, encoder: TextEncoder
+) -> tuple[np.ndarray, np.ndarray]:
     if column in frame.columns:
         return _stored_embeddings(frame, column)
     if text_column in frame.columns:
-        return encoder.encode(frame[text_column].astype(str).tolist())
+        return _encoded(frame[text_column], encoder)
     raise KeyError(f"pCTR input needs `{column}` or `{text_column}`")
 
 
@@ -161,6 +203,18 @@ def word_overlap(first: str, second: str) -> float:
     return len(a & b) / min(len(a), len(b)) if a and b else 0.0
 
 
+def _overlaps(first: pd.Series, second: pd.Series) -> np.ndarray:
+    """`word_overlap` of each row's pair, computed once per distinct pair."""
+    seen: dict[tuple[str, str], float] = {}
+    values = []
+    for pair in zip(first.astype(str), second.astype(str)):
+        value = seen.get(pair)
+        if value is None:
+            value = seen[pair] = word_overlap(*pair)
+        values.append(value)
+    return np.asarray(values, dtype=float)
+
+
 def text_matches(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Query-ad and profile-ad word overlaps (`word_overlap`) of each row, from the public texts
     only; zeros where the ad text (or, for the second, the profile text) is not in the frame.
@@ -168,12 +222,10 @@ def text_matches(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     n = len(frame)
     if "ad_text" not in frame.columns:
         return np.zeros(n), np.zeros(n)
-    ads = frame["ad_text"].astype(str).tolist()
-    query = [word_overlap(q, a) for q, a in zip(frame["query"].astype(str), ads)]
+    query = _overlaps(frame["query"], frame["ad_text"])
     if "profile_text" not in frame.columns:
-        return np.asarray(query, dtype=float), np.zeros(n)
-    profile = [word_overlap(h, a) for h, a in zip(frame["profile_text"].astype(str), ads)]
-    return np.asarray(query, dtype=float), np.asarray(profile, dtype=float)
+        return query, np.zeros(n)
+    return query, _overlaps(frame["profile_text"], frame["ad_text"])
 
 
 @dataclass
@@ -191,48 +243,58 @@ class PCTRModel:
     metrics: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._user_index = {u: i + 1 for i, u in enumerate(self.users)}
-        self._ad_index = {a: i + 1 for i, a in enumerate(self.ads)}
+        self._user_index = pd.Index(self.users)  # position + 1 is the embedding row; 0: never seen
+        self._ad_index = pd.Index(self.ads)
 
     def batch(self, frame: pd.DataFrame, encoder: TextEncoder) -> Batch:
         missing = [c for c in INPUT_COLUMNS if c not in frame.columns]
         if missing:
             raise KeyError(f"pCTR input lacks columns {missing}")
-        query = encoder.encode(frame["query"].astype(str).tolist())
-        response = encoder.encode(frame["response"].astype(str).tolist())
-        profile = _embeddings(frame, "profile_embedding", "profile_text", encoder)
-        ad = _embeddings(frame, "ad_embedding", "ad_text", encoder)
+        parts = [
+            _encoded(frame["query"], encoder),
+            _encoded(frame["response"], encoder),
+            _embeddings(frame, "profile_embedding", "profile_text", encoder),
+            _embeddings(frame, "ad_embedding", "ad_text", encoder),
+        ]
+        offsets = np.cumsum([0] + [len(table) for table, _ in parts[:-1]])
+        texts = np.concatenate([table for table, _ in parts]).astype(np.float32, copy=False)
+        text_index = np.stack([index + offset for (_, index), offset in zip(parts, offsets)], axis=1)
         # Relevance and interest are similarities: give the MLP the products and cosines directly
         # (phi is L2-normalised), instead of asking it to learn them from a few thousand clicks;
-        # the word overlaps add the exact matches.
-        similarities = np.stack(
-            [
-                (query * ad).sum(1),
-                (profile * ad).sum(1),
-                (response * ad).sum(1),
-                (query * profile).sum(1),
-                *text_matches(frame),
-            ],
-            axis=1,
-        )
-        text = np.stack([query, response, profile, ad], axis=1)
+        # the word overlaps add the exact matches. Computed a slice of rows at a time (bounded memory).
+        cosines = np.empty((len(frame), 4), dtype=np.float32)
+        for start in range(0, len(frame), CHUNK_ROWS):
+            query, response, profile, ad = texts[text_index[start : start + CHUNK_ROWS]].transpose(1, 0, 2)
+            products = (query * ad, profile * ad, response * ad, query * profile)
+            cosines[start : start + CHUNK_ROWS] = np.stack([p.sum(1) for p in products], axis=1)
+        similarities = np.concatenate([cosines, np.stack(text_matches(frame), axis=1)], axis=1)
         numeric = (
             np.stack([_numeric_column(frame, c) for c in self.numeric_columns], axis=1)
             if self.numeric_columns
             else np.zeros((len(frame), 0))
         )
         numeric = (numeric - np.asarray(self.numeric_mean)) / np.asarray(self.numeric_std)
+        users = self._user_index.get_indexer(frame["user_id"]) + 1  # never seen (-1) -> 0
+        ads = self._ad_index.get_indexer(frame["ad_id"]) + 1
         return Batch(
-            text=torch.from_numpy(text.astype(np.float32)),
+            texts=torch.from_numpy(texts),
+            text_index=torch.from_numpy(text_index),
             similarities=torch.from_numpy(similarities.astype(np.float32)),
-            user=torch.tensor([self._user_index.get(u, 0) for u in frame["user_id"]], dtype=torch.long),
-            ad=torch.tensor([self._ad_index.get(a, 0) for a in frame["ad_id"]], dtype=torch.long),
+            user=torch.from_numpy(users.astype(np.int64)),
+            ad=torch.from_numpy(ads.astype(np.int64)),
             position=torch.from_numpy(np.clip(frame["position"].to_numpy(int), 0, self.cfg.max_position)),
             numeric=torch.from_numpy(numeric.astype(np.float32)),
         )
 
     def logits(self, batch: Batch) -> torch.Tensor:
-        return self.net(batch.text, batch.similarities, batch.user, batch.ad, batch.position, batch.numeric)
+        """Uncalibrated logits; without gradients, a slice of rows at a time (bounded memory)."""
+        if torch.is_grad_enabled() or len(batch) <= CHUNK_ROWS:
+            return self.net(
+                batch.text, batch.similarities, batch.user, batch.ad, batch.position, batch.numeric
+            )
+        return torch.cat(
+            [self.logits(batch.take(slice(s, s + CHUNK_ROWS))) for s in range(0, len(batch), CHUNK_ROWS)]
+        )
 
     @torch.inference_mode()
     def predict(self, frame: pd.DataFrame, encoder: TextEncoder) -> np.ndarray:
