@@ -18,10 +18,11 @@ def build_preferences(
     metrics: Output[Metrics],
 ):
     """Step 3: M samples per prompt (the window's logged requests) from pi_{t-1}, scored by R, paired."""
-    from llm_auction.pipeline import steps
+    from llm_auction.pipeline.steps import common
+    from llm_auction.pipeline.steps import preferences as step
 
-    with steps.failing_epoch(settings_json, parent_run_id):
-        stats = steps.build_preferences(
+    with common.failing_epoch(settings_json, parent_run_id):
+        stats = step.build_preferences(
             settings_json,
             policy_uri,
             pctr.path,
@@ -32,5 +33,5 @@ def build_preferences(
             epoch,
             parent_run_id,
         )
-    for key, value in steps.finite_metrics(stats).items():
+    for key, value in common.finite_metrics(stats).items():
         metrics.log_metric(key, value)

@@ -14,9 +14,10 @@ def canary(
     result: Output[Dataset],
 ) -> str:
     """Step 0: the running canary's verdict on live traffic (promote, roll back, inconclusive, continue)."""
-    from llm_auction.pipeline import steps
+    from llm_auction.pipeline.steps import canary as step
+    from llm_auction.pipeline.steps import common
 
-    with steps.failing_epoch(settings_json, parent_run_id):
-        return steps.canary(settings_json, feedback_dir, window_end, result.path, parent_run_id, end_canary)[
+    with common.failing_epoch(settings_json, parent_run_id):
+        return step.canary(settings_json, feedback_dir, window_end, result.path, parent_run_id, end_canary)[
             "decision"
         ]

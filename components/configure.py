@@ -12,9 +12,9 @@ def configure(profile: str, config_path: str, overrides: str, epoch: int) -> Nam
     """Validate the configuration once and open the epoch's parent MLflow run."""
     from collections import namedtuple
 
-    from llm_auction.pipeline import steps
+    from llm_auction.pipeline.steps import common
 
-    settings_json = steps.resolve_settings(profile, config_path, overrides)
+    settings_json = common.resolve_settings(profile, config_path, overrides)
     return namedtuple("Configured", ["settings_json", "parent_run_id"])(
-        settings_json, steps.start_epoch(settings_json, epoch)
+        settings_json, common.start_epoch(settings_json, epoch)
     )

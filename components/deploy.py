@@ -8,6 +8,6 @@ def deploy(settings_json: str, version: str) -> str:
     """Start the admitted candidate's canary (local record, or its own predictor beside the champion)."""
     import json
 
-    from llm_auction.pipeline import steps
+    from llm_auction.pipeline.steps import deploy as step
 
-    return json.dumps(steps.deploy(settings_json, version))
+    return json.dumps(step.deploy(settings_json, version))

@@ -21,10 +21,11 @@ def evaluate(
     import shutil
     from pathlib import Path
 
-    from llm_auction.pipeline import steps
+    from llm_auction.pipeline.steps import common
+    from llm_auction.pipeline.steps import evaluate as step
 
-    with steps.failing_epoch(settings_json, parent_run_id):
-        summary = steps.evaluate(
+    with common.failing_epoch(settings_json, parent_run_id):
+        summary = step.evaluate(
             settings_json,
             candidate.path,
             champion_uri,
@@ -36,6 +37,6 @@ def evaluate(
         )
     shutil.copyfile(Path(evaluation.path) / "report.html", report.path)
     values = {"kl": summary["kl"], **{f"gain_{k}": g["mean"] for k, g in summary["gain"].items()}}
-    for key, value in steps.finite_metrics(values).items():
+    for key, value in common.finite_metrics(values).items():
         metrics.log_metric(key, value)
     return all(check["passed"] for check in summary["gate"]["checks"])

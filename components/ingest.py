@@ -14,9 +14,10 @@ def ingest(
     report: Output[Metrics],
 ):
     """Step 1: the feedback window into Feast."""
-    from llm_auction.pipeline import steps
+    from llm_auction.pipeline.steps import common
+    from llm_auction.pipeline.steps import ingest as step
 
-    with steps.failing_epoch(settings_json, parent_run_id):
-        summary = steps.ingest(settings_json, feedback_dir, window_start, window_end, parent_run_id)
-    for key, value in steps.finite_metrics(summary).items():
+    with common.failing_epoch(settings_json, parent_run_id):
+        summary = step.ingest(settings_json, feedback_dir, window_start, window_end, parent_run_id)
+    for key, value in common.finite_metrics(summary).items():
         report.log_metric(key, value)

@@ -16,14 +16,15 @@ def train_dpo(
     metrics: Output[Metrics],
 ) -> str:
     """Step 4: DPO of pi_{t-1} (one process, torchrun, or a TrainJob); returns the new registry version."""
-    from llm_auction.pipeline import steps
+    from llm_auction.pipeline.steps import common
+    from llm_auction.pipeline.steps import dpo as step
 
-    with steps.failing_epoch(settings_json, parent_run_id):
-        result = steps.train_dpo(
+    with common.failing_epoch(settings_json, parent_run_id):
+        result = step.train_dpo(
             settings_json, policy_uri, pairs.path, policy.path, epoch, pctr_version, parent_run_id
         )
     keys = ("steps", "seconds", "train_loss", "first_loss", "last_loss", "pairs")
-    for key, value in steps.finite_metrics(result["dpo"], keys).items():
+    for key, value in common.finite_metrics(result["dpo"], keys).items():
         metrics.log_metric(key, value)
     policy.metadata["registered_version"] = result["registered_version"]
     return result["registered_version"]

@@ -15,11 +15,12 @@ def train_pctr(
     metrics: Output[Metrics],
 ) -> str:
     """Step 2: psi_t on the point-in-time training set; returns its registry version."""
-    from llm_auction.pipeline import steps
+    from llm_auction.pipeline.steps import common
+    from llm_auction.pipeline.steps import pctr as step
 
-    with steps.failing_epoch(settings_json, parent_run_id):
-        card = steps.train_pctr(settings_json, pctr.path, window_start, window_end, epoch, parent_run_id)
-    for key, value in steps.finite_metrics(card, ("test_auc", "test_ece", "test_log_loss", "rows")).items():
+    with common.failing_epoch(settings_json, parent_run_id):
+        card = step.train_pctr(settings_json, pctr.path, window_start, window_end, epoch, parent_run_id)
+    for key, value in common.finite_metrics(card, ("test_auc", "test_ece", "test_log_loss", "rows")).items():
         metrics.log_metric(key, value)
     pctr.metadata["registered_version"] = card.get("registered_version", "")
     return str(card.get("registered_version", ""))

@@ -155,3 +155,32 @@ def test_no_function_level_imports_of_the_package():
     assert not violations, "function-level imports of llm_auction (move them to the top):\n" + "\n".join(
         violations
     )
+
+
+HEAVY_LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "feast", "sentence_transformers")
+REGISTRY_STEPS = ("common", "canary", "gate", "deploy")
+
+
+@pytest.mark.parametrize("step", REGISTRY_STEPS)
+def test_registry_steps_start_without_the_training_libraries(step):
+    """Each pipeline step is its own process: a step that only reads logs and moves registry
+    aliases must not pay for importing torch or Feast (about 12 s of a 17 s step on 2 cores).
+    """
+    probe = (
+        "import sys\n"
+        f"import llm_auction.pipeline.steps.{step}\n"
+        f"print(','.join(m for m in {HEAVY_LIBRARIES!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "", f"pipeline.steps.{step} imports {out.stdout.strip()}"
+
+
+def test_the_training_steps_do_import_them():
+    """The probe above can fail: the evaluation step needs torch and Feast, and it sees them."""
+    probe = (
+        "import sys\nimport llm_auction.pipeline.steps.evaluate\n"
+        "print('torch' in sys.modules, 'feast' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0 and out.stdout.split() == ["True", "True"], out.stderr[-2000:]

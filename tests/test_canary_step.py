@@ -15,7 +15,7 @@ import pytest
 from helpers import register_versions
 from llm_auction.config import load_config
 from llm_auction.contracts import AdCandidate, AuctionRequest
-from llm_auction.pipeline import steps
+from llm_auction.pipeline.steps import canary as canary_step
 from llm_auction.public.feedback import CLICK_COLUMNS, IMPRESSION_COLUMNS, request_rows, write_feedback
 from llm_auction.serving.split import arm_for
 from llm_auction.tracking import registry
@@ -82,7 +82,7 @@ def canary_registry(tmp_path):
 
 
 def _decide(settings, tmp_path, end: bool = False) -> dict:
-    return steps.canary(
+    return canary_step.canary(
         settings.model_dump_json(), str(tmp_path / "feedback"), "", str(tmp_path / "out"), "", end, "test"
     )
 
@@ -111,8 +111,8 @@ def test_the_verdict_moves_the_aliases_and_is_recorded(
     assert tags["canary.reason"] == result["reason"] and float(tags["canary.requests"]) == 1000
     card = registry.show(settings.tracking, name)["versions"][0]["description"]
     assert f"## Canary: {decision}" in card and "| challenger | v2 |" in card  # on the review card
-    saved = json.loads((tmp_path / "out" / steps.CANARY_FILE).read_text())
-    assert saved["decision"] == decision and (tmp_path / "out" / steps.CANARY_PLOT).is_file()
+    saved = json.loads((tmp_path / "out" / canary_step.CANARY_FILE).read_text())
+    assert saved["decision"] == decision and (tmp_path / "out" / canary_step.CANARY_PLOT).is_file()
     assert _decide(settings, tmp_path)["decision"] == "none"  # decided once; nothing left in canary
 
 

@@ -9,13 +9,9 @@ import pytest
 from conftest import untrained_scorer
 from helpers import register_versions
 from llm_auction.config import load_config
-from llm_auction.evaluation.candidate import (
-    epoch_history,
-    evaluate_candidate,
-    review_card,
-    write_evaluation_report,
-)
-from llm_auction.pipeline.steps import gate_step
+from llm_auction.evaluation.candidate import epoch_history, evaluate_candidate, write_evaluation_report
+from llm_auction.evaluation.card import review_card
+from llm_auction.pipeline.steps.gate import gate_step
 from llm_auction.simulator.experiment import Environment, split_requests, user_profiles
 from llm_auction.tracking import registry
 

@@ -29,8 +29,8 @@ import yaml
 from helpers import mlflow_server_command, register_versions
 from llm_auction.config import load_config
 from llm_auction.errors import ServiceUnavailable
-from llm_auction.evaluation.candidate import EVALUATION_FILE
-from llm_auction.pipeline import steps
+from llm_auction.evaluation.card import EVALUATION_FILE
+from llm_auction.pipeline.steps import common, gate
 from llm_auction.serving.collector import EventStore
 from llm_auction.simulator.experiment import Environment, export_public
 from llm_auction.simulator.loop import sign_up
@@ -290,10 +290,10 @@ def test_the_tracking_server_down_fails_the_gate_step_clearly_and_leaves_champio
         mlflow.wait(timeout=30)
 
         with pytest.raises(ServiceUnavailable, match=rf"MLflow tracking server {uri} did not answer"):
-            with steps.failing_epoch(
+            with common.failing_epoch(
                 settings.model_dump_json(), "a-parent-run"
             ):  # cannot mark it FAILED either
-                steps.gate(
+                gate.gate(
                     settings.model_dump_json(), str(tmp_path / "evaluation"), versions[1], "a-parent-run"
                 )
 

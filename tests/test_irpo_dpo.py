@@ -14,7 +14,7 @@ import pytest
 from llm_auction.config import load_config
 from llm_auction.irpo.dpo import train_dpo
 from llm_auction.irpo.pairs import PAIRS_FILE, build_pairs
-from llm_auction.pipeline.steps import dpo_step
+from llm_auction.pipeline.steps.dpo import dpo_step
 from llm_auction.policy.allocator import prompts_for
 from llm_auction.policy.generation import make_generator
 from llm_auction.policy.model import load_policy

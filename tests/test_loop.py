@@ -29,7 +29,7 @@ def interrupt_the_last_canary(monkeypatch, out, config, pi0) -> dict:
     traffic (20 of its 50 requests served), once right after the verdict moved the registry.
     Returns the verdict the second crash cut off.
     """
-    real_send, real_canary, cut = loop_module.send_traffic, loop_module.steps.canary, {}
+    real_send, real_canary, cut = loop_module.send_traffic, loop_module.canary_step.canary, {}
 
     async def send(endpoint, requests, *args, seed, **kwargs):
         if seed == 2 and not kwargs.get("skip"):  # the final canary's phase, first try
@@ -46,14 +46,14 @@ def interrupt_the_last_canary(monkeypatch, out, config, pi0) -> dict:
         run_loop(1, out, config, pi0=pi0)
     state = json.loads((out / STATE_FILE).read_text())
     assert "epoch 1" in state["finished"] and "traffic final canary" in state["begun"]
-    monkeypatch.setattr(loop_module.steps, "canary", canary)
+    monkeypatch.setattr(loop_module.canary_step, "canary", canary)
     with pytest.raises(Crash):
         run_loop(None, out, resume=True)
     assert (
         cut["decision"] == "inconclusive"
         and "final canary" in json.loads((out / STATE_FILE).read_text())["begun"]
     )
-    monkeypatch.setattr(loop_module.steps, "canary", real_canary)
+    monkeypatch.setattr(loop_module.canary_step, "canary", real_canary)
     return cut
 
 

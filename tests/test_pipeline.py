@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from llm_auction.pipeline.local import StepClock, pipeline_function
-from llm_auction.pipeline.steps import resolve_settings, resolve_window
+from llm_auction.pipeline.steps.common import resolve_settings, resolve_window
 
 REPO = Path(__file__).resolve().parents[1]
 COMPILED = REPO / "pipelines" / "irpo_epoch.yaml"

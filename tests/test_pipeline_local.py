@@ -61,7 +61,7 @@ def test_the_block_really_refuses_the_oracle_side(oracle_blocked):
     import subprocess
 
     probe = (
-        "import llm_auction.pipeline.steps\n"
+        "import llm_auction.pipeline.steps.evaluate\n"
         "try:\n    import llm_auction.simulator\nexcept ImportError as e:\n    print(e)"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)

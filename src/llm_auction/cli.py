@@ -693,7 +693,7 @@ def irpo_pairs(
     sets: SetOption = None,
 ) -> None:
     """Sample M responses per prompt from pi_{t-1}, score them with R, keep winner/loser pairs."""
-    from llm_auction.pipeline import steps
+    from llm_auction.pipeline.steps import preferences
 
     if feedback is not None and not feedback.is_dir():
         raise InputError(f"--feedback {feedback}: not a folder")
@@ -703,7 +703,7 @@ def irpo_pairs(
     settings = _settings(
         config, profile, sets, seed, irpo__n_prompts=prompts, irpo__m_samples=m, irpo__delta_th=delta_th
     )
-    stats = steps.build_preferences(
+    stats = preferences.build_preferences(
         settings.model_dump_json(),
         str(policy),
         str(pctr),
@@ -762,7 +762,8 @@ def irpo_dpo(
 ) -> None:
     """DPO (Eq. 6) with TRL and LoRA; one process, or N under torchrun (gloo on CPU, NCCL on GPUs)."""
     from llm_auction.irpo.launch import run_torchrun
-    from llm_auction.pipeline.steps import dpo_step, is_main_process
+    from llm_auction.pipeline.steps.common import is_main_process
+    from llm_auction.pipeline.steps.dpo import dpo_step
 
     if settings_json is not None:
         settings = Settings.model_validate_json(settings_json.read_text())
@@ -815,10 +816,10 @@ def irpo_evaluate(
     sets: SetOption = None,
 ) -> None:
     """Candidate vs champion vs baselines on held-out requests under psi; audits, drift, the gate."""
-    from llm_auction.pipeline import steps
+    from llm_auction.pipeline.steps import evaluate as evaluate_step
 
     settings_json = _settings(config, profile, sets, None).model_dump_json()
-    summary = steps.evaluate(
+    summary = evaluate_step.evaluate(
         settings_json, str(candidate), str(champion), str(pctr), str(out), epoch, "", "", str(reference or "")
     )
     _print_gate(summary["gate"])
@@ -847,8 +848,8 @@ def irpo_gate(
     sets: SetOption = None,
 ) -> None:
     """Write the review card and tags onto the version; it enters the canary when the gate passes."""
-    from llm_auction.evaluation.candidate import EVALUATION_FILE
-    from llm_auction.pipeline.steps import gate_step
+    from llm_auction.evaluation.card import EVALUATION_FILE
+    from llm_auction.pipeline.steps.gate import gate_step
 
     path = evaluation / EVALUATION_FILE
     if not path.is_file():
@@ -1292,7 +1293,7 @@ StoreOption = Annotated[
 
 
 def _canary_frames(feedback: Path | None, store: Path | None) -> tuple[Any, Any, Any]:
-    from llm_auction.pipeline.steps import read_logs
+    from llm_auction.pipeline.steps.canary import read_logs
     from llm_auction.serving.collector import DB_FILE, EventStore
     from llm_auction.serving.export import feedback_frames
 
@@ -1322,7 +1323,7 @@ def canary_status_cmd(
     sets: SetOption = None,
 ) -> None:
     """Per-arm online metrics of the running canary and the verdict the next decision would take."""
-    from llm_auction.pipeline.steps import canary_status
+    from llm_auction.pipeline.steps.canary import canary_status
 
     settings = _settings(config, profile, sets, None)
     if (feedback is None) == (store is None):
@@ -1346,7 +1347,7 @@ def canary_decide_cmd(
     sets: SetOption = None,
 ) -> None:
     """Take the canary's verdict and carry it out (promote, roll back, end inconclusive or keep going)."""
-    from llm_auction.pipeline.steps import canary
+    from llm_auction.pipeline.steps.canary import canary
 
     settings = _settings(config, profile, sets, None)
     if not feedback.is_dir():

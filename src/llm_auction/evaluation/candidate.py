@@ -22,9 +22,9 @@ from llm_auction.baselines import PRICED, make_baseline
 from llm_auction.config import Settings
 from llm_auction.contracts import AuctionRequest
 from llm_auction.errors import RegistryError
+from llm_auction.evaluation.card import CARD_METRICS, EVALUATION_FILE, format_estimate
 from llm_auction.evaluation.gate import GateInputs, decide
 from llm_auction.evaluation.offline import (
-    REWARD_MODEL_METRICS,
     price_responses,
     reward_model_metrics,
     sample_responses,
@@ -41,18 +41,9 @@ from llm_auction.tracking import registry
 
 logger = logging.getLogger(__name__)
 
-EVALUATION_FILE = "evaluation.json"
 RESPONSES_FILE = "responses.parquet"
 BASELINES = PRICED
-CARD_METRICS = REWARD_MODEL_METRICS
 IR_NOTE = "first-price PPC is individually rational by construction: no one pays more than its bid per click"
-
-
-def _fmt(estimate: Mapping[str, Any]) -> str:
-    if estimate.get("mean") is None:
-        return "n/a"
-    lo, hi = estimate["ci"]
-    return f"{estimate['mean']:.4f} [{lo:.4f}, {hi:.4f}]"
 
 
 def drift_kl(
@@ -164,45 +155,6 @@ def evaluate_candidate(
     return CandidateEvaluation(summary, responses[["policy", "request_id", "response"]])
 
 
-def review_card(summary: Mapping[str, Any], title: str, links: Mapping[str, str] | None = None) -> str:
-    """The version's description in the registry: candidate vs champion vs baselines, and the gate."""
-    policies = summary["policies"]
-    lines = [
-        f"## {title}",
-        "",
-        "| policy | " + " | ".join(CARD_METRICS) + " |",
-        "|---" * (len(CARD_METRICS) + 1) + "|",
-    ]
-    for label, metrics in policies.items():
-        lines.append(f"| {label} | " + " | ".join(_fmt(metrics.get(k, {})) for k in CARD_METRICS) + " |")
-    gain, audit = summary["gain"], summary["monotonicity"]
-    lines += [
-        "",
-        "Metrics are psi_t's estimates (the reward model's side); in simulation the closed loop's "
-        "report adds the oracle metrics of the same responses.",
-        "",
-        f"Paired gain over the champion on {summary['requests']} held-out requests: "
-        f"reward {_fmt(gain['reward'])}, revenue under psi {_fmt(gain['revenue'])}. "
-        f"Drift KL(candidate || reference) = {summary['kl']:.3f} nats per response; "
-        f"monotonicity violations under psi {audit['violations']} of {audit['n_checks']}; "
-        f"{summary['ir']}.",
-        "",
-        f"**Offline gate: {'ENTERS THE CANARY' if summary['gate']['admitted'] else 'HOLD'}** "
-        f"— {summary['gate']['reason']}",
-        "",
-        "| check | value | bound | result |",
-        "|---|---|---|---|",
-    ]
-    for check in summary["gate"]["checks"]:
-        verdict = "pass" if check["passed"] else "fail"
-        lines.append(
-            f"| {check['name']} | {check['value']:.4g} | {check['op']} {check['bound']:.4g} | {verdict} |"
-        )
-    if links:
-        lines += ["", " · ".join(f"[{name}]({url})" for name, url in links.items())]
-    return "\n".join(lines) + "\n"
-
-
 def epoch_history(settings: Settings, summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Metrics by IRPO epoch: earlier gated versions from the registry's tags, then this candidate.
 
@@ -266,7 +218,10 @@ def write_evaluation_report(
     if history:
         images.append(plot_epoch_curves(list(history), out_dir / "epochs.png"))
     header = ["policy", *CARD_METRICS]
-    table = [[label, *(_fmt(m.get(k, {})) for k in CARD_METRICS)] for label, m in summary["policies"].items()]
+    table = [
+        [label, *(format_estimate(m.get(k, {})) for k in CARD_METRICS)]
+        for label, m in summary["policies"].items()
+    ]
     checks = [
         [c["name"], f"{c['value']:.4g}", f"{c['op']} {c['bound']:.4g}", "pass" if c["passed"] else "fail"]
         for c in summary["gate"]["checks"]
@@ -277,8 +232,8 @@ def write_evaluation_report(
         {
             "held-out requests": str(summary["requests"]),
             "metrics": "psi_t's estimates (reward model side)",
-            "reward gain": _fmt(summary["gain"]["reward"]),
-            "revenue gain under psi": _fmt(summary["gain"]["revenue"]),
+            "reward gain": format_estimate(summary["gain"]["reward"]),
+            "revenue gain under psi": format_estimate(summary["gain"]["revenue"]),
             "KL to reference": f"{summary['kl']:.4f}",
             "gate": summary["gate"]["reason"],
         },

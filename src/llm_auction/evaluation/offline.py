@@ -18,9 +18,6 @@ from llm_auction.contracts import Allocator, AuctionRequest
 from llm_auction.mechanism.metrics import Estimate, bootstrap
 from llm_auction.reward.scorer import RewardScorer
 
-REWARD_MODEL_METRICS = ("reward", "revenue", "itctr", "ad_load", "fill_rate", "format_error_rate")
-"""Metric names of the reward model's side; `revenue` and `itctr` are psi's estimates here."""
-
 
 def sample_responses(allocator: Allocator, requests: Sequence[AuctionRequest], seed: int) -> list[str]:
     """One response per request, seeded so that every policy of a comparison sees the same stream."""

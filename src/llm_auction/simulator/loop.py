@@ -37,12 +37,15 @@ from rich.console import Console
 
 from llm_auction.config import ConfigError, Settings, load_config
 from llm_auction.contracts import AuctionRequest
-from llm_auction.evaluation.candidate import EVALUATION_FILE, RESPONSES_FILE
+from llm_auction.evaluation.candidate import RESPONSES_FILE
+from llm_auction.evaluation.card import EVALUATION_FILE
 from llm_auction.evaluation.report import plot_epoch_curves
 from llm_auction.evaluation.report import write_report as write_html
 from llm_auction.mechanism.metrics import Estimate
-from llm_auction.pipeline import steps
 from llm_auction.pipeline.local import run_local
+from llm_auction.pipeline.steps import canary as canary_step
+from llm_auction.pipeline.steps import ingest as ingest_step
+from llm_auction.pipeline.steps import pctr as pctr_step
 from llm_auction.policy.warm_start import init_policy, register_existing_policy
 from llm_auction.public.catalog import HELD_OUT_FILE, SYNTHETIC_FILE, Catalog, read_requests
 from llm_auction.serving.collector import EventStore
@@ -100,7 +103,9 @@ def sign_up(settings: Settings, feedback_dir: Path) -> None:
     """Users and ads enter the feature store before anyone is served: an ingest of no events."""
     feedback_dir.mkdir(parents=True, exist_ok=True)
     now = datetime.now(UTC)
-    steps.ingest(settings.model_dump_json(), str(feedback_dir), str(now - timedelta(hours=1)), str(now), "")
+    ingest_step.ingest(
+        settings.model_dump_json(), str(feedback_dir), str(now - timedelta(hours=1)), str(now), ""
+    )
 
 
 def server_work(endpoint: str) -> dict[str, float]:
@@ -396,7 +401,7 @@ class Loop:
             self.pipeline(epoch, window, root)
             state.finish(key)
         (evaluation,) = root.glob(f"*/evaluate/evaluation/{EVALUATION_FILE}")
-        (canary,) = root.glob(f"*/canary/result/{steps.CANARY_FILE}")
+        (canary,) = root.glob(f"*/canary/result/{canary_step.CANARY_FILE}")
         return (
             json.loads(evaluation.read_text()),
             pd.read_parquet(evaluation.parent / RESPONSES_FILE),
@@ -441,8 +446,10 @@ class Loop:
             epoch, version, evaluation, oracle, oracle_refs, "candidate" if promoted else "champion"
         )
         entry["canary"] = canary_entry(canary)
-        plot = next(self.out.glob(f"pipeline/epoch-{epoch + 1}/*/canary/result/{steps.CANARY_PLOT}"), None)
-        plot = plot or (self.out / "final-canary" / steps.CANARY_PLOT)
+        plot = next(
+            self.out.glob(f"pipeline/epoch-{epoch + 1}/*/canary/result/{canary_step.CANARY_PLOT}"), None
+        )
+        plot = plot or (self.out / "final-canary" / canary_step.CANARY_PLOT)
         if plot.is_file():
             shutil.copyfile(plot, self.out / f"canary-epoch-{epoch}.png")
         return entry
@@ -558,9 +565,9 @@ class Loop:
                 self._say("psi_0: pCTR on pi_0's traffic")
                 with stdout_to(self.logs / "bootstrap.log"):
                     with clock("bootstrap", "ingest"):
-                        steps.ingest(self.settings_json, str(self.feedback), *window, "")
+                        ingest_step.ingest(self.settings_json, str(self.feedback), *window, "")
                     with clock("bootstrap", "psi_0 (pCTR)"):
-                        steps.train_pctr(self.settings_json, str(self.out / "pctr0"), *window, 0, "")
+                        pctr_step.train_pctr(self.settings_json, str(self.out / "pctr0"), *window, 0, "")
                 state.finish("psi_0")
             for epoch in range(1, self.epochs + 1):
                 if state.done(f"epoch {epoch}"):
@@ -595,7 +602,7 @@ class Loop:
                     self._say("the last candidate was held by the offline gate: no final canary")
                 state.begin("final canary", registry=self.registry_snapshot())
                 with clock("final canary", "verdict"), stdout_to(self.logs / "final-canary.log"):
-                    canary = steps.canary(
+                    canary = canary_step.canary(
                         self.settings_json, str(self.feedback), window[1], str(self.out / "final-canary"),
                         "", end=True, who="closed-loop",
                     )  # fmt: skip
