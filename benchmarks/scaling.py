@@ -44,10 +44,10 @@ from llm_auction.features.ingest import ingest_window, labeled_impressions
 from llm_auction.features.retrieval import pctr_inputs, training_frame
 from llm_auction.features.store import open_store
 from llm_auction.public.catalog import Catalog
-from llm_auction.public.feedback import CLICK_COLUMNS, IMPRESSION_COLUMNS, write_feedback
+from llm_auction.public.feedback import IMPRESSION_COLUMNS, write_feedback
 from llm_auction.reward.training import train_and_register
 from llm_auction.simulator.experiment import build_environment, catalog_of, evaluate_policy
-from llm_auction.simulator.feedback import feedback_logs
+from llm_auction.simulator.feedback import click_events, feedback_logs
 
 DEFAULT_SIZES = (10_000, 100_000, 1_000_000)
 STEPS = ("ingest", "training set", "pCTR")
@@ -110,20 +110,9 @@ def tile(base: pd.DataFrame, n: int, seed: int = 0) -> tuple[pd.DataFrame, pd.Da
             )
         )
     tiled = pd.concat(parts, ignore_index=True).iloc[:n]
-    clicked = tiled[rng.random(len(tiled)) < tiled["expected_ctr"].to_numpy()]
-    delay = pd.to_timedelta(rng.exponential(20.0, len(clicked)), unit="s")
-    clicks = pd.DataFrame(
-        {
-            "event_id": "clk:" + clicked["response_id"] + ":" + clicked["ad_id"],
-            "event_timestamp": clicked["event_timestamp"] + delay,
-            "request_id": clicked["request_id"],
-            "response_id": clicked["response_id"],
-            "ad_id": clicked["ad_id"],
-        },
-        columns=list(CLICK_COLUMNS),
-    )
+    clicks = click_events(tiled[rng.random(len(tiled)) < tiled["expected_ctr"].to_numpy()], rng)
     impressions = tiled[list(IMPRESSION_COLUMNS)].reset_index(drop=True)
-    return impressions, clicks.reset_index(drop=True)
+    return impressions, clicks
 
 
 def _config(root: Path, size_dir: Path) -> Path:

@@ -324,3 +324,16 @@ def test_platt_scaling_calibrates_and_never_inverts_the_ranking():
     # non-finite logits: the identity, not NaN calibration
     bad = torch.tensor([0.0, float("nan"), 1.0])
     assert pctr._fit_platt(bad, torch.tensor([0.0, 1.0, 1.0])) == (1.0, 0.0)
+
+
+def test_platt_scaling_on_a_small_separable_split_stays_near_the_click_rate():
+    """24 validation rows whose three clicks have the three highest logits: 0/1 targets would give an
+    unbounded slope and probabilities of 0 and 1; Platt's targets keep them moderate.
+    """
+    logits = torch.linspace(-1.0, 1.0, 24)
+    labels = (torch.arange(24) >= 21).float()
+    a, b = pctr._fit_platt(logits, labels)
+    probs = torch.sigmoid(a * logits + b)
+    assert a < 20
+    assert float(probs.mean()) == pytest.approx(3 / 24, abs=0.03)
+    assert float(probs.min()) > 1e-3 and float(probs.max()) < 0.95

@@ -354,7 +354,18 @@ def _fit_platt(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float
     base rate, rather than a negative a that would silently invert the ranking. log_a is clamped
     at `PLATT_MIN_LOG_SLOPE` so that a never underflows to 0. If the fit is not finite (non-finite
     logits) the identity (1, 0) is returned with a warning.
+
+    The targets are Platt's own out-of-sample ones, (N+ + 1) / (N+ + 2) for a click and
+    1 / (N- + 2) for none, not 1 and 0: on a small validation split that the logits happen to
+    separate, 0/1 targets send the slope to infinity (seen: a = 67 on 24 rows, every pCTR about
+    1e-9 against a 0.11 click rate, so R was flat and IRPO found no pair); on a large one the
+    difference vanishes.
     """
+    positives = float(labels.sum())
+    negatives = float(len(labels)) - positives
+    labels = torch.where(labels > 0.5, (positives + 1) / (positives + 2), 1 / (negatives + 2)).to(
+        logits.dtype
+    )
     log_a = torch.zeros(1, requires_grad=True)
     b = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_a, b], lr=0.5, max_iter=100)

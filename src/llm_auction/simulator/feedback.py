@@ -45,8 +45,13 @@ def feedback_logs(
         },
         columns=list(IMPRESSION_COLUMNS),
     )
-    clicked = impressions[shown["clicked"].to_numpy()]
-    delays = pd.to_timedelta(rng.exponential(mean_click_delay_s, len(clicked)), unit="s")
+    clicks = click_events(impressions[shown["clicked"].to_numpy()], rng, mean_click_delay_s)
+    return impressions.reset_index(drop=True), clicks
+
+
+def click_events(clicked: pd.DataFrame, rng: np.random.Generator, mean_delay_s: float = 20.0) -> pd.DataFrame:
+    """The click events of the `clicked` impressions, each an exponential delay after its impression."""
+    delays = pd.to_timedelta(rng.exponential(mean_delay_s, len(clicked)), unit="s")
     clicks = pd.DataFrame(
         {
             "event_id": "clk:" + clicked["response_id"] + ":" + clicked["ad_id"],
@@ -57,4 +62,4 @@ def feedback_logs(
         },
         columns=list(CLICK_COLUMNS),
     )
-    return impressions.reset_index(drop=True), clicks.reset_index(drop=True)
+    return clicks.reset_index(drop=True)
