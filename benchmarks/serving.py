@@ -61,13 +61,15 @@ def _signed_up(settings: Settings, env: Environment, root: Path) -> None:
 def bench_serving(
     settings: Settings, env: Environment, directory: Path, rows: list[dict[str, object]]
 ) -> dict:
-    """Requests/s and latency of `llm-auction serve` on `directory`, batching on vs off."""
+    """Requests/s and latency of `llm-auction serve` on `directory`, with Feast lookups and pricing:
+    vLLM (the default engine), and transformers with its micro-batcher on and off.
+    """
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         _signed_up(settings, env, root)
         requests = env.world.auction_requests(limit=max(map(_requests_for, CONCURRENCY)))
-        for batching in (True, False):
+        for backend, batching in (("vllm", True), ("transformers", True), ("transformers", False)):
             port = free_port()
             endpoint = f"http://127.0.0.1:{port}"
             args = [
@@ -79,7 +81,8 @@ def bench_serving(
                 "--model-dir",
                 str(directory),
             ]
-            args.append("--batching" if batching else "--no-batching")
+            args += ["--batching" if batching else "--no-batching"]
+            args += ["--set", f"policy.generation.backend={backend}"]
             with service("server", args, f"{endpoint}/v2/health/ready", root / "logs"):
                 warm = asyncio.run(
                     send_traffic(endpoint, requests[:8], env.click_model, concurrency=8, progress=False)
@@ -92,7 +95,7 @@ def bench_serving(
                             endpoint, batch, env.click_model, concurrency=concurrency, progress=False
                         )
                     )
-                    label = f"batching {'on' if batching else 'off'}, concurrency {concurrency}"
+                    label = f"{backend}, batching {'on' if batching else 'off'}, concurrency {concurrency}"
                     results[label] = {
                         "rps": report.throughput,
                         "p50_ms": report.latency_p50_ms,
@@ -109,8 +112,13 @@ def bench_serving(
                             f"p99 {report.latency_p99_ms:.0f} ms",
                         }
                     )
-    on, off = results["batching on, concurrency 32"], results["batching off, concurrency 32"]
-    return {"cells": results, "batching_speedup_at_32": on["rps"] / off["rps"]}
+    engine = results["vllm, batching on, concurrency 32"]
+    on, off = (results[f"transformers, batching {s}, concurrency 32"] for s in ("on", "off"))
+    return {
+        "cells": results,
+        "vllm_vs_micro_batcher_at_32": engine["rps"] / on["rps"],
+        "batching_speedup_at_32": on["rps"] / off["rps"],
+    }
 
 
 async def _post_clicks(port: int, batches: list[list[dict]], concurrency: int) -> tuple[int, list[float]]:

@@ -1,10 +1,10 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from components import COMPONENT_IMAGE
+from components import COMPONENT_CUDA_IMAGE
 
 
-@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=COMPONENT_CUDA_IMAGE, install_kfp_package=False)
 def train_dpo(
     settings_json: str,
     parent_run_id: str,

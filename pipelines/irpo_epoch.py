@@ -39,6 +39,7 @@ SECRETS = {
 }
 # GPUs of one DPO pod: the cluster profile's, so the compiled pipeline and the configuration agree.
 DPO_GPUS = load_config(profile="cluster", environ={}).irpo.distributed.gpus_per_node
+GENERATION_GPUS = 1  # vLLM sampling and evaluation: one engine on one GPU (the policy fits one)
 GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")
 
 
@@ -51,9 +52,10 @@ def _on_cluster(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task
 
 
-def _on_gpus(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(DPO_GPUS)
-    task.set_cpu_limit("64").set_memory_limit("512G")
+def _on_gpus(task: dsl.PipelineTask, gpus: int) -> dsl.PipelineTask:
+    """`gpus` NVIDIA GPUs, with the CPU and memory that feed them, on a GPU node."""
+    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
+    task.set_cpu_limit(str(8 * gpus)).set_memory_limit(f"{64 * gpus}G")
     kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
     kubernetes.add_node_selector(task, label_key=GPU_NODE_LABEL[0], label_value=GPU_NODE_LABEL[1])
     return task
@@ -106,17 +108,20 @@ def irpo_epoch(
             epoch=epoch,
         )
     ).after(ingested)
-    pairs = _on_cluster(
-        build_preferences(
-            settings_json=settings,
-            parent_run_id=parent,
-            policy_uri=policy_uri,
-            pctr=pctr.outputs["pctr"],
-            feedback_dir=feedback_dir,
-            window_start=window_start,
-            window_end=window_end,
-            epoch=epoch,
-        )
+    pairs = _on_gpus(
+        _on_cluster(
+            build_preferences(
+                settings_json=settings,
+                parent_run_id=parent,
+                policy_uri=policy_uri,
+                pctr=pctr.outputs["pctr"],
+                feedback_dir=feedback_dir,
+                window_start=window_start,
+                window_end=window_end,
+                epoch=epoch,
+            )
+        ),
+        GENERATION_GPUS,
     ).after(verdict)  # the champion the canary leaves is the policy this epoch improves
     dpo = _on_gpus(
         _on_cluster(
@@ -128,18 +133,22 @@ def irpo_epoch(
                 epoch=epoch,
                 pctr_version=pctr.outputs["Output"],
             )
-        )
+        ),
+        DPO_GPUS,
     )
-    evaluated = _on_cluster(
-        evaluate(
-            settings_json=settings,
-            parent_run_id=parent,
-            candidate=dpo.outputs["policy"],
-            champion_uri=policy_uri,
-            pctr=pctr.outputs["pctr"],
-            epoch=epoch,
-            version=dpo.outputs["Output"],
-        )
+    evaluated = _on_gpus(
+        _on_cluster(
+            evaluate(
+                settings_json=settings,
+                parent_run_id=parent,
+                candidate=dpo.outputs["policy"],
+                champion_uri=policy_uri,
+                pctr=pctr.outputs["pctr"],
+                epoch=epoch,
+                version=dpo.outputs["Output"],
+            )
+        ),
+        GENERATION_GPUS,
     )
 
     def record_gate(display_name: str) -> dsl.PipelineTask:

@@ -49,19 +49,29 @@ def test_the_compiled_yaml_loads_back_with_its_platform_settings():
     executors = spec["deploymentSpec"]["executors"]
     for step in STEPS:
         assert f"exec-{step}" in executors, step
-    dpo = executors["exec-train-dpo"]["container"]
-    assert dpo["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
-    assert int(dpo["resources"]["accelerator"]["resourceCount"]) == 8
-    assert dpo["image"].startswith("ghcr.io/llm-auction/component:")
+    # Every step's image and GPUs: vLLM sampling and evaluation on one GPU, DPO on a node's eight, in
+    # the CUDA image (vLLM, DeepSpeed); the data and registry steps on CPUs in the CPU image.
+    on_gpus = {"build-preferences": 1, "train-dpo": 8, "evaluate": 1}
+    for step in STEPS:
+        container = executors[f"exec-{step}"]["container"]
+        accelerator = container.get("resources", {}).get("accelerator")
+        if step in on_gpus:
+            assert container["image"].startswith("ghcr.io/llm-auction/component-cuda:"), step
+            assert accelerator["resourceType"] == "nvidia.com/gpu", step
+            assert int(accelerator["resourceCount"]) == on_gpus[step], step
+        else:
+            assert container["image"].startswith("ghcr.io/llm-auction/component:"), step
+            assert accelerator is None, step
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for step in STEPS:
         config = k8s[f"exec-{step}"]
         assert config["pvcMount"][0]["mountPath"] == "/mnt/llm-auction"
         secrets = {s["secretName"] for s in config["secretAsEnv"]}
         assert secrets == {"llm-auction-s3", "llm-auction-postgres"}
-    assert k8s["exec-train-dpo"]["tolerations"][0]["key"] == "nvidia.com/gpu"
-    assert k8s["exec-train-dpo"]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
-    assert "tolerations" not in k8s["exec-evaluate"]
+    for step in on_gpus:
+        assert k8s[f"exec-{step}"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert k8s[f"exec-{step}"]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+    assert "tolerations" not in k8s["exec-train-pctr"]
     # Fresh feedback every run: no step may be served from the cache.
     tasks = spec["root"]["dag"]["tasks"]
     assert all(not t.get("cachingOptions", {}).get("enableCache", False) for t in tasks.values())

@@ -10,11 +10,11 @@ import torch
 from llm_auction.config import load_config
 from llm_auction.errors import UnsafeCheckpointError
 from llm_auction.mechanism.diagnostics import bid_sensitivity, format_report
-from llm_auction.mechanism.grammar import marker, parse_response
+from llm_auction.mechanism.grammar import listed_markers, marker, page_grammar, parse_response
 from llm_auction.policy.allocator import LLMPolicy, prompts_for
 from llm_auction.policy.generation import TransformersGenerator, VLLMGenerator
 from llm_auction.policy.lora import attach_lora, load_adapter, merge_adapter, save_adapter
-from llm_auction.policy.model import load_policy
+from llm_auction.policy.model import load_policy, save_policy
 from llm_auction.policy.prompt import build_prompt
 from llm_auction.policy.tokenizer import train_tokenizer
 from llm_auction.policy.warm_start import imitation_response
@@ -145,25 +145,106 @@ def test_lora_save_load_merge_preserve_the_function(tmp_path: Path, pi0, env: En
     assert not torch.allclose(plain, adapted, atol=1e-3)
 
 
-def test_vllm_backend(pi0, policy_env: Environment):
-    env = policy_env
-    pytest.importorskip("vllm", reason="vllm is a GPU-only extra (pip install '.[gpu]')")
-    if not torch.cuda.is_available():
-        pytest.skip("vLLM needs a CUDA GPU")
-    generator = VLLMGenerator(pi0[0], env.settings.policy.generation)
+def _held_out_prompts(env: Environment, n: int) -> tuple[list, list[str]]:
     _, held_out = split_requests(env)
-    samples = generator.generate(prompts_for(held_out[:16], user_profiles(env.world)), n=4, seed=1)
-    assert len(samples) == 16 and all(len(s) == 4 for s in samples)
+    return held_out[:n], prompts_for(held_out[:n], user_profiles(env.world))
 
 
-def test_vllm_backend_without_vllm_says_what_to_do(tmp_path: Path):
+def test_vllm_samples_seeded_well_formed_pages_on_the_cpu(pi0, policy_env: Environment):
+    requests, prompts = _held_out_prompts(policy_env, 16)
+    generator = VLLMGenerator(pi0[0], policy_env.settings.policy.generation)
     try:
-        import vllm  # noqa: F401
-    except ImportError:
-        with pytest.raises(RuntimeError, match="backend=transformers"):
-            VLLMGenerator(tmp_path, load_config(environ={}).policy.generation)
-    else:
-        pytest.skip("vllm is installed here")
+        samples = generator.generate(prompts, n=4, seed=1)
+        again = generator.generate(prompts, n=4, seed=1)
+        other = generator.generate(prompts, n=4, seed=2)
+        free = generator.with_config(policy_env.settings.policy.generation.model_copy(update={"max_ads": 1}))
+        one_ad = free.generate(prompts, n=4, seed=1)
+    finally:
+        generator.close()
+    assert len(samples) == 16 and all(len(group) == 4 for group in samples)
+    assert samples == again and samples != other
+    parsed = [parse_response(y, len(r.ads), 3) for r, group in zip(requests, samples) for y in group]
+    assert all(p.well_formed for p in parsed) and {len(p.allocation) for p in parsed} >= {0, 1, 2}
+    assert (
+        max(len(parse_response(y, len(r.ads)).allocation) for r, g in zip(requests, one_ad) for y in g) == 1
+    )
+
+
+def _page_statistics(requests, samples) -> tuple[np.ndarray, np.ndarray]:
+    """Histograms of ads per page (0..3) and of which candidate each inserted ad is (1..6)."""
+    counts, choices = np.zeros(4), np.zeros(6)
+    for request, group in zip(requests, samples):
+        for text in group:
+            allocation = parse_response(text, len(request.ads), 3).allocation
+            counts[len(allocation)] += 1
+            for index in allocation:
+                choices[index] += 1
+    return counts, choices
+
+
+def _same_distribution_p(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import chi2_contingency
+
+    table = np.stack([a, b])
+    return float(chi2_contingency(table[:, table.sum(0) > 0]).pvalue)
+
+
+def test_vllm_and_transformers_sample_the_same_constrained_policy(pi0, policy_env: Environment):
+    """Marker counts and ad choices from the two backends agree within sampling error (chi-square);
+    the same test tells max_ads 3 from max_ads 2, so agreement is not for want of power."""
+    requests, prompts = _held_out_prompts(policy_env, 96)
+    cfg = policy_env.settings.policy.generation
+    model, tokenizer = load_policy(pi0[0])
+    reference = _page_statistics(
+        requests, TransformersGenerator(model, tokenizer, cfg).generate(prompts, 8, 5)
+    )
+    generator = VLLMGenerator(pi0[0], cfg)
+    try:
+        same = _page_statistics(requests, generator.generate(prompts, 8, 6))
+        tighter = _page_statistics(
+            requests, generator.with_config(cfg.model_copy(update={"max_ads": 2})).generate(prompts, 8, 6)
+        )
+    finally:
+        generator.close()
+    assert _same_distribution_p(reference[0], same[0]) > 0.001, (reference[0], same[0])
+    assert _same_distribution_p(reference[1], same[1]) > 0.001, (reference[1], same[1])
+    assert _same_distribution_p(reference[0], tighter[0]) < 0.001, (reference[0], tighter[0])
+
+
+def test_vllm_serves_a_lora_adapter_on_the_base_as_the_merged_model(pi0, policy_env: Environment, tmp_path):
+    """A `LoRARequest` on pi_0 samples what the merged model samples, seed for seed."""
+    model, tokenizer = load_policy(pi0[0])
+    adapted = attach_lora(model, load_config(environ={}).policy.lora)
+    torch.manual_seed(0)
+    for name, weight in adapted.named_parameters():
+        if "lora_B" in name:
+            weight.data.normal_(0, 0.05)  # a fresh adapter is the identity: give it something to do
+    save_adapter(adapted, tmp_path / "adapter")
+    save_policy(merge_adapter(adapted), tokenizer, tmp_path / "merged")
+    _, prompts = _held_out_prompts(policy_env, 24)
+    cfg = policy_env.settings.policy.generation
+    outputs = {}
+    for label, directory, adapter in (
+        ("lora", pi0[0], tmp_path / "adapter"),
+        ("merged", tmp_path / "merged", None),
+        ("base", pi0[0], None),
+    ):
+        generator = VLLMGenerator(directory, cfg, lora_dir=adapter)
+        try:
+            outputs[label] = generator.generate(prompts, 2, seed=4)
+        finally:
+            generator.close()
+    pairs = list(zip(outputs["lora"], outputs["merged"], outputs["base"]))
+    assert sum(lora == merged for lora, merged, _ in pairs) >= 0.9 * len(pairs)
+    assert sum(lora != base for lora, _, base in pairs) >= 0.5 * len(pairs)
+
+
+def test_page_grammar_has_a_rule_per_set_of_written_markers():
+    grammar = page_grammar((1, 2, 3), max_ads=2)
+    assert 'page ::= text ("[AD 1]" page_1 | "[AD 2]" page_2 | "[AD 3]" page_3)?' in grammar
+    assert "page_1_2 ::= text\n" in grammar + "\n" and "page_1_2_3" not in grammar
+    assert len(page_grammar(tuple(range(1, 17)), 3).splitlines()) == 2 + 1 + 16 + 120 + 560
+    assert listed_markers("ads:\n[AD 1] a\n[AD 3] b\nanswer:") == (1, 3)
 
 
 def test_policy_cli_init_logs_to_mlflow_and_sample_writes_json(tmp_path: Path, pi0):
@@ -285,11 +366,11 @@ def test_the_marker_grammar_masks_unlisted_repeated_and_surplus_markers():
     prompts = torch.tensor(
         [[10, 5, 11, 5, 12, 7], [0, 10, 5, 11, 5, 7]]
     )  # row 0 lists ads 1-3, row 1 ads 1-2
-    grammar = WellFormedPages(markers, prompt_length=6, max_ads=2)
+    grammar = WellFormedPages(markers, prompt_length=6, max_ads=2, bracket_ids=torch.tensor([15]))
     scores = grammar(torch.cat([prompts, torch.tensor([[10, 3], [3, 3]])], 1), torch.zeros(2, 20))
     blocked = torch.isinf(scores)
-    assert blocked[0].nonzero().flatten().tolist() == [10, 13]  # ad 1 written already, ad 4 not listed
-    assert blocked[1].nonzero().flatten().tolist() == [12, 13]  # ads 3 and 4 not listed
+    assert blocked[0].nonzero().flatten().tolist() == [10, 13, 15]  # ad 1 written, ad 4 unlisted, a "["
+    assert blocked[1].nonzero().flatten().tolist() == [12, 13, 15]  # ads 3 and 4 not listed
     full = grammar(torch.cat([prompts, torch.tensor([[10, 11], [3, 3]])], 1), torch.zeros(2, 20))
     assert torch.isinf(full[0, markers]).all() and not torch.isinf(full[0, :10]).any()  # budget spent
 

@@ -318,6 +318,23 @@ def test_the_traffic_command_prints_its_summary_and_writes_json(stack: Stack, tm
     assert "Traceback" not in wrong.stderr
 
 
+def test_the_transformers_backend_serves_the_same_contract(stack: Stack):
+    """The fallback engine behind the same routes: vLLM is the default, transformers stays tested."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    args = ["serve", "--config", str(stack.root / "config.yaml"), "--port", str(port)]
+    args += ["--set", "policy.generation.backend=transformers"]
+    with service("server-transformers", args, f"{endpoint}/v2/health/ready", stack.root / "logs"):
+        assert httpx.get(f"{endpoint}/served", timeout=10).json()["engine"].startswith("transformers")
+        body = {"instances": [_instance(r) for r in stack.requests[:4]]}
+        reply = httpx.post(f"{endpoint}/v1/models/policy:predict", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        predictions = reply.json()["predictions"]
+        assert [p["request_id"] for p in predictions] == [r.request_id for r in stack.requests[:4]]
+        assert all(p["policy_version"] == "1" and p["format_errors"] == 0 for p in predictions)
+    assert httpx.get(f"{stack.endpoint}/served", timeout=10).json()["engine"].startswith("vllm")
+
+
 def test_the_server_follows_the_champion_alias(stack: Stack, pi0):
     settings = stack.settings
     name = settings.irpo.registered_model

