@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import uuid
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -267,6 +268,8 @@ def _prepare(engine: VLLMEngineConfig) -> None:
     """Environment vLLM reads when imported (logging) and when an engine starts; then import it."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if engine.multiprocessing else "0"
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # xgrammar warns on every grammar matcher vLLM 0.32 builds; nothing for a user to act on.
+    warnings.filterwarnings("ignore", message="max_rollback_tokens is deprecated")
     try:
         import vllm  # noqa: F401  (an optional dependency that takes seconds to import)
     except ImportError as exc:
