@@ -269,10 +269,12 @@ def test_traffic_clicks_reach_the_collector(stack: Stack):
     finally:
         store.close()
     work_before = server_work(stack.endpoint)
+    # 100 requests, about 170 impressions: some clicks whatever the samples (a CTR of a few percent).
+    requests = stack.env.world.auction_requests(limit=100, offset=2400)
     report = asyncio.run(
         send_traffic(
             stack.endpoint,
-            stack.requests[10:40],
+            requests,
             stack.env.click_model,
             collector=stack.collector,
             concurrency=8,
@@ -282,7 +284,7 @@ def test_traffic_clicks_reach_the_collector(stack: Stack):
             progress=False,
         )
     )
-    assert report.served == 30 and report.failed == 0 and report.rejected == 0
+    assert report.served == 100 and report.failed == 0 and report.rejected == 0
     assert report.clicks > 0 and report.clicks_acknowledged == report.clicks
     store = EventStore(stack.root / "collector")
     try:
@@ -292,9 +294,9 @@ def test_traffic_clicks_reach_the_collector(stack: Stack):
     assert len(stored - clicks_before) == report.clicks  # each acknowledged click is stored, once
     assert report.latency_p50_ms <= report.latency_p99_ms
     work = server_work(stack.endpoint)  # where the server's time went, as the loop records it
-    assert work["responses"] - work_before.get("responses", 0) == 30
+    assert work["responses"] - work_before.get("responses", 0) == 100
     assert work["generate_s"] > work_before.get("generate_s", 0) and work["profiles_s"] > 0
-    assert work["characters"] - work_before.get("characters", 0) >= 30
+    assert work["characters"] - work_before.get("characters", 0) >= 100
 
 
 def test_the_traffic_command_prints_its_summary_and_writes_json(stack: Stack, tmp_path):
@@ -333,6 +335,46 @@ def test_the_transformers_backend_serves_the_same_contract(stack: Stack):
         assert [p["request_id"] for p in predictions] == [r.request_id for r in stack.requests[:4]]
         assert all(p["policy_version"] == "1" and p["format_errors"] == 0 for p in predictions)
     assert httpx.get(f"{stack.endpoint}/served", timeout=10).json()["engine"].startswith("vllm")
+
+
+def test_a_challenger_trained_on_the_champion_is_served_as_its_adapter(stack: Stack, pi0, tmp_path):
+    """A DPO version (merged weights + adapter, tagged with the version it was trained on) enters the
+    canary: the server puts its adapter on the champion's engine instead of starting a second one.
+    """
+    from llm_auction.policy.lora import attach_lora, merge_adapter, save_adapter
+    from llm_auction.policy.model import load_policy, save_policy
+    from llm_auction.tracking.runs import tracked_run
+
+    settings, name = stack.settings, stack.settings.irpo.registered_model
+    model, tokenizer = load_policy(pi0[0])
+    adapted = attach_lora(model, settings.policy.lora)
+    for weight_name, weight in adapted.named_parameters():
+        if "lora_B" in weight_name:
+            weight.data.normal_(0, 0.05)
+    save_adapter(adapted, tmp_path / "policy" / registry.ADAPTER_DIR)
+    save_policy(merge_adapter(adapted), tokenizer, tmp_path / "policy")
+    with tracked_run(settings.tracking, "irpo-dpo") as run:
+        run.log_artifacts(str(tmp_path / "policy"), "policy")
+        version = registry.register_version(
+            settings.tracking, name, run.run_id, "policy", tags={registry.BASE_VERSION_TAG: "1"}
+        )
+    registry.enter_canary(settings.tracking, name, version, "test")
+
+    def served() -> dict:
+        return httpx.get(f"{stack.endpoint}/served", timeout=10).json()
+
+    try:
+        wait_until(lambda: served()["challenger_version"] == version, f"v{version} in the canary", 60)
+        assert served()["challenger_adapter"] is True and served()["policy_version"] == "1"
+        body = {"instances": [_instance(r) for r in stack.requests]}
+        reply = httpx.post(stack.predict_url, json=body, headers=AUTH, timeout=120)
+        assert reply.status_code == 200, reply.text
+        arms = {(p["arm"], p["policy_version"]) for p in reply.json()["predictions"]}
+        assert arms == {("champion", "1"), ("challenger", version)}
+        assert all(p["format_errors"] == 0 for p in reply.json()["predictions"])
+    finally:
+        registry.end_canary(settings.tracking, name, version, "rollback", "test over", "test")
+    wait_until(lambda: served()["challenger_version"] is None, "the canary to end", 60)
 
 
 def test_the_server_follows_the_champion_alias(stack: Stack, pi0):

@@ -755,6 +755,10 @@ def irpo_dpo(
     parent_run_id: Annotated[
         str | None, typer.Option("--parent-run-id", help="The epoch's MLflow run.")
     ] = None,
+    base_version: Annotated[
+        str | None,
+        typer.Option("--base-version", help="Registry version of --policy (the adapter's base), if any."),
+    ] = None,
     json_path: JsonOption = None,
     config: ConfigOption = None,
     profile: ProfileOption = None,
@@ -778,6 +782,7 @@ def irpo_dpo(
         "epoch": epoch,
         **({"pctr_version": pctr_version} if pctr_version else {}),
         **({"parent_run_id": parent_run_id} if parent_run_id else {}),
+        **({"base_version": base_version} if base_version else {}),
     }
     summary = dpo_step(settings, policy, pairs, out, lineage, max_steps)
     if not is_main_process():

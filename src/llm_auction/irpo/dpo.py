@@ -35,6 +35,7 @@ from llm_auction.irpo.launch import strategy_arguments
 from llm_auction.policy.lora import attach_lora, merge_adapter, save_adapter
 from llm_auction.policy.model import count_parameters, load_policy, save_policy
 from llm_auction.policy.warm_start import trainer_defaults
+from llm_auction.tracking.registry import ADAPTER_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def train_dpo(
         "history": step_logger.history,
     }
     if trainer.is_world_process_zero():
-        save_adapter(trainer.model, out_dir / "adapter")
+        save_adapter(trainer.model, out_dir / ADAPTER_DIR)
         merged = merge_adapter(trainer.model)
         card = {
             "policy": out_dir.name,

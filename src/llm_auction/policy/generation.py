@@ -14,6 +14,7 @@ import logging
 import os
 import uuid
 import warnings
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -170,7 +171,8 @@ class VLLMGenerator:
             _prepare(cfg.vllm)
             from vllm import LLM
 
-            llm = LLM(**engine_arguments(model_dir, cfg.vllm, lora_dir))
+            rank = None if lora_dir is None else adapter_rank(lora_dir)
+            llm = LLM(**engine_arguments(model_dir, cfg.vllm, rank))
         self.llm = llm
 
     def with_config(self, cfg: GenerationConfig) -> VLLMGenerator:
@@ -195,7 +197,12 @@ class AsyncVLLMGenerator:
     """
 
     def __init__(
-        self, model_dir: Path, cfg: GenerationConfig, lora_dir: Path | None = None, engine: Any = None
+        self,
+        model_dir: Path,
+        cfg: GenerationConfig,
+        lora_rank: int | None = None,
+        lora_dir: Path | None = None,
+        engine: Any = None,
     ) -> None:
         self.cfg = cfg
         self.lora_dir = lora_dir
@@ -204,13 +211,16 @@ class AsyncVLLMGenerator:
             from vllm import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
 
-            engine = AsyncLLM.from_engine_args(
-                AsyncEngineArgs(**engine_arguments(model_dir, cfg.vllm, lora_dir))
-            )
+            arguments = engine_arguments(model_dir, cfg.vllm, lora_rank)
+            engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**arguments))
         self.engine = engine
 
     def with_config(self, cfg: GenerationConfig) -> AsyncVLLMGenerator:
-        return AsyncVLLMGenerator(Path(), cfg, self.lora_dir, self.engine)
+        return AsyncVLLMGenerator(Path(), cfg, lora_dir=self.lora_dir, engine=self.engine)
+
+    def with_lora(self, lora_dir: Path) -> AsyncVLLMGenerator:
+        """The same engine sampling base + `lora_dir`'s adapter (the engine was started with LoRA)."""
+        return AsyncVLLMGenerator(Path(), self.cfg, lora_dir=lora_dir, engine=self.engine)
 
     async def generate(self, prompts: Sequence[str], n: int, seed: int) -> list[list[str]]:
         lora = lora_request(self.lora_dir)
@@ -259,9 +269,16 @@ def sampling_params(cfg: GenerationConfig, prompts: Sequence[str], n: int, seed:
 
 
 def lora_request(lora_dir: Path | None) -> Any:
+    """The adapter as vLLM names it: an id of its own per directory, so adapters never mix up."""
     from vllm.lora.request import LoRARequest
 
-    return None if lora_dir is None else LoRARequest("adapter", 1, str(lora_dir))
+    if lora_dir is None:
+        return None
+    return LoRARequest(lora_dir.name, zlib.crc32(str(lora_dir).encode()) % (2**31 - 1) + 1, str(lora_dir))
+
+
+def adapter_rank(lora_dir: Path) -> int:
+    return int(json.loads((lora_dir / "adapter_config.json").read_text())["r"])
 
 
 def _prepare(engine: VLLMEngineConfig) -> None:
@@ -279,13 +296,14 @@ def _prepare(engine: VLLMEngineConfig) -> None:
         ) from exc
 
 
-def engine_arguments(model_dir: Path, engine: VLLMEngineConfig, lora_dir: Path | None) -> dict[str, Any]:
-    """The engine's arguments from the configuration, the same for `LLM` and `AsyncLLM`."""
+def engine_arguments(model_dir: Path, engine: VLLMEngineConfig, lora_rank: int | None) -> dict[str, Any]:
+    """The engine's arguments from the configuration, the same for `LLM` and `AsyncLLM`; with
+    `lora_rank`, LoRA adapters up to that rank can be served on the model.
+    """
     check_safetensors(model_dir)
     lora: dict[str, Any] = {}
-    if lora_dir is not None:
-        rank = json.loads((lora_dir / "adapter_config.json").read_text())["r"]
-        lora = {"enable_lora": True, "max_lora_rank": next(r for r in VLLM_LORA_RANKS if r >= rank)}
+    if lora_rank is not None:
+        lora = {"enable_lora": True, "max_lora_rank": next(r for r in VLLM_LORA_RANKS if r >= lora_rank)}
     return {
         "model": str(model_dir),
         "seed": 0,

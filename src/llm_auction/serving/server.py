@@ -44,7 +44,7 @@ import mlflow.artifacts
 from prometheus_client import Counter, Gauge, Histogram, Summary
 from transformers import AutoConfig, AutoTokenizer
 
-from llm_auction.config import GenerationConfig, Settings
+from llm_auction.config import GenerationConfig, PolicyConfig, Settings
 from llm_auction.contracts import AuctionRequest
 from llm_auction.errors import ServiceUnavailable
 from llm_auction.features.retrieval import online_profile
@@ -59,7 +59,7 @@ from llm_auction.serving.inference_logger import InferenceLogger
 from llm_auction.serving.openai_routes import openai_router
 from llm_auction.serving.split import CHALLENGER, CHAMPION, arm_for
 from llm_auction.tracking import registry
-from llm_auction.tracking.registry import Versions, current_versions
+from llm_auction.tracking.registry import ADAPTER_DIR, BASE_VERSION_TAG, Versions, current_versions
 
 # `kserve` parses sys.argv when imported (kserve.model_server): our own options, e.g. --config,
 # would be taken for its --configure_logging. It sees a bare command line instead.
@@ -184,7 +184,7 @@ def load_served(
         version = champion
     else:
         version = model_dir.name
-    generator, tokenizer, max_positions = _load_model(model_dir, weights, settings.policy.generation)
+    generator, tokenizer, max_positions = _load_model(model_dir, weights, settings.policy)
     scorer = None
     if pctr_version is not None:
         pctr_dir = _registry_dir(settings, settings.pctr.registered_model, pctr_version, scratch)
@@ -194,15 +194,17 @@ def load_served(
     )
 
 
-def _load_model(model_dir: Path, weights: bool, generation: GenerationConfig) -> tuple[Any, Any, int]:
-    """The version's sampler (vLLM's engine, or the transformers model), tokenizer and context length."""
+def _load_model(model_dir: Path, weights: bool, policy: PolicyConfig) -> tuple[Any, Any, int]:
+    """The version's sampler (vLLM's engine, able to serve an adapter of `policy.lora`'s rank on the
+    model; or the transformers model), tokenizer and context length.
+    """
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     generator: Generator | AsyncVLLMGenerator | None = None
-    if weights:
-        vllm = generation.backend == "vllm"
-        generator = (
-            AsyncVLLMGenerator(model_dir, generation) if vllm else make_generator(generation, model_dir)
-        )
+    generation = policy.generation
+    if weights and generation.backend == "vllm":
+        generator = AsyncVLLMGenerator(model_dir, generation, lora_rank=policy.lora.r)
+    elif weights:
+        generator = make_generator(generation, model_dir)
     max_positions = int(AutoConfig.from_pretrained(model_dir, local_files_only=True).max_position_embeddings)
     return generator, tokenizer, max_positions
 
@@ -212,7 +214,7 @@ def load_challenger(
 ) -> ServedPolicy:
     """The challenger's policy, priced by the champion's pCTR (one psi prices both arms)."""
     model_dir = _registry_dir(settings, settings.irpo.registered_model, version, scratch, weights)
-    generator, tokenizer, max_positions = _load_model(model_dir, weights, settings.policy.generation)
+    generator, tokenizer, max_positions = _load_model(model_dir, weights, settings.policy)
     return replace(
         champion, version=version, generator=generator, tokenizer=tokenizer, max_positions=max_positions
     )
@@ -321,10 +323,27 @@ class AuctionModel(kserve.Model):
                     max_positions=old.max_positions,
                 )  # fmt: skip
             else:
-                challenger = load_challenger(
+                challenger = self._adapter_challenger(versions.challenger, champion) or load_challenger(
                     self.settings, self._scratch, versions.challenger, champion, self._weights
                 )
         return Arms(champion, challenger, self.settings.serving.canary_percent)
+
+    def _adapter_challenger(self, version: str, champion: ServedPolicy) -> ServedPolicy | None:
+        """A challenger DPO trained on the champion, served as its LoRA adapter on the champion's
+        engine (a `LoRARequest`: no second engine, no merged weights); None when it is not one.
+        """
+        name = self.settings.irpo.registered_model
+        engine = champion.generator
+        if not isinstance(engine, AsyncVLLMGenerator):
+            return None
+        tags = registry.version_tags(self.settings.tracking, name, version)
+        if tags.get(BASE_VERSION_TAG) != champion.version:
+            return None
+        files = _registry_dir(self.settings, name, version, self._scratch)
+        if not (files / ADAPTER_DIR / "adapter_config.json").is_file():
+            return None
+        logger.info("challenger %s: its LoRA adapter on the champion %s", version, champion.version)
+        return replace(champion, version=version, generator=engine.with_lora(files / ADAPTER_DIR))
 
     def _can_split(self) -> bool:
         return self.predictor_url is None or self.settings.serving.challenger_predictor_url is not None
@@ -537,10 +556,11 @@ class AuctionModel(kserve.Model):
         """Stop the engines `old` served with that `new` no longer uses (a vLLM engine holds its KV
         cache), once the requests already on them are answered.
         """
-        kept = {id(g) for g in _generators(new)}
+        kept = {id(_engine(g)) for g in _generators(new)}
         for generator in _generators(old):
-            if id(generator) in kept:
+            if id(_engine(generator)) in kept:
                 continue
+            kept.add(id(_engine(generator)))  # a champion and its adapter challenger share one engine
             if isinstance(generator, AsyncVLLMGenerator):
                 await generator.aclose()
             else:  # between batches: one in flight finishes on the engine it started with
@@ -549,13 +569,19 @@ class AuctionModel(kserve.Model):
     def stop(self) -> None:
         self.batcher.close()
         self.pricer.close()
-        for generator in [] if self.arms is None else _generators(self.arms):
+        engines = {id(_engine(g)): g for g in ([] if self.arms is None else _generators(self.arms))}
+        for generator in engines.values():
             generator.close()
 
 
 def _generators(arms: Arms) -> list[Generator | AsyncVLLMGenerator]:
     policies = (arms.champion, arms.challenger)
     return [p.generator for p in policies if p is not None and p.generator is not None]
+
+
+def _engine(generator: Generator | AsyncVLLMGenerator) -> Any:
+    """What holds the weights: one vLLM engine serves a champion and its adapter challenger."""
+    return generator.engine if isinstance(generator, AsyncVLLMGenerator) else generator
 
 
 def _by_arm(labels: Sequence[str]) -> dict[str, list[int]]:
@@ -689,6 +715,9 @@ def serve(
             "pctr_version": versions.pctr,
             "batching": model.batcher.enabled,
             "engine": "vllm (continuous batching)" if model.continuous else "transformers (micro-batched)",
+            "challenger_adapter": arms is not None
+            and arms.challenger is not None
+            and getattr(arms.challenger.generator, "lora_dir", None) is not None,
         }
 
     async def run() -> None:

@@ -42,6 +42,10 @@ def register_version(
 
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+ADAPTER_DIR = "adapter"
+"""A DPO version's LoRA adapter, beside its merged weights."""
+BASE_VERSION_TAG = "lineage.base_version"
+"""The version a DPO version's adapter was trained on (the DPO step's lineage `base_version`)."""
 HISTORY_TAG = "llm_auction.champion_history"
 
 
@@ -289,6 +293,25 @@ def show(cfg: TrackingConfig, name: str) -> dict[str, Any]:
 MODELS_PREFIX = "models:/"
 
 
+def registered_version(cfg: TrackingConfig, uri: str) -> tuple[str, str]:
+    """(name, version) that `models:/NAME@ALIAS` or `models:/NAME/VERSION` names now."""
+    reference = uri.removeprefix(MODELS_PREFIX)
+    name, _, alias = reference.partition("@")
+    if not alias:
+        name, _, version = reference.partition("/")
+    else:
+        version = alias_version(cfg, name, alias) or ""
+    if not uri.startswith(MODELS_PREFIX) or not name or not version:
+        raise RegistryError(
+            f"policy_uri {uri!r}: no such registered version (is there a {alias or 'version'}?)"
+        )
+    return name, version
+
+
+def version_tags(cfg: TrackingConfig, name: str, version: str) -> dict[str, str]:
+    return dict(_version(_client(cfg), name, version).tags)
+
+
 def resolve_model(cfg: TrackingConfig, uri: str, into: Path) -> Path:
     """A model directory from a path, or from the registry: `models:/NAME@ALIAS` or `models:/NAME/VERSION`.
 
@@ -297,16 +320,7 @@ def resolve_model(cfg: TrackingConfig, uri: str, into: Path) -> Path:
     """
     if not uri.startswith(MODELS_PREFIX):
         return Path(uri)
-    reference = uri.removeprefix(MODELS_PREFIX)
-    name, _, alias = reference.partition("@")
-    if not alias:
-        name, _, version = reference.partition("/")
-    else:
-        version = alias_version(cfg, name, alias) or ""
-    if not name or not version:
-        raise RegistryError(
-            f"policy_uri {uri!r}: no such registered version (is there a {alias or 'version'}?)"
-        )
+    name, version = registered_version(cfg, uri)
     into.mkdir(parents=True, exist_ok=True)
     return Path(
         mlflow.artifacts.download_artifacts(

@@ -17,7 +17,7 @@ from llm_auction.irpo.launch import run_torchrun
 from llm_auction.irpo.pairs import PAIRS_FILE, read_pairs
 from llm_auction.irpo.trainjob import run_trainjob
 from llm_auction.pipeline.steps.common import is_main_process, settings_from
-from llm_auction.tracking.registry import register_version, resolve_model
+from llm_auction.tracking.registry import MODELS_PREFIX, register_version, registered_version, resolve_model
 from llm_auction.tracking.runs import lineage_tags, tracked_run
 
 
@@ -27,7 +27,7 @@ def _dpo_args(
     return [
         "--policy", str(policy), "--pairs", pairs, "--out", str(out), "--epoch", str(epoch),
         "--pctr-version", lineage["pctr_version"], "--parent-run-id", lineage["parent_run_id"],
-        "--settings-json", str(config),
+        "--base-version", lineage["base_version"], "--settings-json", str(config),
     ]  # fmt: skip
 
 
@@ -46,7 +46,11 @@ def train_dpo(
     """
     settings = settings_from(settings_json)
     dist = settings.irpo.distributed
-    lineage = {"pctr_version": pctr_version, "parent_run_id": parent_run_id}
+    # The version the adapter is trained on: a server can serve pi_t as that version plus the adapter.
+    base = (
+        registered_version(settings.tracking, policy_uri)[1] if policy_uri.startswith(MODELS_PREFIX) else ""
+    )
+    lineage = {"pctr_version": pctr_version, "parent_run_id": parent_run_id, "base_version": base}
     work = (
         Path(dist.workspace_mount) / "irpo" / f"epoch-{epoch}" if dist.num_nodes > 1 else Path(out_dir).parent
     )
