@@ -24,12 +24,13 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import yaml
 
 from llm_auction.config import Settings
 from llm_auction.serving.collector import DEFAULT_MAX_GROUP, MAX_GROUP_ENV
 from llm_auction.simulator.experiment import Environment, export_public
-from llm_auction.simulator.loop import sign_up
+from llm_auction.simulator.loop import server_work, sign_up
 from llm_auction.simulator.services import free_port, service
 from llm_auction.simulator.traffic import click_events, retry_delay, send_traffic
 
@@ -83,25 +84,40 @@ def bench_serving(
             ]
             args += ["--batching" if batching else "--no-batching"]
             args += ["--set", f"policy.generation.backend={backend}"]
-            with service("server", args, f"{endpoint}/v2/health/ready", root / "logs"):
+            with service("server", args, f"{endpoint}/v2/health/ready", root / "logs") as server:
                 warm = asyncio.run(
                     send_traffic(endpoint, requests[:8], env.click_model, concurrency=8, progress=False)
                 )
                 assert warm.served == 8, warm.errors
+                assert server.process is not None
+                processes = _ProcessCPU(server.process.pid)
                 for concurrency in CONCURRENCY:
                     batch = requests[: _requests_for(concurrency)]
+                    work_before, cpu_before = server_work(endpoint), processes.seconds()
                     report = asyncio.run(
                         send_traffic(
                             endpoint, batch, env.click_model, concurrency=concurrency, progress=False
                         )
                     )
+                    cpu = {k: v - cpu_before.get(k, 0.0) for k, v in processes.seconds().items()}
+                    work = server_work(endpoint)
+                    stages = {  # per request, summed over concurrent requests (latency, not CPU)
+                        stage: 1000
+                        * (work.get(f"{stage}_s", 0) - work_before.get(f"{stage}_s", 0))
+                        / max(report.served, 1)
+                        for stage in ("profiles", "generate", "price")
+                    }
                     label = f"{backend}, batching {'on' if batching else 'off'}, concurrency {concurrency}"
                     results[label] = {
                         "rps": report.throughput,
                         "p50_ms": report.latency_p50_ms,
                         "p99_ms": report.latency_p99_ms,
                         "failed": report.failed,
+                        "cpu_s": cpu,
+                        "wall_s": report.seconds,
+                        "stage_ms_per_request": stages,
                     }
+                    where = ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
                     rows.append(
                         {
                             "what": f"serve {label}",
@@ -109,7 +125,7 @@ def bench_serving(
                             "seconds": report.seconds,
                             "per_s": report.throughput,
                             "note": f"req/s; p50 {report.latency_p50_ms:.0f} ms, "
-                            f"p99 {report.latency_p99_ms:.0f} ms",
+                            f"p99 {report.latency_p99_ms:.0f} ms; CPU s: {where}",
                         }
                     )
     engine = results["vllm, batching on, concurrency 32"]
@@ -119,6 +135,31 @@ def bench_serving(
         "vllm_vs_micro_batcher_at_32": engine["rps"] / on["rps"],
         "batching_speedup_at_32": on["rps"] / off["rps"],
     }
+
+
+class _ProcessCPU:
+    """CPU seconds used so far by the server, its children (vLLM's engine core) and this process
+    (the traffic client and its simulated users): on a small machine they share the cores, which is
+    where a serving ceiling comes from.
+    """
+
+    def __init__(self, server_pid: int) -> None:
+        self.server = psutil.Process(server_pid)
+        self.client = psutil.Process()
+
+    def seconds(self) -> dict[str, float]:
+        def used(process: psutil.Process) -> float:
+            try:
+                times = process.cpu_times()
+            except psutil.Error:
+                return 0.0
+            return times.user + times.system
+
+        return {
+            "server": used(self.server),
+            "engine": sum(used(child) for child in self.server.children(recursive=True)),
+            "client": used(self.client),
+        }
 
 
 async def _post_clicks(port: int, batches: list[list[dict]], concurrency: int) -> tuple[int, list[float]]:
