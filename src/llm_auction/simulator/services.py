@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -85,8 +86,13 @@ class Service:
     def start(self) -> None:
         """Start the process and wait until it is healthy (or raise, naming the log)."""
         with self.log_path.open("ab") as log:
+            # Its own process group: the service's children (vLLM's engine core) go when it goes.
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "llm_auction", *self.args], stdout=log, stderr=log, env=self.env
+                [sys.executable, "-m", "llm_auction", *self.args],
+                stdout=log,
+                stderr=log,
+                env=self.env,
+                start_new_session=True,
             )
         deadline = time.monotonic() + self.timeout_s
         while True:
@@ -114,6 +120,7 @@ class Service:
             code = self.process.poll()
             if code is None:
                 continue
+            self._kill_group()  # what the dead process left running (an engine core holds GBs)
             if self.restarts >= self.max_restarts:
                 self.failure = (
                     f"{self.name} died (exit {code}) and was restarted {self.restarts} times already "
@@ -148,6 +155,16 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self._kill_group()
+
+    def _kill_group(self) -> None:
+        """SIGKILL whatever is left of the process's group once the process itself is gone."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # nothing left
 
 
 @contextmanager
