@@ -213,8 +213,8 @@ class VLLMEngineConfig(_Section):
     )
     multiprocessing: bool = Field(
         False,
-        description="Engine core in its own process (GPU throughput); in-process starts in ~2 s on a CPU "
-        "and needs no __main__ guard.",
+        description="Offline sampling's engine core in its own process (GPU throughput); in-process starts "
+        "in ~2 s on a CPU and needs no __main__ guard. The server's AsyncLLM always has its own.",
     )
     chunked_prefill: bool = Field(
         False,
