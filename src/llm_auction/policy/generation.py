@@ -62,19 +62,30 @@ class WellFormedPages(LogitsProcessor):
         self.prompt_length = prompt_length
         self.max_ads = max_ads
         self.bracket_ids = bracket_ids
-        self._listed: torch.Tensor | None = None  # the prompts never change during one generate call
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         scores[:, self.bracket_ids.to(scores.device)] = float("-inf")
         markers = self.marker_ids.to(input_ids.device)
-        if self._listed is None or self._listed.shape[0] != input_ids.shape[0]:
-            self._listed = (input_ids[:, : self.prompt_length, None] == markers).any(1)
-        listed = self._listed
-        written = input_ids[:, self.prompt_length :, None] == markers
-        full = written.sum((1, 2)) >= self.max_ads
-        forbid = ~listed | written.any(1) | full[:, None]
+        lengths = torch.full((input_ids.shape[0],), self.prompt_length, device=input_ids.device)
+        forbid = forbidden_markers(input_ids, lengths, markers, self.max_ads)[:, -1]
         scores[:, markers] = scores[:, markers].masked_fill(forbid, float("-inf"))
         return scores
+
+
+def forbidden_markers(
+    input_ids: torch.Tensor, prompt_lengths: torch.Tensor, markers: torch.Tensor, max_ads: int
+) -> torch.Tensor:
+    """(rows, positions, markers): the markers the page grammar forbids as the token after position
+    p, given tokens <= p: not listed in the prompt, already written, or the budget spent. The one
+    implementation of the rule, for sampling (last position) and for likelihoods (every position).
+    """
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    in_prompt = (positions[None, :] < prompt_lengths[:, None])[:, :, None]
+    is_marker = input_ids[:, :, None] == markers
+    listed = (is_marker & in_prompt).any(1)
+    written = (is_marker & ~in_prompt).cumsum(1) > 0
+    full = written.sum(-1, keepdim=True) >= max_ads
+    return ~listed[:, None, :] | written | full
 
 
 def marker_token_ids(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor | None:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llm_auction.policy.generation import bracket_token_ids, marker_token_ids
+from llm_auction.policy.generation import bracket_token_ids, forbidden_markers, marker_token_ids
 
 
 @torch.inference_mode()
@@ -66,13 +66,7 @@ def _constrain(
     max_ads: int,
 ) -> torch.Tensor:
     """The page grammar's mask at every position: logits[:, p] predicts token p + 1, given tokens <= p."""
-    positions = torch.arange(input_ids.shape[1])
-    in_prompt = positions[None, :] < prompt_lengths[:, None]
-    is_marker = input_ids[:, :, None] == markers  # (rows, tokens, markers)
-    listed = (is_marker & in_prompt[:, :, None]).any(1)
-    written = (is_marker & ~in_prompt[:, :, None]).cumsum(1)[:, :-1] > 0  # up to and with token p
-    full = written.sum(-1, keepdim=True) >= max_ads
-    forbid = ~listed[:, None, :] | written | full
+    forbid = forbidden_markers(input_ids, prompt_lengths, markers, max_ads)[:, :-1]
     logits = logits.clone()
     logits[:, :, markers] = logits[:, :, markers].masked_fill(forbid, float("-inf"))
     logits[:, :, brackets] = float("-inf")
