@@ -39,6 +39,11 @@ COLLECTOR_CONCURRENCY = 32
 SOAK_CONCURRENCY = 64
 SOAK_WINDOWS = 6
 BURST_CONCURRENCY, BURST_S = 128, 30.0
+# (engine, micro-batcher on): vLLM's continuous batching against transformers with and without ours
+SERVING_CONFIGS = (("vllm", True), ("transformers", True), ("transformers", False))
+# transformers' server as it ran before vLLM: torch on every core (its best here; the vLLM server
+# leaves one core to its engine core)
+BASELINE_OVERRIDES = ("serving.torch_threads=null",)
 
 
 def _requests_for(concurrency: int) -> int:
@@ -70,7 +75,7 @@ def bench_serving(
         root = Path(scratch)
         _signed_up(settings, env, root)
         requests = env.world.auction_requests(limit=max(map(_requests_for, CONCURRENCY)))
-        for backend, batching in (("vllm", True), ("transformers", True), ("transformers", False)):
+        for backend, batching in SERVING_CONFIGS:
             port = free_port()
             endpoint = f"http://127.0.0.1:{port}"
             args = [
@@ -84,6 +89,8 @@ def bench_serving(
             ]
             args += ["--batching" if batching else "--no-batching"]
             args += ["--set", f"policy.generation.backend={backend}"]
+            if backend == "transformers":
+                args += [a for override in BASELINE_OVERRIDES for a in ("--set", override)]
             with service("server", args, f"{endpoint}/v2/health/ready", root / "logs") as server:
                 warm = asyncio.run(
                     send_traffic(endpoint, requests[:8], env.click_model, concurrency=8, progress=False)
@@ -128,6 +135,8 @@ def bench_serving(
                             f"p99 {report.latency_p99_ms:.0f} ms; CPU s: {where}",
                         }
                     )
+    if {("vllm", True), ("transformers", True), ("transformers", False)} - set(SERVING_CONFIGS):
+        return {"cells": results}  # a probe of some configurations: no ratios
     engine = results["vllm, batching on, concurrency 32"]
     on, off = (results[f"transformers, batching {s}, concurrency 32"] for s in ("on", "off"))
     return {

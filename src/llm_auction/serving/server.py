@@ -41,6 +41,7 @@ from typing import Any
 
 import httpx
 import mlflow.artifacts
+import torch
 from prometheus_client import Counter, Gauge, Histogram, Summary
 from transformers import AutoConfig, AutoTokenizer
 
@@ -693,6 +694,8 @@ def serve(
     """Load the model, then serve until SIGINT/SIGTERM (KServe's REST server, bound to `host`)."""
     # KServe's routes answer with ORJSONResponse, which FastAPI deprecates: one warning per request.
     warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")
+    if settings.serving.torch_threads is not None:
+        torch.set_num_threads(settings.serving.torch_threads)
     model = AuctionModel(settings, model_dir, predictor_url, batching)
     model.load()
     server = kserve.ModelServer(http_port=port, enable_grpc=False, workers=1)
