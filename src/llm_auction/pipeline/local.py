@@ -7,6 +7,7 @@ import importlib
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -70,6 +71,12 @@ def run_local(pipeline_root: Path, log_path: Path | None = None, **arguments: An
         sink = stack.enter_context(log_path.open("a")) if log_path is not None else sys.stdout
         clock = StepClock(sink)
         stack.enter_context(contextlib.redirect_stdout(clock))  # type: ignore[type-var]
+        stack.enter_context(warnings.catch_warnings())
+        # Each step names its cluster image (CPU or CUDA) and resources (GPUs, CPU and memory limits);
+        # here every step runs in this environment by design, which kfp.local would otherwise say
+        # once per step on the console.
+        warnings.filterwarnings("ignore", "You may be attemping to run a task", RuntimeWarning)
+        warnings.filterwarnings("ignore", ".*have no effect in the current local runner", UserWarning)
         local.init(
             runner=local.SubprocessRunner(use_venv=False),
             pipeline_root=str(pipeline_root),
