@@ -363,9 +363,11 @@ def test_a_challenger_trained_on_the_champion_is_served_as_its_adapter(stack: St
     def served() -> dict:
         return httpx.get(f"{stack.endpoint}/served", timeout=10).json()
 
+    assert served()["engine_lora_rank"] is None  # no adapter to serve: the engine runs without LoRA
     try:
-        wait_until(lambda: served()["challenger_version"] == version, f"v{version} in the canary", 60)
+        wait_until(lambda: served()["challenger_version"] == version, f"v{version} in the canary", 90)
         assert served()["challenger_adapter"] is True and served()["policy_version"] == "1"
+        assert served()["engine_lora_rank"] == settings.policy.lora.r  # restarted able to serve it
         body = {"instances": [_instance(r) for r in stack.requests]}
         reply = httpx.post(stack.predict_url, json=body, headers=AUTH, timeout=120)
         assert reply.status_code == 200, reply.text

@@ -177,6 +177,7 @@ class VLLMGenerator:
     def __init__(
         self, model_dir: Path, cfg: GenerationConfig, lora_dir: Path | None = None, llm: Any = None
     ) -> None:
+        self.model_dir = model_dir
         self.cfg = cfg
         self.lora_dir = lora_dir
         if llm is None:
@@ -189,7 +190,7 @@ class VLLMGenerator:
 
     def with_config(self, cfg: GenerationConfig) -> VLLMGenerator:
         """The same engine sampling with other settings (temperature, top_p, length, grammar)."""
-        return VLLMGenerator(Path(), cfg, self.lora_dir, self.llm)
+        return VLLMGenerator(self.model_dir, cfg, self.lora_dir, self.llm)
 
     def generate(self, prompts: Sequence[str], n: int, seed: int) -> list[list[str]]:
         params = sampling_params(self.cfg, prompts, n, seed)
@@ -216,7 +217,9 @@ class AsyncVLLMGenerator:
         lora_dir: Path | None = None,
         engine: Any = None,
     ) -> None:
+        self.model_dir = model_dir
         self.cfg = cfg
+        self.lora_rank = lora_rank  # the largest adapter rank the engine serves; None: no LoRA
         self.lora_dir = lora_dir
         if engine is None:
             _prepare(cfg.vllm)
@@ -229,11 +232,12 @@ class AsyncVLLMGenerator:
         self.engine = engine
 
     def with_config(self, cfg: GenerationConfig) -> AsyncVLLMGenerator:
-        return AsyncVLLMGenerator(Path(), cfg, lora_dir=self.lora_dir, engine=self.engine)
+        return AsyncVLLMGenerator(self.model_dir, cfg, self.lora_rank, self.lora_dir, self.engine)
 
     def with_lora(self, lora_dir: Path) -> AsyncVLLMGenerator:
         """The same engine sampling base + `lora_dir`'s adapter (the engine was started with LoRA)."""
-        return AsyncVLLMGenerator(Path(), self.cfg, lora_dir=lora_dir, engine=self.engine)
+        assert self.lora_rank is not None and adapter_rank(lora_dir) <= self.lora_rank
+        return AsyncVLLMGenerator(self.model_dir, self.cfg, self.lora_rank, lora_dir, self.engine)
 
     async def generate(self, prompts: Sequence[str], n: int, seed: int) -> list[list[str]]:
         lora = lora_request(self.lora_dir)

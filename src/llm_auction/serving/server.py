@@ -50,7 +50,7 @@ from llm_auction.contracts import AuctionRequest
 from llm_auction.errors import ServiceUnavailable
 from llm_auction.features.retrieval import online_profile
 from llm_auction.features.store import open_store
-from llm_auction.policy.generation import AsyncVLLMGenerator, Generator, make_generator
+from llm_auction.policy.generation import AsyncVLLMGenerator, Generator, adapter_rank, make_generator
 from llm_auction.policy.prompt import build_prompt
 from llm_auction.reward.scorer import RewardScorer, feast_reward_scorer
 from llm_auction.serving.auction import AuctionInputError, parse_instances, prediction
@@ -196,14 +196,16 @@ def load_served(
 
 
 def _load_model(model_dir: Path, weights: bool, policy: PolicyConfig) -> tuple[Any, Any, int]:
-    """The version's sampler (vLLM's engine, able to serve an adapter of `policy.lora`'s rank on the
-    model; or the transformers model), tokenizer and context length.
+    """The version's sampler (vLLM's engine, or the transformers model), tokenizer and context length.
+
+    vLLM's engine starts without LoRA: on a CPU its LoRA kernels cost 30-40% of every step, adapter
+    or not; a challenger's adapter restarts the champion's engine with it (`_adapter_challenger`).
     """
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     generator: Generator | AsyncVLLMGenerator | None = None
     generation = policy.generation
     if weights and generation.backend == "vllm":
-        generator = AsyncVLLMGenerator(model_dir, generation, lora_rank=policy.lora.r)
+        generator = AsyncVLLMGenerator(model_dir, generation)
     elif weights:
         generator = make_generator(generation, model_dir)
     max_positions = int(AutoConfig.from_pretrained(model_dir, local_files_only=True).max_position_embeddings)
@@ -323,15 +325,20 @@ class AuctionModel(kserve.Model):
                     champion, version=old.version, generator=old.generator, tokenizer=old.tokenizer,
                     max_positions=old.max_positions,
                 )  # fmt: skip
+            elif pair := self._adapter_challenger(versions.challenger, champion):
+                champion, challenger = pair
             else:
-                challenger = self._adapter_challenger(versions.challenger, champion) or load_challenger(
+                challenger = load_challenger(
                     self.settings, self._scratch, versions.challenger, champion, self._weights
                 )
         return Arms(champion, challenger, self.settings.serving.canary_percent)
 
-    def _adapter_challenger(self, version: str, champion: ServedPolicy) -> ServedPolicy | None:
+    def _adapter_challenger(
+        self, version: str, champion: ServedPolicy
+    ) -> tuple[ServedPolicy, ServedPolicy] | None:
         """A challenger DPO trained on the champion, served as its LoRA adapter on the champion's
-        engine (a `LoRARequest`: no second engine, no merged weights); None when it is not one.
+        engine (a `LoRARequest`: no second engine, no merged weights), with the champion on an engine
+        that serves adapters (restarted with LoRA if it had none); None when it is not one.
         """
         name = self.settings.irpo.registered_model
         engine = champion.generator
@@ -340,11 +347,16 @@ class AuctionModel(kserve.Model):
         tags = registry.version_tags(self.settings.tracking, name, version)
         if tags.get(BASE_VERSION_TAG) != champion.version:
             return None
-        files = _registry_dir(self.settings, name, version, self._scratch)
-        if not (files / ADAPTER_DIR / "adapter_config.json").is_file():
+        adapter = _registry_dir(self.settings, name, version, self._scratch) / ADAPTER_DIR
+        if not (adapter / "adapter_config.json").is_file():
             return None
+        rank = max(self.settings.policy.lora.r, adapter_rank(adapter))
+        if engine.lora_rank is None or engine.lora_rank < rank:
+            logger.info("champion %s: its engine restarts able to serve LoRA adapters", champion.version)
+            engine = AsyncVLLMGenerator(engine.model_dir, engine.cfg, lora_rank=rank)
+            champion = replace(champion, generator=engine)  # the old engine retires (_close_retired)
         logger.info("challenger %s: its LoRA adapter on the champion %s", version, champion.version)
-        return replace(champion, version=version, generator=engine.with_lora(files / ADAPTER_DIR))
+        return champion, replace(champion, version=version, generator=engine.with_lora(adapter))
 
     def _can_split(self) -> bool:
         return self.predictor_url is None or self.settings.serving.challenger_predictor_url is not None
@@ -721,6 +733,7 @@ def serve(
             "challenger_adapter": arms is not None
             and arms.challenger is not None
             and getattr(arms.challenger.generator, "lora_dir", None) is not None,
+            "engine_lora_rank": getattr(arms.champion.generator, "lora_rank", None) if arms else None,
         }
 
     async def run() -> None:
