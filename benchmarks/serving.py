@@ -135,10 +135,13 @@ def bench_serving(
                             f"p99 {report.latency_p99_ms:.0f} ms; CPU s: {where}",
                         }
                     )
-    if {("vllm", True), ("transformers", True), ("transformers", False)} - set(SERVING_CONFIGS):
+    needed = [
+        f"{c}, concurrency 32"
+        for c in ("vllm, batching on", "transformers, batching on", "transformers, batching off")
+    ]
+    if not set(needed) <= results.keys():
         return {"cells": results}  # a probe of some configurations: no ratios
-    engine = results["vllm, batching on, concurrency 32"]
-    on, off = (results[f"transformers, batching {s}, concurrency 32"] for s in ("on", "off"))
+    engine, on, off = (results[cell] for cell in needed)
     return {
         "cells": results,
         "vllm_vs_micro_batcher_at_32": engine["rps"] / on["rps"],

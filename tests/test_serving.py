@@ -19,6 +19,7 @@ import yaml
 from helpers import register_champion
 from llm_auction.config import Settings, load_config
 from llm_auction.contracts import AuctionRequest
+from llm_auction.policy.generation import engine_lora_rank
 from llm_auction.policy.prompt import build_prompt
 from llm_auction.serving.collector import EventStore
 from llm_auction.simulator.experiment import Environment, export_public, user_profiles
@@ -367,7 +368,9 @@ def test_a_challenger_trained_on_the_champion_is_served_as_its_adapter(stack: St
     try:
         wait_until(lambda: served()["challenger_version"] == version, f"v{version} in the canary", 90)
         assert served()["challenger_adapter"] is True and served()["policy_version"] == "1"
-        assert served()["engine_lora_rank"] == settings.policy.lora.r  # restarted able to serve it
+        assert served()["engine_lora_rank"] == engine_lora_rank(
+            settings.policy.lora.r
+        )  # restarted able to serve it
         body = {"instances": [_instance(r) for r in stack.requests]}
         reply = httpx.post(stack.predict_url, json=body, headers=AUTH, timeout=120)
         assert reply.status_code == 200, reply.text

@@ -63,27 +63,39 @@ class WellFormedPages(LogitsProcessor):
         self.prompt_length = prompt_length
         self.max_ads = max_ads
         self.bracket_ids = bracket_ids
+        self.listed: torch.Tensor | None = None  # the prompts' markers: one generate call, same prompts
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         scores[:, self.bracket_ids.to(scores.device)] = float("-inf")
         markers = self.marker_ids.to(input_ids.device)
-        lengths = torch.full((input_ids.shape[0],), self.prompt_length, device=input_ids.device)
-        forbid = forbidden_markers(input_ids, lengths, markers, self.max_ads)[:, -1]
+        if self.listed is None:
+            self.listed = (input_ids[:, : self.prompt_length, None] == markers).any(1)
+        # Only the written part at each step (the prompt's markers are known): linear per response.
+        # The prompt's last token leads, so that the first step has a position to read.
+        written = input_ids[:, self.prompt_length - 1 :]
+        lengths = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        forbid = forbidden_markers(written, lengths, markers, self.max_ads, self.listed)[:, -1]
         scores[:, markers] = scores[:, markers].masked_fill(forbid, float("-inf"))
         return scores
 
 
 def forbidden_markers(
-    input_ids: torch.Tensor, prompt_lengths: torch.Tensor, markers: torch.Tensor, max_ads: int
+    input_ids: torch.Tensor,
+    prompt_lengths: torch.Tensor,
+    markers: torch.Tensor,
+    max_ads: int,
+    listed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(rows, positions, markers): the markers the page grammar forbids as the token after position
     p, given tokens <= p: not listed in the prompt, already written, or the budget spent. The one
     implementation of the rule, for sampling (last position) and for likelihoods (every position).
+    `listed` (rows, markers): the prompts' markers, when the caller knows them already.
     """
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
     in_prompt = (positions[None, :] < prompt_lengths[:, None])[:, :, None]
     is_marker = input_ids[:, :, None] == markers
-    listed = (is_marker & in_prompt).any(1)
+    if listed is None:
+        listed = (is_marker & in_prompt).any(1)
     written = (is_marker & ~in_prompt).cumsum(1) > 0
     full = written.sum(-1, keepdim=True) >= max_ads
     return ~listed[:, None, :] | written | full
@@ -219,7 +231,8 @@ class AsyncVLLMGenerator:
     ) -> None:
         self.model_dir = model_dir
         self.cfg = cfg
-        self.lora_rank = lora_rank  # the largest adapter rank the engine serves; None: no LoRA
+        # the largest adapter rank the engine serves (vLLM's rounded `max_lora_rank`); None: no LoRA
+        self.lora_rank = None if lora_rank is None else engine_lora_rank(lora_rank)
         self.lora_dir = lora_dir
         if engine is None:
             _prepare(cfg.vllm)
@@ -337,7 +350,7 @@ def engine_arguments(model_dir: Path, engine: VLLMEngineConfig, lora_rank: int |
     check_safetensors(model_dir)
     lora: dict[str, Any] = {}
     if lora_rank is not None:
-        lora = {"enable_lora": True, "max_lora_rank": next(r for r in VLLM_LORA_RANKS if r >= lora_rank)}
+        lora = {"enable_lora": True, "max_lora_rank": engine_lora_rank(lora_rank)}
     return {
         "model": str(model_dir),
         "seed": 0,
@@ -353,6 +366,16 @@ def engine_arguments(model_dir: Path, engine: VLLMEngineConfig, lora_rank: int |
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The adapter ranks vLLM's engine can be sized for (`max_lora_rank`)."""
+
+
+def engine_lora_rank(rank: int) -> int:
+    """The `max_lora_rank` an engine needs to serve adapters of rank `rank`: vLLM sizes only for
+    `VLLM_LORA_RANKS`.
+    """
+    fits = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not fits:
+        raise ValueError(f"policy.lora.r={rank}: vLLM serves adapters up to rank {VLLM_LORA_RANKS[-1]}")
+    return fits[0]
 
 
 def make_generator(
