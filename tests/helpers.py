@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from llm_auction.config import Settings
 
 TINY_EPOCH = {
@@ -98,3 +100,36 @@ def register_versions(settings: Settings, model_dir, n: int) -> list[str]:
             run.log_artifacts(model_dir, "policy")
             versions.append(registry.register_version(settings.tracking, name, run.run_id, "policy"))
     return versions
+
+
+BLOCK_ORACLE = """
+import importlib.abc, sys
+
+class _OracleSide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[:2] in (["llm_auction", "simulator"], ["llm_auction", "world"]):
+            raise ImportError(f"{name}: the oracle side is not available to the pipeline")
+        return None
+
+sys.meta_path.insert(0, _OracleSide())
+"""
+
+
+@contextlib.contextmanager
+def oracle_blocked(folder):
+    """Processes started inside begin with a sitecustomize (in `folder`) that refuses the simulator
+    and the world: a pipeline step that reached for the hidden truth would fail its run.
+    """
+    import os
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(BLOCK_ORACLE)
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(folder), before) if p)
+    try:
+        yield folder
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH")
+        else:
+            os.environ["PYTHONPATH"] = before

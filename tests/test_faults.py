@@ -58,8 +58,15 @@ def _config(root: Path, **sections: dict) -> Path:
     return path
 
 
-def _serve_args(config: Path, port: int, model_dir: Path, collector: str | None = None) -> list[str]:
+def _serve_args(
+    config: Path, port: int, model_dir: Path, collector: str | None = None, engine: str = "transformers"
+) -> list[str]:
+    """Shedding and a store going down are the server's business, not its engine's: by default
+    transformers' generate, which starts in seconds. The killed server runs vLLM (the default
+    engine, whose engine core is a child process the supervisor must outlive).
+    """
     args = ["serve", "--config", str(config), "--port", str(port), "--model-dir", str(model_dir)]
+    args += ["--set", f"policy.generation.backend={engine}"]
     return args + (["--logger-url", f"{collector}/v1/events"] if collector else [])
 
 
@@ -115,7 +122,7 @@ def test_a_killed_server_is_restarted_and_traffic_loses_no_request_and_no_click(
     with (
         service("collector", ["collector", "--store", str(store_dir), "--port", str(collector_port)],
                 f"{collector}/healthz", root / "logs"),
-        service("server", _serve_args(config, server_port, pi0[0], collector),
+        service("server", _serve_args(config, server_port, pi0[0], collector, engine="vllm"),
                 f"{endpoint}/v2/health/ready", root / "logs", restarts=1) as server,
     ):  # fmt: skip
         result = {}

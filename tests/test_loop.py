@@ -1,5 +1,6 @@
-"""The closed loop end to end: pi_0 serves, clicks come back, psi_0, one irpo-epoch run, the
-candidate's canary on live traffic beside the champion, the report."""
+"""The closed loop end to end: pi_0 serves, clicks come back, psi_0, one irpo-epoch run through
+kfp.local (its steps blocked from the oracle side), the candidate's canary on live traffic beside
+the champion, the report."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import pytest
 import yaml
 
-from helpers import TINY_EPOCH
+from helpers import TINY_EPOCH, oracle_blocked
 from llm_auction.config import load_config
 from llm_auction.mechanism.payments import expected_payments
 from llm_auction.serving.collector import EventStore
@@ -22,6 +23,50 @@ pytestmark = pytest.mark.slow
 
 class Crash(KeyboardInterrupt):
     """The loop's process stopped from outside (a node drained, someone pressed Ctrl-C)."""
+
+
+def pipelines_without_the_oracle(monkeypatch, folder) -> None:
+    """Every kfp.local step the loop starts runs with the simulator and the world unimportable (the
+    services, started before, are production code and need neither)."""
+    real = loop_module.run_local
+
+    def run_local(*args, **kwargs):
+        with oracle_blocked(folder):
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "run_local", run_local)
+
+
+def assert_the_epochs_steps_left_their_outputs(out, settings) -> None:
+    """What the irpo-epoch run of epoch 1 wrote: each step's artifact, the MLflow runs, the lineage."""
+    from mlflow.tracking import MlflowClient
+
+    (run_dir,) = (out / "pipeline" / "epoch-1").iterdir()
+    pairs = json.loads(next(run_dir.glob("build-preferences/pairs/pairs_stats.json")).read_text())
+    assert pairs["pairs"] > 0 and pairs["prompts_online"] > 0  # the prompts are the requests logged
+    assert next(run_dir.glob("build-preferences/pairs/pairs.parquet")).is_file()
+    assert next(run_dir.glob("train-pctr/pctr/pctr_config.json")).is_file()
+    assert next(run_dir.glob("train-dpo/policy/adapter/adapter_model.safetensors")).is_file()
+    evaluation = json.loads(next(run_dir.glob("evaluate/evaluation/evaluation.json")).read_text())
+    assert "<html" in next(run_dir.glob("evaluate/report")).read_text().lower()
+    assert set(evaluation["policies"]) == {"candidate", "champion", "pre_generation", "post_generation"}
+    assert "psi_t" in evaluation["section"] and evaluation["monotonicity"]["click_model"] == "psi_t"
+    assert evaluation["gate"]["admitted"] is True  # the test's gate admits any candidate
+    # No challenger served before this epoch: its canary step found nothing to decide.
+    verdict = json.loads(next(run_dir.glob("canary/result/canary.json")).read_text())
+    assert (verdict["champion"], verdict["challenger"], verdict["decision"]) == ("1", None, "none")
+
+    client = MlflowClient(tracking_uri=settings.tracking.uri)
+    experiment = client.get_experiment_by_name(settings.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.info.run_name == "irpo-epoch-1"]
+    assert parent.info.status == "FINISHED"
+    children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert {"ingest", "train-pctr", "irpo-pairs", "irpo-dpo", "evaluate"} <= children
+    candidate = client.get_model_version(settings.irpo.registered_model, "2")
+    assert candidate.tags["lineage.epoch"] == "1" and candidate.tags["gate.admitted"] == "true"
+    # the psi its pairs were scored by: a registered version (MlflowException otherwise)
+    client.get_model_version(settings.pctr.registered_model, candidate.tags["lineage.pctr_version"])
 
 
 def interrupt_the_last_canary(monkeypatch, out, config, pi0) -> dict:
@@ -75,6 +120,7 @@ def test_one_epoch_of_the_closed_loop_interrupted_and_resumed(pi0, tmp_path, cap
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "run"
+    pipelines_without_the_oracle(monkeypatch, tmp_path / "oracle-blocked")
     cut = interrupt_the_last_canary(monkeypatch, out, tmp_path / "config.yaml", pi0[0])
     report = run_loop(None, out, resume=True)
     assert run_loop(None, out, resume=True) == report  # finished: nothing left to resume
@@ -91,6 +137,7 @@ def test_one_epoch_of_the_closed_loop_interrupted_and_resumed(pi0, tmp_path, cap
         k: canary[k] for k in ("decision", "reason", "requests")
     }  # the verdict the crash cut off, taken again on the same logs
     settings = load_config(out / "config.yaml")  # the run's own, stores under `out`
+    assert_the_epochs_steps_left_their_outputs(out, settings)
     name = settings.irpo.registered_model
     after = registry.snapshot(settings.tracking, [name])[name]
     assert after == {"aliases": {"champion": "1"}, "history": "1"}  # the challenger left, nothing promoted
