@@ -76,6 +76,9 @@ finally:
 logger = logging.getLogger(__name__)
 
 RELOADS = Counter("llm_auction_policy_reloads", "Champion reloads", ["outcome"])
+ENGINE_STARTS = Counter(
+    "llm_auction_engine_starts", "Policy engines started (a vLLM engine or a model in memory): seconds each"
+)
 SERVED_VERSION = Gauge(
     "llm_auction_policy_version", "Registry version each arm serves (0: a model directory or none)", ["arm"]
 )
@@ -169,10 +172,12 @@ def load_served(
     model_dir: Path | None = None,
     versions: tuple | None = None,
     weights: bool = True,
+    lora_rank: int | None = None,
 ) -> ServedPolicy:
     """The policy of `model_dir`, else the registry's champion, with the champion pCTR if there is one.
 
-    Without `weights` (a transformer) only the tokenizer and the model's configuration are loaded.
+    Without `weights` (a transformer) only the tokenizer and the model's configuration are loaded;
+    with `lora_rank` vLLM's engine starts able to serve adapters up to that rank.
     """
     champion, _, pctr_version = versions or current_versions(settings)
     if model_dir is None:
@@ -185,17 +190,29 @@ def load_served(
         version = champion
     else:
         version = model_dir.name
-    generator, tokenizer, max_positions = _load_model(model_dir, weights, settings.policy)
-    scorer = None
-    if pctr_version is not None:
-        pctr_dir = _registry_dir(settings, settings.pctr.registered_model, pctr_version, scratch)
-        scorer = feast_reward_scorer(settings, pctr_dir)
+    generator, tokenizer, max_positions = _load_model(model_dir, weights, settings.policy, lora_rank)
     return ServedPolicy(
-        version, generator, tokenizer, max_positions, settings.policy.generation, scorer, pctr_version
+        version,
+        generator,
+        tokenizer,
+        max_positions,
+        settings.policy.generation,
+        load_scorer(settings, scratch, pctr_version),
+        pctr_version,
     )
 
 
-def _load_model(model_dir: Path, weights: bool, policy: PolicyConfig) -> tuple[Any, Any, int]:
+def load_scorer(settings: Settings, scratch: Path, pctr_version: str | None) -> RewardScorer | None:
+    """R under psi `pctr_version` with the online store's features; None before the first psi."""
+    if pctr_version is None:
+        return None
+    pctr_dir = _registry_dir(settings, settings.pctr.registered_model, pctr_version, scratch)
+    return feast_reward_scorer(settings, pctr_dir)
+
+
+def _load_model(
+    model_dir: Path, weights: bool, policy: PolicyConfig, lora_rank: int | None = None
+) -> tuple[Any, Any, int]:
     """The version's sampler (vLLM's engine, or the transformers model), tokenizer and context length.
 
     vLLM's engine starts without LoRA: on a CPU its LoRA kernels cost 30-40% of every step, adapter
@@ -205,9 +222,11 @@ def _load_model(model_dir: Path, weights: bool, policy: PolicyConfig) -> tuple[A
     generator: Generator | AsyncVLLMGenerator | None = None
     generation = policy.generation
     if weights and generation.backend == "vllm":
-        generator = AsyncVLLMGenerator(model_dir, generation)
+        generator = AsyncVLLMGenerator(model_dir, generation, lora_rank=lora_rank)
     elif weights:
         generator = make_generator(generation, model_dir)
+    if generator is not None:
+        ENGINE_STARTS.inc()
     max_positions = int(AutoConfig.from_pretrained(model_dir, local_files_only=True).max_position_embeddings)
     return generator, tokenizer, max_positions
 
@@ -305,13 +324,15 @@ class AuctionModel(kserve.Model):
         """The arms `versions` name, reusing what is already loaded; a model directory has no canary."""
         if versions is None:
             return Arms(load_served(self.settings, self._scratch, self.model_dir, weights=self._weights))
-        if current is not None and (current.champion.version, current.champion.pctr_version) == (
-            versions.champion,
-            versions.pctr,
-        ):
+        if current is not None and current.champion.version == versions.champion:
             champion = current.champion
-        else:
-            champion = load_served(self.settings, self._scratch, None, versions, self._weights)
+            if champion.pctr_version != versions.pctr:  # a new psi prices the same policy: its engine stays
+                scorer = load_scorer(self.settings, self._scratch, versions.pctr)
+                champion = replace(champion, scorer=scorer, pctr_version=versions.pctr)
+        else:  # an adapter challenger already in canary (a restart): the engine starts with LoRA
+            adapter = self._challenger_adapter(versions.challenger, versions.champion)
+            rank = None if adapter is None else self._lora_rank(adapter)
+            champion = load_served(self.settings, self._scratch, None, versions, self._weights, rank)
         challenger = None
         if versions.challenger is not None and not self._can_split():
             logger.warning(
@@ -340,23 +361,35 @@ class AuctionModel(kserve.Model):
         engine (a `LoRARequest`: no second engine, no merged weights), with the champion on an engine
         that serves adapters (restarted with LoRA if it had none); None when it is not one.
         """
-        name = self.settings.irpo.registered_model
         engine = champion.generator
         if not isinstance(engine, AsyncVLLMGenerator):
             return None
-        tags = registry.version_tags(self.settings.tracking, name, version)
-        if tags.get(BASE_VERSION_TAG) != champion.version:
+        adapter = self._challenger_adapter(version, champion.version)
+        if adapter is None:
             return None
-        adapter = _registry_dir(self.settings, name, version, self._scratch) / ADAPTER_DIR
-        if not (adapter / "adapter_config.json").is_file():
-            return None
-        rank = max(self.settings.policy.lora.r, adapter_rank(adapter))
+        rank = self._lora_rank(adapter)
         if engine.lora_rank is None or engine.lora_rank < rank:
             logger.info("champion %s: its engine restarts able to serve LoRA adapters", champion.version)
             engine = AsyncVLLMGenerator(engine.model_dir, engine.cfg, lora_rank=rank)
+            ENGINE_STARTS.inc()
             champion = replace(champion, generator=engine)  # the old engine retires (_close_retired)
         logger.info("challenger %s: its LoRA adapter on the champion %s", version, champion.version)
         return champion, replace(champion, version=version, generator=engine.with_lora(adapter))
+
+    def _challenger_adapter(self, version: str | None, champion: str | None) -> Path | None:
+        """`version`'s LoRA adapter when it was DPO-trained on `champion` and vLLM serves the policy."""
+        generation = self.settings.policy.generation
+        if version is None or not self._weights or generation.backend != "vllm" or not self._can_split():
+            return None
+        name = self.settings.irpo.registered_model
+        if registry.version_tags(self.settings.tracking, name, version).get(BASE_VERSION_TAG) != champion:
+            return None
+        adapter = _registry_dir(self.settings, name, version, self._scratch) / ADAPTER_DIR
+        return adapter if (adapter / "adapter_config.json").is_file() else None
+
+    def _lora_rank(self, adapter: Path) -> int:
+        """The rank an engine needs for `adapter` and for the next epoch's (the configured rank)."""
+        return max(self.settings.policy.lora.r, adapter_rank(adapter))
 
     def _can_split(self) -> bool:
         return self.predictor_url is None or self.settings.serving.challenger_predictor_url is not None

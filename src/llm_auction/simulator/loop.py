@@ -109,7 +109,9 @@ def sign_up(settings: Settings, feedback_dir: Path) -> None:
 
 
 def server_work(endpoint: str) -> dict[str, float]:
-    """The server's cumulative work (`/metrics`): seconds per stage, responses, characters, priced ads."""
+    """The server's cumulative work (`/metrics`): seconds per stage, responses, characters, priced ads,
+    engines started.
+    """
     text = httpx.get(f"{endpoint}/metrics", timeout=10).text
     work: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
@@ -118,6 +120,8 @@ def server_work(endpoint: str) -> dict[str, float]:
                 work[f"{sample.labels['stage']}_s"] = sample.value
             elif sample.name == "llm_auction_generated_total":
                 work[sample.labels["what"]] = sample.value
+            elif sample.name == "llm_auction_engine_starts_total":
+                work["engine_starts"] = sample.value
     return work
 
 
