@@ -213,8 +213,14 @@ def test_one_epoch_of_the_closed_loop_interrupted_and_resumed(pi0, tmp_path, cap
     assert all(r["seconds"] >= 0 for r in timings)
     assert sum(r["seconds"] for r in timings) <= report["wall_seconds"]
     assert "where the time went" in html
-    # The console shows the loop's progress, not kfp.local's executor input or the steps' output:
-    # those are in the run's log file.
-    printed = capfd.readouterr().out
+    # The console shows the loop's progress, not kfp.local's executor input, the steps' output or the
+    # libraries' notices: those are in the run's log files.
+    captured = capfd.readouterr()
+    printed = captured.out + captured.err
     assert "Executing task" not in printed and "executorInput" not in printed
+    assert "bootstrap: pi_0 serves" in printed  # the loop's own progress
+    # MLflow's notices (its store's tables, a registration) are in the phase's log, not on the console.
+    notice = "Creating initial MLflow database tables"
+    assert notice not in printed and "Successfully registered model" not in printed
+    assert notice in (out / "logs" / "pi0.log").read_text()
     assert "Executing task" in (out / "logs" / "pipeline-epoch-1.log").read_text()

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import datasets
 import httpx
 import pandas as pd
 import yaml
@@ -200,12 +202,21 @@ def timing_rows(rows: Sequence[Mapping[str, Any]], wall_seconds: float | None = 
 
 
 @contextlib.contextmanager
-def stdout_to(log_path: Path) -> Iterator[None]:
-    """What libraries print (TRL's step dictionaries, Feast's notices) goes to the run's log file;
-    the console keeps the loop's own progress (stderr) and errors.
+def output_to(log_path: Path) -> Iterator[None]:
+    """What libraries print or log (TRL's step dictionaries and progress bars, MLflow's and Feast's
+    notices, warnings) goes to the run's log file. The console keeps the loop's own progress (its
+    console holds the terminal's stream), and errors still reach it: they raise.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("a") as sink, contextlib.redirect_stdout(sink):
+    with (
+        log_path.open("a") as sink,
+        contextlib.redirect_stdout(sink),
+        contextlib.redirect_stderr(sink),
+        contextlib.ExitStack() as stack,
+    ):
+        if not datasets.are_progress_bars_disabled():  # one bar per dataset pass: noise, even in a file
+            datasets.disable_progress_bars()
+            stack.callback(datasets.enable_progress_bars)
         yield
 
 
@@ -226,7 +237,7 @@ class Loop:
         self.resume = resume
         self.settings = loop_settings(settings, self.out)
         self.epochs = epochs
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(file=sys.stderr)  # this stream, not one redirected later
         self.config_path = self.out / "config.yaml"
         self.feedback = self.out / "feedback"
         self.collector_store = self.out / "collector"
@@ -476,7 +487,11 @@ class Loop:
             plan = plan_traffic(env, self.epochs)
             held_out = self.export_public(env)
         if not state.done("pi_0"):
-            with clock("bootstrap", "pi_0"), stdout_to(self.logs / "pi0.log"):
+            with (
+                clock("bootstrap", "pi_0"),
+                self.console.status("pi_0: SFT (its progress: logs/pi0.log)"),
+                output_to(self.logs / "pi0.log"),
+            ):
                 self.bootstrap_policy(held_out)
             state.finish("pi_0")
         if not state.done("oracle references"):
@@ -487,7 +502,7 @@ class Loop:
         oracle_refs = state.data["oracle_refs"]
         if not state.done("sign-up"):
             self._say("feature store: users and ads sign up")
-            with clock("bootstrap", "sign-up (Feast)"), stdout_to(self.logs / "bootstrap.log"):
+            with clock("bootstrap", "sign-up (Feast)"), output_to(self.logs / "bootstrap.log"):
                 sign_up(self.settings, self.feedback)
             state.finish("sign-up")
         collector_port, server_port = free_port(), free_port()
@@ -567,7 +582,7 @@ class Loop:
 
             if not state.done("psi_0"):
                 self._say("psi_0: pCTR on pi_0's traffic")
-                with stdout_to(self.logs / "bootstrap.log"):
+                with output_to(self.logs / "bootstrap.log"):
                     with clock("bootstrap", "ingest"):
                         ingest_step.ingest(self.settings_json, str(self.feedback), *window, "")
                     with clock("bootstrap", "psi_0 (pCTR)"):
@@ -605,7 +620,7 @@ class Loop:
                 elif not state.done("traffic final canary"):
                     self._say("the last candidate was held by the offline gate: no final canary")
                 state.begin("final canary", registry=self.registry_snapshot())
-                with clock("final canary", "verdict"), stdout_to(self.logs / "final-canary.log"):
+                with clock("final canary", "verdict"), output_to(self.logs / "final-canary.log"):
                     canary = canary_step.canary(
                         self.settings_json, str(self.feedback), window[1], str(self.out / "final-canary"),
                         "", end=True, who="closed-loop",
