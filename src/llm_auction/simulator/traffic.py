@@ -9,6 +9,7 @@ collector. Clicks are seeded per request, so the same responses give the same cl
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
@@ -151,7 +152,15 @@ async def send_traffic(
     report = TrafficReport(skipped=sum(r.request_id in skip for r in requests))
     latencies: list[float] = []
     served_times: list[datetime] = []
-    bar = tqdm(total=len(requests) - report.skipped, desc="traffic", unit="req", disable=not progress)
+    # On a terminal the bar redraws in place; into a file or a CI log every redraw is a new line.
+    every_s = 0.1 if sys.stderr.isatty() else 15.0
+    bar = tqdm(
+        total=len(requests) - report.skipped,
+        desc="traffic",
+        unit="req",
+        disable=not progress,
+        mininterval=every_s,
+    )
     semaphore = asyncio.Semaphore(concurrency)
     predict_url = f"{endpoint.rstrip('/')}/v1/models/{model_name}:predict"
     clicks_url = f"{collector.rstrip('/')}/v1/clicks" if collector else None
