@@ -378,6 +378,33 @@ def test_the_marker_grammar_masks_unlisted_repeated_and_surplus_markers():
     assert torch.isinf(full[0, markers]).all() and not torch.isinf(full[0, :10]).any()  # budget spent
 
 
+def test_the_sampler_masks_what_the_likelihood_rule_masks_at_every_step():
+    """The sampler reads only the written part each step (the prompt's markers once); the likelihoods
+    read the whole sequence: the same grammar, so the same mask after every token.
+    """
+    from llm_auction.policy.generation import WellFormedPages, forbidden_markers
+
+    generator = torch.Generator().manual_seed(0)
+    markers, prompt_length, rows = torch.arange(40, 48), 12, 16
+    # Tokens 0..59: one in eight a marker, in the prompts and in what is written after them.
+    sequence = torch.randint(0, 60, (rows, prompt_length + 30), generator=generator)
+    grammar = WellFormedPages(markers, prompt_length, max_ads=3, bracket_ids=torch.tensor([0]))
+    lengths = torch.full((rows,), prompt_length)
+    for end in range(prompt_length, sequence.shape[1] + 1):
+        scores = grammar(sequence[:, :end], torch.zeros(rows, 60))
+        rule = forbidden_markers(sequence[:, :end], lengths, markers, 3)[:, -1]
+        assert torch.equal(torch.isinf(scores[:, markers]), rule), end
+    assert rule.any() and not rule.all()  # the rule both allowed and forbade markers here
+
+
+def test_an_engine_is_sized_for_the_smallest_lora_rank_vllm_offers_that_fits():
+    from llm_auction.policy.generation import engine_lora_rank
+
+    assert [engine_lora_rank(r) for r in (1, 2, 8, 9, 300, 512)] == [1, 8, 8, 16, 320, 512]
+    with pytest.raises(ValueError, match="policy.lora.r=600"):
+        engine_lora_rank(600)
+
+
 def test_constrained_sampling_writes_only_well_formed_pages(pi0, policy_env):
     from llm_auction.policy.generation import make_generator
 

@@ -215,8 +215,9 @@ def _load_model(
 ) -> tuple[Any, Any, int]:
     """The version's sampler (vLLM's engine, or the transformers model), tokenizer and context length.
 
-    vLLM's engine starts without LoRA: on a CPU its LoRA kernels cost 30-40% of every step, adapter
-    or not; a challenger's adapter restarts the champion's engine with it (`_adapter_challenger`).
+    vLLM's engine starts without LoRA unless `lora_rank` asks for it: on a CPU its LoRA kernels cost
+    30-40% of every step, adapter or not; a challenger's adapter restarts the champion's engine with
+    it (`_adapter_challenger`).
     """
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     generator: Generator | AsyncVLLMGenerator | None = None
@@ -324,13 +325,16 @@ class AuctionModel(kserve.Model):
         """The arms `versions` name, reusing what is already loaded; a model directory has no canary."""
         if versions is None:
             return Arms(load_served(self.settings, self._scratch, self.model_dir, weights=self._weights))
+        old = current.challenger if current is not None else None
+        kept = old is not None and old.version == versions.challenger
+        # A new challenger DPO-trained on the champion is served as its adapter (fetched once, here).
+        adapter = None if kept else self._challenger_adapter(versions.challenger, versions.champion)
         if current is not None and current.champion.version == versions.champion:
             champion = current.champion
             if champion.pctr_version != versions.pctr:  # a new psi prices the same policy: its engine stays
                 scorer = load_scorer(self.settings, self._scratch, versions.pctr)
                 champion = replace(champion, scorer=scorer, pctr_version=versions.pctr)
-        else:  # an adapter challenger already in canary (a restart): the engine starts with LoRA
-            adapter = self._challenger_adapter(versions.challenger, versions.champion)
+        else:  # with an adapter challenger already in canary (a restart) the engine starts with LoRA
             rank = None if adapter is None else self._lora_rank(adapter)
             champion = load_served(self.settings, self._scratch, None, versions, self._weights, rank)
         challenger = None
@@ -339,34 +343,28 @@ class AuctionModel(kserve.Model):
                 "challenger %s not served: a transformer needs serving.challenger_predictor_url",
                 versions.challenger,
             )
+        elif old is not None and kept:
+            challenger = replace(
+                champion, version=old.version, generator=old.generator, tokenizer=old.tokenizer,
+                max_positions=old.max_positions,
+            )  # fmt: skip
+        elif adapter is not None:
+            champion, challenger = self._adapter_challenger(versions.challenger, champion, adapter)
         elif versions.challenger is not None:
-            old = current.challenger if current is not None else None
-            if old is not None and old.version == versions.challenger:
-                challenger = replace(
-                    champion, version=old.version, generator=old.generator, tokenizer=old.tokenizer,
-                    max_positions=old.max_positions,
-                )  # fmt: skip
-            elif pair := self._adapter_challenger(versions.challenger, champion):
-                champion, challenger = pair
-            else:
-                challenger = load_challenger(
-                    self.settings, self._scratch, versions.challenger, champion, self._weights
-                )
+            challenger = load_challenger(
+                self.settings, self._scratch, versions.challenger, champion, self._weights
+            )
         return Arms(champion, challenger, self.settings.serving.canary_percent)
 
     def _adapter_challenger(
-        self, version: str, champion: ServedPolicy
-    ) -> tuple[ServedPolicy, ServedPolicy] | None:
-        """A challenger DPO trained on the champion, served as its LoRA adapter on the champion's
-        engine (a `LoRARequest`: no second engine, no merged weights), with the champion on an engine
-        that serves adapters (restarted with LoRA if it had none); None when it is not one.
+        self, version: str, champion: ServedPolicy, adapter: Path
+    ) -> tuple[ServedPolicy, ServedPolicy]:
+        """The challenger as `adapter` on the champion's engine (a `LoRARequest`: no second engine,
+        no merged weights), with the champion on an engine that serves adapters (restarted with LoRA
+        if it had none).
         """
         engine = champion.generator
-        if not isinstance(engine, AsyncVLLMGenerator):
-            return None
-        adapter = self._challenger_adapter(version, champion.version)
-        if adapter is None:
-            return None
+        assert isinstance(engine, AsyncVLLMGenerator)  # `_challenger_adapter` found one only for vLLM
         rank = self._lora_rank(adapter)
         if engine.lora_rank is None or engine.lora_rank < rank:
             logger.info("champion %s: its engine restarts able to serve LoRA adapters", champion.version)
@@ -377,7 +375,9 @@ class AuctionModel(kserve.Model):
         return champion, replace(champion, version=version, generator=engine.with_lora(adapter))
 
     def _challenger_adapter(self, version: str | None, champion: str | None) -> Path | None:
-        """`version`'s LoRA adapter when it was DPO-trained on `champion` and vLLM serves the policy."""
+        """`version`'s LoRA adapter, fetched from the registry, when it was DPO-trained on `champion`
+        and vLLM serves the policy here; else None (the challenger loads as a model of its own).
+        """
         generation = self.settings.policy.generation
         if version is None or not self._weights or generation.backend != "vllm" or not self._can_split():
             return None
