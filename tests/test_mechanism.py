@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from llm_auction.baselines import make_baseline
-from llm_auction.contracts import AuctionRequest
+from llm_auction.contracts import Allocator, AuctionRequest, SampledAllocator
 from llm_auction.mechanism.audits import audit_individual_rationality, audit_monotonicity
 from llm_auction.mechanism.grammar import render_response
 from llm_auction.mechanism.metrics import bootstrap
@@ -101,6 +101,35 @@ def test_monotonicity_audit_handles_sampled_rules(env: Environment):
     assert report.violations == []  # bid-blind: common random numbers give equal clicks at every level
     oracle = make_reference("oracle_greedy", env.settings, env.ground_truth)
     assert audit_monotonicity(oracle, requests, env.ground_truth, factors, n_samples=2).violations == []
+
+
+@dataclass
+class BatchSampler:
+    """A rule that also samples many requests in one batch, each from its own seed (as the LLM policy)."""
+
+    rule: Allocator
+    name: str = "batch_sampler"
+    batches: int = 0
+
+    def allocate(self, requests: list[AuctionRequest], rng: np.random.Generator) -> list[str]:
+        return self.rule.allocate(requests, rng)
+
+    def sample(self, requests: list[AuctionRequest], n: int, seeds: list[int]) -> list[list[str]]:
+        self.batches += 1
+        return [self.rule.allocate([r] * n, np.random.default_rng(s)) for r, s in zip(requests, seeds)]
+
+
+def test_the_audit_samples_a_batch_sampler_once_and_keeps_common_random_numbers(env: Environment):
+    requests = env.world.auction_requests(limit=10)
+    factors = env.settings.mechanism.monotonicity_factors
+    blind = BatchSampler(make_baseline("random", env.settings))
+    assert isinstance(blind, SampledAllocator) and not isinstance(LowestBidsWin(), SampledAllocator)
+    report = audit_monotonicity(blind, requests, env.ground_truth, factors, n_samples=8, seed=1)
+    assert blind.batches == 1 and report.n_checks == 10 * len(requests[0].ads) * (len(factors) - 1)
+    assert report.violations == []  # every bid level of a candidate drew the same responses
+    cheapest = BatchSampler(LowestBidsWin())
+    assert audit_monotonicity(cheapest, requests, env.ground_truth, factors, n_samples=2).violations
+    assert cheapest.batches == 1
 
 
 def test_individual_rationality_holds_for_truthful_first_price(env: Environment):

@@ -97,9 +97,22 @@ def test_sampling_is_seeded_and_batched(loaded, policy_env: Environment):
     assert len(first) == 256 and all(len(group) == 4 for group in first)
     assert generator.generate(prompts[:64], n=4, seed=11) == first[:64]
     assert generator.generate(prompts[:64], n=4, seed=12) != first[:64]
+    _assert_seeds_per_prompt(generator, prompts)
     flat = [s for group in first for s in group]
     assert format_report([r for r in held_out[:256] for _ in range(4)], flat, 3)["well_formed_rate"] >= 0.9
     assert len({s for group in first for s in group}) > 256  # samples differ within a prompt
+
+
+def _assert_seeds_per_prompt(generator, prompts: list[str]) -> None:
+    """With a seed per prompt, a prompt's samples depend on its seed alone, not on its batch."""
+    batch = generator.generate(prompts[:3], n=4, seed=[5, 6, 5])
+    assert batch[0] == generator.generate([prompts[0]], n=4, seed=[5])[0]
+    assert batch[2] == generator.generate([prompts[7], prompts[2]], n=4, seed=[9, 5])[1]
+    assert batch[0] != generator.generate([prompts[0]], n=4, seed=[6])[0]
+    same = generator.generate([prompts[1], prompts[1]], n=4, seed=[3, 3])
+    assert same[0] == same[1]
+    with pytest.raises(ValueError):
+        generator.generate(prompts[:3], n=4, seed=[1, 2])
 
 
 def test_policy_is_an_allocator(loaded, policy_env: Environment):
@@ -158,6 +171,7 @@ def test_vllm_samples_seeded_well_formed_pages_on_the_cpu(pi0, policy_env: Envir
     generator = VLLMGenerator(pi0[0], policy_env.settings.policy.generation)
     try:
         samples = generator.generate(prompts, n=4, seed=1)
+        _assert_seeds_per_prompt(generator, prompts)
         again = generator.generate(prompts, n=4, seed=1)
         other = generator.generate(prompts, n=4, seed=2)
         free = generator.with_config(policy_env.settings.policy.generation.model_copy(update={"max_ads": 1}))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -75,6 +75,18 @@ class Allocator(Protocol):
     name: str
 
     def allocate(self, requests: Sequence[AuctionRequest], rng: np.random.Generator) -> list[str]: ...
+
+
+@runtime_checkable
+class SampledAllocator(Allocator, Protocol):
+    """A sampled rule that also draws `n` responses for each of many requests in one batch, each
+    request from its own seed: its samples do not depend on the requests batched with it.
+
+    The audits batch with it (an LLM samples thousands of prompts in one call far faster than in
+    hundreds of small ones) and keep common random numbers: requests that share a seed share a stream.
+    """
+
+    def sample(self, requests: Sequence[AuctionRequest], n: int, seeds: Sequence[int]) -> list[list[str]]: ...
 
 
 class ClickModel(Protocol):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from llm_auction.contracts import Allocator, AuctionRequest, ClickModel
+from llm_auction.contracts import Allocator, AuctionRequest, ClickModel, SampledAllocator
 from llm_auction.mechanism.grammar import parse_response
 from llm_auction.mechanism.payments import payment_per_click as first_price
 
@@ -38,30 +38,47 @@ class MonotonicityReport:
         return len(self.violations) / self.n_checks if self.n_checks else 0.0
 
 
+def _sampled(
+    allocator: Allocator, cases: Sequence[AuctionRequest], streams: Sequence[tuple[int, ...]], n_samples: int
+) -> list[list[str]]:
+    """`n_samples` responses per case; cases with the same stream share their random numbers. A
+    `SampledAllocator` draws them all in one batch, any other rule one case at a time.
+    """
+    if isinstance(allocator, SampledAllocator):
+        seeds = [int(np.random.default_rng(list(stream)).integers(2**31)) for stream in streams]
+        return allocator.sample(cases, n_samples, seeds)
+    return [
+        allocator.allocate([case] * n_samples, np.random.default_rng(list(stream)))
+        for case, stream in zip(cases, streams, strict=True)
+    ]
+
+
 def _expected_clicks(
-    allocator: Allocator,
-    request: AuctionRequest,
-    ad_index: int,
+    cases: Sequence[AuctionRequest],
+    ad_indices: Sequence[int],
+    responses: Sequence[Sequence[str]],
     click_model: ClickModel,
-    n_samples: int,
-    seed: Sequence[int],
     max_ads: int | None,
-) -> tuple[float, float]:
-    """Mean and standard error of candidate `ad_index`'s expected clicks over sampled responses."""
-    responses = allocator.allocate([request] * n_samples, np.random.default_rng(list(seed)))
-    clicks = np.zeros(n_samples)
-    parsed = [parse_response(response, len(request.ads), max_ads) for response in responses]
-    shown = [s for s, p in enumerate(parsed) if ad_index in p.allocation]
+) -> list[tuple[float, float]]:
+    """Per case, mean and standard error over its sampled responses of candidate `ad_indices[c]`'s
+    expected clicks (0 where it is not shown).
+    """
+    shown = []  # (case, sample, allocation) where the case's candidate was inserted
+    for c, (request, samples) in enumerate(zip(cases, responses, strict=True)):
+        for s, response in enumerate(samples):
+            allocation = parse_response(response, len(request.ads), max_ads).allocation
+            if ad_indices[c] in allocation:
+                shown.append((c, s, allocation))
     # A click model may score many responses in one pass (psi does: one encoder and network call).
     many = getattr(click_model, "expected_ctr_many", None)
     if many is not None:
-        ctrs = many([request] * len(shown), [responses[s] for s in shown])
+        ctrs = many([cases[c] for c, _, _ in shown], [responses[c][s] for c, s, _ in shown])
     else:
-        ctrs = [click_model.expected_ctr(request, parsed[s].allocation, responses[s]) for s in shown]
-    for s, ctr in zip(shown, ctrs):
-        clicks[s] = ctr[parsed[s].allocation.index(ad_index)]
-    stderr = clicks.std(ddof=1) / np.sqrt(n_samples) if n_samples > 1 else 0.0
-    return float(clicks.mean()), float(stderr)
+        ctrs = [click_model.expected_ctr(cases[c], allocation, responses[c][s]) for c, s, allocation in shown]
+    clicks = [np.zeros(len(samples)) for samples in responses]
+    for (c, s, allocation), ctr in zip(shown, ctrs, strict=True):
+        clicks[c][s] = ctr[allocation.index(ad_indices[c])]
+    return [(float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0) for x in clicks]
 
 
 def audit_monotonicity(
@@ -77,26 +94,25 @@ def audit_monotonicity(
 ) -> MonotonicityReport:
     """Raise each candidate's bid by each factor in turn and check its expected clicks never fall.
 
-    One check compares two consecutive bid levels of one candidate in one request.
+    One check compares two consecutive bid levels of one candidate in one request. Every bid level
+    of one candidate is sampled with the same random stream (common random numbers).
     """
-    violations: list[MonotonicityViolation] = []
-    n_checks = 0
+    cases, ad_indices, streams = [], [], []
     for r, request in enumerate(requests):
         for i, ad in enumerate(request.ads):
-            levels = [
-                _expected_clicks(
-                    allocator,
-                    request.with_bid(i, ad.bid * f),
-                    i,
-                    click_model,
-                    n_samples,
-                    (seed, r, i),
-                    max_ads,
-                )
-                for f in factors
-            ]
+            for f in factors:
+                cases.append(request.with_bid(i, ad.bid * f))
+                ad_indices.append(i)
+                streams.append((seed, r, i))
+    responses = _sampled(allocator, cases, streams, n_samples)
+    levels = iter(_expected_clicks(cases, ad_indices, responses, click_model, max_ads))
+    violations: list[MonotonicityViolation] = []
+    n_checks = 0
+    for request in requests:
+        for i in range(len(request.ads)):
+            clicks = [next(levels) for _ in factors]
             for (f_lo, (c_lo, se_lo)), (f_hi, (c_hi, se_hi)) in zip(
-                zip(factors, levels), zip(factors[1:], levels[1:])
+                zip(factors, clicks), zip(factors[1:], clicks[1:])
             ):
                 n_checks += 1
                 if c_lo - c_hi > max(tolerance, z * float(np.hypot(se_lo, se_hi))):

@@ -34,3 +34,7 @@ class LLMPolicy:
     def allocate(self, requests: Sequence[AuctionRequest], rng: np.random.Generator) -> list[str]:
         samples = self.generator.generate(prompts_for(requests, self.profiles), 1, int(rng.integers(2**31)))
         return [group[0] for group in samples]
+
+    def sample(self, requests: Sequence[AuctionRequest], n: int, seeds: Sequence[int]) -> list[list[str]]:
+        """`n` responses per request, each request from its own seed, in one batch (`SampledAllocator`)."""
+        return self.generator.generate(prompts_for(requests, self.profiles), n, list(seeds))

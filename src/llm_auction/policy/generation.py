@@ -32,8 +32,13 @@ from llm_auction.policy.tokenizer import MAX_MARKERS
 logger = logging.getLogger(__name__)
 
 
+Seeds = int | Sequence[int]
+"""One seed for a call, or one per prompt: a prompt's samples then depend on its own seed only, not on
+the prompts batched with it (common random numbers across prompts that share a seed)."""
+
+
 class Generator(Protocol):
-    def generate(self, prompts: Sequence[str], n: int, seed: int) -> list[list[str]]:
+    def generate(self, prompts: Sequence[str], n: int, seed: Seeds) -> list[list[str]]:
         """`n` sampled responses for each prompt, in prompt order."""
         ...
 
@@ -140,8 +145,14 @@ class TransformersGenerator:
     def close(self) -> None:
         """Nothing to stop: the model is the caller's."""
 
+    def generate(self, prompts: Sequence[str], n: int, seed: Seeds) -> list[list[str]]:
+        if isinstance(seed, int):
+            return self._generate(prompts, n, seed)
+        # A seed per prompt: one prompt per call (its `n` rows are the batch), as its seed must rule alone.
+        return [self._generate([p], n, s)[0] for p, s in zip(prompts, seed, strict=True)]
+
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[str], n: int, seed: int) -> list[list[str]]:
+    def _generate(self, prompts: Sequence[str], n: int, seed: int) -> list[list[str]]:
         out: list[list[str]] = []
         device = self.model.device
         # fork_rng: seeding here must not change the caller's torch random stream.
@@ -204,7 +215,7 @@ class VLLMGenerator:
         """The same engine sampling with other settings (temperature, top_p, length, grammar)."""
         return VLLMGenerator(self.model_dir, cfg, self.lora_dir, self.llm)
 
-    def generate(self, prompts: Sequence[str], n: int, seed: int) -> list[list[str]]:
+    def generate(self, prompts: Sequence[str], n: int, seed: Seeds) -> list[list[str]]:
         params = sampling_params(self.cfg, prompts, n, seed)
         lora = lora_request(self.lora_dir)
         results = self.llm.generate(list(prompts), params, lora_request=lora, use_tqdm=False)
@@ -252,7 +263,7 @@ class AsyncVLLMGenerator:
         assert self.lora_rank is not None and adapter_rank(lora_dir) <= self.lora_rank
         return AsyncVLLMGenerator(self.model_dir, self.cfg, self.lora_rank, lora_dir, self.engine)
 
-    async def generate(self, prompts: Sequence[str], n: int, seed: int) -> list[list[str]]:
+    async def generate(self, prompts: Sequence[str], n: int, seed: Seeds) -> list[list[str]]:
         lora = lora_request(self.lora_dir)
 
         async def one(prompt: str, params: Any) -> list[str]:
@@ -274,14 +285,20 @@ class AsyncVLLMGenerator:
         self.engine.shutdown()
 
 
-def sampling_params(cfg: GenerationConfig, prompts: Sequence[str], n: int, seed: int) -> list[Any]:
+def sampling_params(cfg: GenerationConfig, prompts: Sequence[str], n: int, seed: Seeds) -> list[Any]:
     """Per prompt: `n` samples, its own seed (independent of the others and of batching: the same
-    call repeats), and the page grammar of the ads it lists.
+    call repeats; drawn from `seed` unless given per prompt), and the page grammar of the ads it lists.
     """
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-    seeds = np.random.SeedSequence(seed).generate_state(len(prompts)).tolist()
+    seeds = (
+        np.random.SeedSequence(seed).generate_state(len(prompts)).tolist()
+        if isinstance(seed, int)
+        else list(seed)
+    )
+    if len(seeds) != len(prompts):
+        raise ValueError(f"seed: {len(seeds)} seeds for {len(prompts)} prompts")
     return [
         SamplingParams(
             n=n,
@@ -294,7 +311,7 @@ def sampling_params(cfg: GenerationConfig, prompts: Sequence[str], n: int, seed:
             if cfg.max_ads is None
             else StructuredOutputsParams(grammar=page_grammar(listed_markers(prompt), cfg.max_ads)),
         )
-        for prompt, prompt_seed in zip(prompts, seeds)
+        for prompt, prompt_seed in zip(prompts, seeds, strict=True)
     ]
 
 
