@@ -29,11 +29,15 @@ EPOCHS ?= 3
 run: $(STAMP) ## the closed loop on the embedded local defaults: pi_0, psi_0, then $(EPOCHS) IRPO epochs (RESUME=1: continue)
 	$(BIN)/llm-auction run --out $(RUN_DIR) $(if $(RESUME),--resume,--epochs $(EPOCHS))
 
-test: $(STAMP) ## the test suite (slow end-to-end tests included)
-	$(BIN)/python -m pytest -q --durations=15
+# pytest-xdist workers; whole modules per worker (their servers and fixtures start once). Two fit
+# 2 cores: one test's process start-ups leave a core idle that the other worker's test takes.
+TEST_WORKERS ?= 2
+
+test: $(STAMP) ## the test suite (slow end-to-end tests included); TEST_WORKERS=0: one process
+	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP) ## the test suite without the slow end-to-end tests
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP) ## ruff, then the import contracts of pyproject.toml [tool.importlinter]
 	$(BIN)/ruff check src tests benchmarks feature_repo components pipelines

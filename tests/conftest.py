@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import json
+
 import pytest
+from filelock import FileLock
 
 from llm_auction.config import Settings, load_config
 from llm_auction.simulator.experiment import Environment, build_environment, split_requests, user_profiles
@@ -33,17 +36,33 @@ def policy_env() -> Environment:
 
 
 @pytest.fixture(scope="session")
-def pi0(policy_env: Environment, tmp_path_factory: pytest.TempPathFactory):
-    """pi_0 trained once per test session (the slowest fixture: about 95 s on 2 cores).
+def pi0(policy_env: Environment, tmp_path_factory: pytest.TempPathFactory, worker_id: str):
+    """pi_0 trained once per test run (the slowest fixture: about 95 s on 2 cores).
 
+    Under pytest-xdist the workers share it: the first to need it trains it under a file lock in
+    the run's common temporary folder, the others wait for it and load its card.
     Three SFT passes, not the default five: as well-formed on the held-out requests (1.0), 40% less time.
     """
     from llm_auction.policy.warm_start import init_policy
 
-    directory = tmp_path_factory.mktemp("pi0")
-    train, held_out = split_requests(policy_env)
-    card = init_policy(policy_env.settings, train, held_out, user_profiles(policy_env.world), directory)
-    return directory, card
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent  # every worker's base folder lies in this run's one folder
+    directory = root / "pi0"
+    with FileLock(root / "pi0.lock"):
+        if not (directory / "policy_card.json").is_file():
+            train, held_out = split_requests(policy_env)
+            init_policy(policy_env.settings, train, held_out, user_profiles(policy_env.world), directory)
+    return directory, json.loads((directory / "policy_card.json").read_text())
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with slow end-to-end tests first: pytest-xdist hands out whole modules
+    (`--dist loadfile`, their module fixtures start once), and a long module handed out last
+    would leave the other worker idle at the end.
+    """
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow)
 
 
 def untrained_scorer(env: Environment, lambda_page: float = 0.0):
