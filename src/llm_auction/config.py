@@ -525,7 +525,12 @@ class LoopConfig(_Section):
 
     bootstrap_requests: int = Field(2000, ge=1, description="pi_0's requests that train psi_0.")
     requests_per_epoch: int = Field(2000, ge=1, description="Requests the champion serves each epoch.")
-    concurrency: int = Field(8, ge=1, description="Requests in flight at once (simulated users).")
+    concurrency: int = Field(
+        16,
+        ge=1,
+        description="Requests in flight at once (simulated users). 16 serves the vLLM server fastest on 2 "
+        "cores: 600 requests in 17-19 s against 24.5 s at 8 and 18-19 s at 32 (p50 0.45 s vs 0.3 and 0.9 s).",
+    )
     mean_click_delay_s: float = Field(2.0, ge=0, description="Mean seconds between impression and click.")
     retry_budget_s: float = Field(
         120.0,
