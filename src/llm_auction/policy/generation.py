@@ -146,8 +146,8 @@ class TransformersGenerator:
         """Nothing to stop: the model is the caller's."""
 
     def generate(self, prompts: Sequence[str], n: int, seed: Seeds) -> list[list[str]]:
-        if isinstance(seed, int):
-            return self._generate(prompts, n, seed)
+        if not isinstance(seed, Sequence):
+            return self._generate(prompts, n, int(seed))
         # A seed per prompt: one prompt per call (its `n` rows are the batch), as its seed must rule alone.
         return [self._generate([p], n, s)[0] for p, s in zip(prompts, seed, strict=True)]
 
@@ -293,9 +293,9 @@ def sampling_params(cfg: GenerationConfig, prompts: Sequence[str], n: int, seed:
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
     seeds = (
-        np.random.SeedSequence(seed).generate_state(len(prompts)).tolist()
-        if isinstance(seed, int)
-        else list(seed)
+        list(seed)
+        if isinstance(seed, Sequence)
+        else np.random.SeedSequence(int(seed)).generate_state(len(prompts)).tolist()
     )
     if len(seeds) != len(prompts):
         raise ValueError(f"seed: {len(seeds)} seeds for {len(prompts)} prompts")
