@@ -52,7 +52,17 @@ def test_a_candidate_identical_to_the_champion_is_held(summary):
     assert not gate["admitted"]
     assert [c["name"] for c in gate["checks"] if not c["passed"]] == ["reward gain lower bound"]
     assert set(summary["policies"]) == {"candidate", "champion", "pre_generation", "post_generation"}
-    assert summary["monotonicity"]["n_checks"] > 0 and summary["monotonicity"]["click_model"] == "psi_t"
+    audit = summary["monotonicity"]
+    assert audit["n_checks"] > 0 and audit["click_model"] == "psi_t"
+    # how bids drive pi_0 (a change in insertion probability) and the audit's power, both measured
+    assert (
+        -1
+        <= audit["bid_doubling"]["ci"][0]
+        <= audit["bid_doubling"]["mean"]
+        <= audit["bid_doubling"]["ci"][1]
+        <= 1
+    )
+    assert 0 < audit["detectable_drop"] < 1 and audit["samples_per_level"] == 16
     assert "by construction" in summary["ir"]  # first price: IR is not a check that could fail
 
 
@@ -72,6 +82,7 @@ def test_the_report_and_the_review_card(evaluation, summary, tmp_path):
     ]  # fmt: skip
     html = (tmp_path / "report.html").read_text()
     assert "reward gain lower bound" in html and 'class="fail"' in html
+    assert "doubling a bid: insertion probability" in html and "samples per bid level" in html
     card = review_card(summary, "llm-auction-policy v2", {"report": "runs:/abc/evaluation/report.html"})
     assert card.startswith("## llm-auction-policy v2") and "**Offline gate: HOLD**" in card
     assert "| candidate |" in card and "[report](runs:/abc/evaluation/report.html)" in card

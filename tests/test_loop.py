@@ -130,6 +130,9 @@ def test_one_epoch_of_the_closed_loop_interrupted_and_resumed(pi0, tmp_path, cap
     assert (first["epoch"], first["policy_version"], first["gate"]) == (0, "1", None)
     assert last["epoch"] == 1 and last["gate"]["admitted"] is True
     assert last["gate"]["checks"] and all({"name", "passed"} <= set(c) for c in last["gate"]["checks"])
+    audit = last["candidate_monotonicity"]  # the candidate's response to a doubled bid, and the audit's power
+    assert first["candidate_monotonicity"] is None and audit["n_checks"] > 0
+    assert audit["bid_doubling"]["mean"] is not None and audit["detectable_drop"] > 0
     canary = last["canary"]
     assert (canary["challenger"], canary["champion"]) == ("2", "1")
     assert canary["decision"] == "inconclusive" and canary["reason"].startswith("too few requests")

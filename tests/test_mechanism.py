@@ -87,8 +87,10 @@ def test_monotonicity_audit_passes_pre_generation_and_flags_a_non_monotone_rule(
     report = audit_monotonicity(pre, requests, env.ground_truth, factors, max_ads=3)
     assert report.n_checks == 25 * len(requests[0].ads) * (len(factors) - 1)
     assert report.violations == []
+    assert report.bid_doubling.ci[0] > 0  # bids drive a bid-ranked auction
+    assert report.detectable_drop == 1e-9  # deterministic: every fall is seen
     bad = audit_monotonicity(LowestBidsWin(), requests, env.ground_truth, factors)
-    assert len(bad.violations) > 0
+    assert len(bad.violations) > 0 and bad.bid_doubling.ci[1] < 0
     v = bad.violations[0]
     assert v.clicks[1] < v.clicks[0] and v.factors[0] < v.factors[1]
 
@@ -99,6 +101,10 @@ def test_monotonicity_audit_handles_sampled_rules(env: Environment):
     random_rule = make_baseline("random", env.settings)
     report = audit_monotonicity(random_rule, requests, env.ground_truth, factors, n_samples=8, seed=1)
     assert report.violations == []  # bid-blind: common random numbers give equal clicks at every level
+    assert report.bid_doubling.mean == 0.0 and report.bid_doubling.ci == (0.0, 0.0)
+    assert 0 < report.detectable_drop < 1  # 8 samples per level: only a large enough fall is seen
+    finer = audit_monotonicity(random_rule, requests, env.ground_truth, factors, n_samples=64, seed=1)
+    assert finer.detectable_drop < report.detectable_drop
     oracle = make_reference("oracle_greedy", env.settings, env.ground_truth)
     assert audit_monotonicity(oracle, requests, env.ground_truth, factors, n_samples=2).violations == []
 

@@ -141,6 +141,8 @@ def _evaluate(
         n_samples=m.monotonicity_samples,
         seed=seed,
         max_ads=m.max_ads,
+        bootstrap_samples=m.bootstrap_samples,
+        ci_level=m.ci_level,
     )
     champion_itctr = rows["champion"]["itctr"].mean
     inputs = GateInputs(
@@ -171,6 +173,9 @@ def _evaluate(
             "n_checks": audit.n_checks,
             "violations": len(audit.violations),
             "violation_rate": audit.violation_rate,
+            "samples_per_level": m.monotonicity_samples,
+            "detectable_drop": None if np.isnan(audit.detectable_drop) else audit.detectable_drop,
+            "bid_doubling": None if audit.bid_doubling is None else audit.bid_doubling.to_dict(),
         },
         "ir": IR_NOTE,
         "gate": decision.to_dict(),
@@ -232,6 +237,21 @@ def epoch_history(settings: Settings, summary: Mapping[str, Any]) -> list[dict[s
     ]
 
 
+def bid_response_line(monotonicity: Mapping[str, Any]) -> str:
+    """How an ad's insertion probability answers a doubled bid, and what the audit can see."""
+    doubling, drop = monotonicity.get("bid_doubling"), monotonicity.get("detectable_drop")
+    parts = [
+        "doubling a bid: insertion probability "
+        + ("not measured (factors lack 1 and 2)" if doubling is None else format_estimate(doubling))
+    ]
+    if drop is not None:
+        parts.append(
+            f"the audit flags falls in expected clicks above {drop:.4f} "
+            f"({monotonicity.get('samples_per_level')} samples per bid level)"
+        )
+    return "; ".join(parts)
+
+
 def write_evaluation_report(
     evaluation: CandidateEvaluation, out_dir: Path, history: Sequence[Mapping[str, Any]] = ()
 ) -> list[Path]:
@@ -262,6 +282,7 @@ def write_evaluation_report(
             "reward gain": format_estimate(summary["gain"]["reward"]),
             "revenue gain under psi": format_estimate(summary["gain"]["revenue"]),
             "KL to reference": f"{summary['kl']:.4f}",
+            "bids drive the allocation": bid_response_line(summary["monotonicity"]),
             "gate": summary["gate"]["reason"],
         },
         {"policies": (header, table), "gate checks": (["check", "value", "bound", "result"], checks)},

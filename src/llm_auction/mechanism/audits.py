@@ -17,6 +17,7 @@ import pandas as pd
 
 from llm_auction.contracts import Allocator, AuctionRequest, ClickModel, SampledAllocator
 from llm_auction.mechanism.grammar import parse_response
+from llm_auction.mechanism.metrics import Estimate, bootstrap
 from llm_auction.mechanism.payments import payment_per_click as first_price
 
 
@@ -32,6 +33,12 @@ class MonotonicityViolation:
 class MonotonicityReport:
     n_checks: int
     violations: list[MonotonicityViolation] = field(default_factory=list)
+    detectable_drop: float = float("nan")
+    """The audit's power: median over checks (of candidates shown at either level) of the smallest
+    fall in expected clicks it flags at this sample size; smaller falls pass unseen."""
+    bid_doubling: Estimate | None = None
+    """Change in a candidate's insertion probability when its bid doubles (factors 1 and 2), mean over
+    requests of their candidates' changes, with its bootstrap interval over requests."""
 
     @property
     def violation_rate(self) -> float:
@@ -59,9 +66,9 @@ def _expected_clicks(
     responses: Sequence[Sequence[str]],
     click_model: ClickModel,
     max_ads: int | None,
-) -> list[tuple[float, float]]:
-    """Per case, mean and standard error over its sampled responses of candidate `ad_indices[c]`'s
-    expected clicks (0 where it is not shown).
+) -> list[tuple[float, float, float]]:
+    """Per case, over its sampled responses: mean and standard error of candidate `ad_indices[c]`'s
+    expected clicks (0 where it is not shown), and the share of responses that show it.
     """
     shown = []  # (case, sample, allocation) where the case's candidate was inserted
     for c, (request, samples) in enumerate(zip(cases, responses, strict=True)):
@@ -76,9 +83,14 @@ def _expected_clicks(
     else:
         ctrs = [click_model.expected_ctr(cases[c], allocation, responses[c][s]) for c, s, allocation in shown]
     clicks = [np.zeros(len(samples)) for samples in responses]
+    inserted = [np.zeros(len(samples)) for samples in responses]
     for (c, s, allocation), ctr in zip(shown, ctrs, strict=True):
         clicks[c][s] = ctr[allocation.index(ad_indices[c])]
-    return [(float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0) for x in clicks]
+        inserted[c][s] = 1.0
+    return [
+        (float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0, float(i.mean()))
+        for x, i in zip(clicks, inserted, strict=True)
+    ]
 
 
 def audit_monotonicity(
@@ -91,11 +103,15 @@ def audit_monotonicity(
     max_ads: int | None = None,
     z: float = 3.0,
     tolerance: float = 1e-9,
+    bootstrap_samples: int = 1000,
+    ci_level: float = 0.95,
 ) -> MonotonicityReport:
     """Raise each candidate's bid by each factor in turn and check its expected clicks never fall.
 
     One check compares two consecutive bid levels of one candidate in one request. Every bid level
-    of one candidate is sampled with the same random stream (common random numbers).
+    of one candidate is sampled with the same random stream (common random numbers). Beside the
+    verdict: the audit's power (`detectable_drop`) and how much bids drive the allocation
+    (`bid_doubling`, when the factors hold 1 and 2).
     """
     cases, ad_indices, streams = [], [], []
     for r, request in enumerate(requests):
@@ -106,20 +122,43 @@ def audit_monotonicity(
                 streams.append((seed, r, i))
     responses = _sampled(allocator, cases, streams, n_samples)
     levels = iter(_expected_clicks(cases, ad_indices, responses, click_model, max_ads))
+    doubling = (list(factors).index(1.0), list(factors).index(2.0)) if {1.0, 2.0} <= set(factors) else None
     violations: list[MonotonicityViolation] = []
-    n_checks = 0
+    thresholds: list[float] = []
+    doubling_by_request: list[float] = []
     for request in requests:
+        changes = []
         for i in range(len(request.ads)):
             clicks = [next(levels) for _ in factors]
-            for (f_lo, (c_lo, se_lo)), (f_hi, (c_hi, se_hi)) in zip(
+            if doubling is not None:
+                changes.append(clicks[doubling[1]][2] - clicks[doubling[0]][2])
+            for (f_lo, (c_lo, se_lo, p_lo)), (f_hi, (c_hi, se_hi, p_hi)) in zip(
                 zip(factors, clicks), zip(factors[1:], clicks[1:])
             ):
-                n_checks += 1
-                if c_lo - c_hi > max(tolerance, z * float(np.hypot(se_lo, se_hi))):
+                threshold = max(tolerance, z * float(np.hypot(se_lo, se_hi)))
+                if p_lo or p_hi:
+                    thresholds.append(threshold)
+                if c_lo - c_hi > threshold:
                     violations.append(
                         MonotonicityViolation(request.request_id, i, (f_lo, f_hi), (c_lo, c_hi))
                     )
-    return MonotonicityReport(n_checks, violations)
+        if changes:
+            doubling_by_request.append(float(np.mean(changes)))
+    n_checks = sum(len(r.ads) for r in requests) * (len(factors) - 1)
+    return MonotonicityReport(
+        n_checks,
+        violations,
+        detectable_drop=float(np.median(thresholds)) if thresholds else float("nan"),
+        bid_doubling=bootstrap(
+            np.asarray(doubling_by_request),
+            None,
+            bootstrap_samples,
+            ci_level,
+            np.random.default_rng([seed, 31]),
+        )
+        if doubling_by_request
+        else None,
+    )
 
 
 @dataclass(frozen=True)

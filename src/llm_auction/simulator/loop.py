@@ -685,6 +685,8 @@ def report_entry(
         if gate is None
         else {"admitted": bool(gate["admitted"]), "reason": gate.get("reason"), "checks": gate["checks"]},
         "held_out_requests": evaluation["requests"],
+        # the epoch's candidate: its monotonicity audit, power and response to a doubled bid (psi_t)
+        "candidate_monotonicity": evaluation.get("monotonicity") if epoch > 0 else None,
     }
 
 
@@ -736,7 +738,8 @@ def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
         [e["epoch"], e["policy_version"], *(fmt(e["policy"].get(m)) for m in metrics),
          fmt(e["reward_model"].get("reward")), fmt(e["reward_model"].get("revenue")),
          "" if e["gate"] is None else ("admitted" if e["gate"]["admitted"] else "held"),
-         (e.get("canary") or {}).get("decision", "")]
+         (e.get("canary") or {}).get("decision", ""),
+         fmt((e.get("candidate_monotonicity") or {}).get("bid_doubling"))]
         for e in epochs
     ]  # fmt: skip
 
@@ -791,6 +794,7 @@ def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
                     "revenue (psi)",
                     "offline gate",
                     "canary",
+                    "candidate: doubling a bid, insertion probability",
                 ],
                 rows,
             ),
