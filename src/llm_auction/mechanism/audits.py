@@ -129,11 +129,11 @@ def audit_monotonicity(
     for request in requests:
         changes = []
         for i in range(len(request.ads)):
-            clicks = [next(levels) for _ in factors]
+            by_level = [next(levels) for _ in factors]  # (clicks, their standard error, share shown)
             if doubling is not None:
-                changes.append(clicks[doubling[1]][2] - clicks[doubling[0]][2])
+                changes.append(by_level[doubling[1]][2] - by_level[doubling[0]][2])
             for (f_lo, (c_lo, se_lo, p_lo)), (f_hi, (c_hi, se_hi, p_hi)) in zip(
-                zip(factors, clicks), zip(factors[1:], clicks[1:])
+                zip(factors, by_level), zip(factors[1:], by_level[1:])
             ):
                 threshold = max(tolerance, z * float(np.hypot(se_lo, se_hi)))
                 if p_lo or p_hi:
