@@ -29,7 +29,7 @@ from llm_auction.errors import (
     UnknownEntityError,
     UnsafeCheckpointError,
 )
-from llm_auction.evaluation.card import format_estimate
+from llm_auction.evaluation.card import bid_response_line
 from llm_auction.mechanism.audits import audit_individual_rationality, audit_monotonicity
 from llm_auction.mechanism.metrics import METRICS, Estimate
 from llm_auction.public.catalog import HELD_OUT_FILE, Catalog, read_requests
@@ -334,11 +334,7 @@ def audit_monotonicity_cmd(
         f"{policy}: {len(report.violations)} violations in {report.n_checks} checks "
         f"(rate {report.violation_rate:.4f}, factors {list(m.monotonicity_factors)})"
     )
-    doubling = "n/a" if report.bid_doubling is None else format_estimate(report.bid_doubling.to_dict())
-    console.print(
-        f"  doubling a bid: insertion probability {doubling}; the audit flags falls in expected clicks "
-        f"above {report.detectable_drop:.4f} ({m.monotonicity_samples} samples per bid level)"
-    )
+    console.print(f"  {bid_response_line(report.power(m.monotonicity_samples))}")
     for v in report.violations[:10]:
         console.print(
             f"  {v.request_id} ad {v.ad_index + 1}: bid x{v.factors[0]} -> x{v.factors[1]}, "

@@ -23,7 +23,7 @@ from llm_auction.baselines import PRICED, make_baseline
 from llm_auction.config import Settings
 from llm_auction.contracts import AuctionRequest
 from llm_auction.errors import RegistryError
-from llm_auction.evaluation.card import CARD_METRICS, EVALUATION_FILE, format_estimate
+from llm_auction.evaluation.card import CARD_METRICS, EVALUATION_FILE, bid_response_line, format_estimate
 from llm_auction.evaluation.gate import GateInputs, decide
 from llm_auction.evaluation.offline import (
     price_responses,
@@ -173,9 +173,7 @@ def _evaluate(
             "n_checks": audit.n_checks,
             "violations": len(audit.violations),
             "violation_rate": audit.violation_rate,
-            "samples_per_level": m.monotonicity_samples,
-            "detectable_drop": None if np.isnan(audit.detectable_drop) else audit.detectable_drop,
-            "bid_doubling": None if audit.bid_doubling is None else audit.bid_doubling.to_dict(),
+            **audit.power(m.monotonicity_samples),
         },
         "ir": IR_NOTE,
         "gate": decision.to_dict(),
@@ -235,21 +233,6 @@ def epoch_history(settings: Settings, summary: Mapping[str, Any]) -> list[dict[s
             "baselines": baselines,
         },
     ]
-
-
-def bid_response_line(monotonicity: Mapping[str, Any]) -> str:
-    """How an ad's insertion probability answers a doubled bid, and what the audit can see."""
-    doubling, drop = monotonicity.get("bid_doubling"), monotonicity.get("detectable_drop")
-    parts = [
-        "doubling a bid: insertion probability "
-        + ("not measured (factors lack 1 and 2)" if doubling is None else format_estimate(doubling))
-    ]
-    if drop is not None:
-        parts.append(
-            f"the audit flags falls in expected clicks above {drop:.4f} "
-            f"({monotonicity.get('samples_per_level')} samples per bid level)"
-        )
-    return "; ".join(parts)
 
 
 def write_evaluation_report(

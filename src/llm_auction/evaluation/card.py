@@ -23,6 +23,21 @@ def format_estimate(estimate: Mapping[str, Any]) -> str:
     return f"{estimate['mean']:.4f} [{lo:.4f}, {hi:.4f}]"
 
 
+def bid_response_line(monotonicity: Mapping[str, Any]) -> str:
+    """How an ad's insertion probability answers a doubled bid, and what the audit can see."""
+    doubling, drop = monotonicity.get("bid_doubling"), monotonicity.get("detectable_drop")
+    parts = [
+        "doubling a bid: insertion probability "
+        + ("not measured (factors lack 1 and 2)" if doubling is None else format_estimate(doubling))
+    ]
+    if drop is not None:
+        parts.append(
+            f"the audit flags falls in expected clicks above {drop:.4f} "
+            f"({monotonicity.get('samples_per_level')} samples per bid level)"
+        )
+    return "; ".join(parts)
+
+
 def review_card(summary: Mapping[str, Any], title: str, links: Mapping[str, str] | None = None) -> str:
     """The version's description in the registry: candidate vs champion vs baselines, and the gate."""
     policies = summary["policies"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -43,6 +44,14 @@ class MonotonicityReport:
     @property
     def violation_rate(self) -> float:
         return len(self.violations) / self.n_checks if self.n_checks else 0.0
+
+    def power(self, samples_per_level: int) -> dict[str, Any]:
+        """`detectable_drop` and `bid_doubling` as JSON (None where not measured), with the sample size."""
+        return {
+            "samples_per_level": samples_per_level,
+            "detectable_drop": None if np.isnan(self.detectable_drop) else self.detectable_drop,
+            "bid_doubling": None if self.bid_doubling is None else self.bid_doubling.to_dict(),
+        }
 
 
 def _sampled(
