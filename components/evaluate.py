@@ -10,6 +10,7 @@ def evaluate(
     parent_run_id: str,
     candidate: Input[Model],
     champion_uri: str,
+    reference_uri: str,
     pctr: Input[Model],
     epoch: int,
     version: str,
@@ -17,7 +18,9 @@ def evaluate(
     report: Output[HTML],
     metrics: Output[Metrics],
 ) -> bool:
-    """Step 5: candidate vs champion vs baselines; True when every gate check clears."""
+    """Step 5: candidate vs champion vs baselines (KL to `reference_uri`, pi_{t-1}); True when every
+    gate check clears.
+    """
     import shutil
     from pathlib import Path
 
@@ -34,6 +37,7 @@ def evaluate(
             epoch,
             version,
             parent_run_id,
+            reference_uri,
         )
     shutil.copyfile(Path(evaluation.path) / "report.html", report.path)
     values = {"kl": summary["kl"], **{f"gain_{k}": g["mean"] for k, g in summary["gain"].items()}}

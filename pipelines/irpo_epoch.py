@@ -7,6 +7,9 @@
                  dsl.Else: admit (records the hold)
 
 Promotion is decided by live traffic only: the candidate this run admits is the next run's canary.
+The policy the epoch improves is the canary step's output: `policy_uri` when given, else
+`irpo.start_policy` (the champion, or the `head` alias: the latest admitted candidate that live
+traffic has not rolled back); the candidate is evaluated against the champion either way.
 
 Parameters map onto the configuration: `profile` and `config_path` pick it, the named parameters
 override single keys, and `overrides` (YAML) any others. `python -m pipelines.irpo_epoch` (`make
@@ -70,7 +73,7 @@ def irpo_epoch(
     window_start: str = "",
     window_end: str = "",
     feedback_dir: str = "/mnt/llm-auction/feedback",
-    policy_uri: str = "models:/llm-auction-policy@champion",
+    policy_uri: str = "",
     profile: str = "cluster",
     config_path: str = "",
     overrides: str = "",
@@ -88,8 +91,10 @@ def irpo_epoch(
             feedback_dir=feedback_dir,
             window_end=window_end,
             end_canary=end_canary,
+            policy_uri=policy_uri,
         )
     )
+    start = verdict.outputs["policy_uri"]  # pi_{t-1}, once the verdict is carried out
     ingested = _on_cluster(
         ingest(
             settings_json=settings,
@@ -113,7 +118,7 @@ def irpo_epoch(
             build_preferences(
                 settings_json=settings,
                 parent_run_id=parent,
-                policy_uri=policy_uri,
+                policy_uri=start,
                 pctr=pctr.outputs["pctr"],
                 feedback_dir=feedback_dir,
                 window_start=window_start,
@@ -122,13 +127,13 @@ def irpo_epoch(
             )
         ),
         GENERATION_GPUS,
-    ).after(verdict)  # the champion the canary leaves is the policy this epoch improves
+    )
     dpo = _on_gpus(
         _on_cluster(
             train_dpo(
                 settings_json=settings,
                 parent_run_id=parent,
-                policy_uri=policy_uri,
+                policy_uri=start,
                 pairs=pairs.outputs["pairs"],
                 epoch=epoch,
                 pctr_version=pctr.outputs["Output"],
@@ -142,7 +147,8 @@ def irpo_epoch(
                 settings_json=settings,
                 parent_run_id=parent,
                 candidate=dpo.outputs["policy"],
-                champion_uri=policy_uri,
+                champion_uri=verdict.outputs["champion_uri"],
+                reference_uri=start,
                 pctr=pctr.outputs["pctr"],
                 epoch=epoch,
                 version=dpo.outputs["Output"],

@@ -116,6 +116,34 @@ def test_the_verdict_moves_the_aliases_and_is_recorded(
     assert _decide(settings, tmp_path)["decision"] == "none"  # decided once; nothing left in canary
 
 
+@pytest.mark.parametrize(
+    ("ctr", "n", "decision", "improves"),
+    [
+        ({"champion": 0.05, "challenger": 0.30}, 1000, "promote", "champion"),
+        ({"champion": 0.30, "challenger": 0.05}, 1000, "rollback", "champion"),
+        ({"champion": 0.10, "challenger": 0.10}, 300, "inconclusive", "head"),
+    ],
+)
+def test_the_next_epoch_improves_the_head_unless_live_traffic_settled_it(
+    canary_registry, tmp_path, ctr, n, decision, improves
+):
+    settings, champion, challenger = canary_registry()
+    name = settings.irpo.registered_model
+    registry.set_alias(settings.tracking, name, registry.HEAD, challenger)  # as the gate step leaves it
+    live_traffic(tmp_path / "feedback", champion, challenger, ctr, n)
+    assert _decide(settings, tmp_path, end=True)["decision"] == decision
+    champion_uri = f"models:/{name}@champion"
+    head = registry.alias_version(settings.tracking, name, registry.HEAD)
+    assert head == (challenger if improves == "head" else None)  # promoted: it is the champion now
+    expected = f"models:/{name}/{challenger}" if improves == "head" else champion_uri
+    assert canary_step.start_policy(settings) == {"policy_uri": expected, "champion_uri": champion_uri}
+    proven = settings.model_copy(
+        update={"irpo": settings.irpo.model_copy(update={"start_policy": "champion"})}
+    )
+    assert canary_step.start_policy(proven)["policy_uri"] == champion_uri
+    assert canary_step.start_policy(settings, "models:/x/3")["policy_uri"] == "models:/x/3"  # given: kept
+
+
 def test_an_interrupted_verdict_is_undone_and_taken_again_identically(canary_registry, tmp_path):
     # `run --resume` after a crash between the verdict's registry moves and the loop's record of it.
     settings, champion, challenger = canary_registry()

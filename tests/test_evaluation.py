@@ -125,11 +125,13 @@ def test_the_gate_step_tags_the_version_and_admits_one_candidate_at_a_time_to_th
     held = gate_step(settings, failing, versions[1])
     assert not held["admitted"] and held["reason"] == "failed: format error rate"
     assert registry.alias_version(settings.tracking, name, "challenger") is None  # held: no canary
+    assert registry.alias_version(settings.tracking, name, registry.HEAD) is None  # nor the next base
 
     admitted = gate_step(settings, clear_summary(), versions[1])
     assert admitted["admitted"] and json.loads(json.dumps(admitted))["reason"].endswith("enters the canary")
     assert str(client.get_model_version_by_alias(name, "challenger").version) == versions[1]
     assert str(client.get_model_version_by_alias(name, "champion").version) == versions[0]  # not promoted
+    assert registry.alias_version(settings.tracking, name, registry.HEAD) == versions[1]  # next epoch's base
     version = client.get_model_version(name, versions[1])
     assert version.tags["gate.admitted"] == "true" and version.tags["lineage.epoch"] == "1"
     assert version.tags["gate.failed"] == "none" and version.tags["metric.gain_reward"] == "0.05"
@@ -139,3 +141,4 @@ def test_the_gate_step_tags_the_version_and_admits_one_candidate_at_a_time_to_th
     busy = gate_step(settings, clear_summary(), versions[2])  # one canary at a time
     assert not busy["admitted"] and busy["reason"] == "failed: canary slot free"
     assert str(client.get_model_version_by_alias(name, "challenger").version) == versions[1]
+    assert registry.alias_version(settings.tracking, name, registry.HEAD) == versions[1]

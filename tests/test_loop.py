@@ -143,7 +143,10 @@ def test_one_epoch_of_the_closed_loop_interrupted_and_resumed(pi0, tmp_path, cap
     assert_the_epochs_steps_left_their_outputs(out, settings)
     name = settings.irpo.registered_model
     after = registry.snapshot(settings.tracking, [name])[name]
-    assert after == {"aliases": {"champion": "1"}, "history": "1"}  # the challenger left, nothing promoted
+    # The challenger left, nothing promoted; inconclusive, v2 stays the head a next epoch would improve.
+    assert after == {"aliases": {"champion": "1", "head": "2"}, "history": "1"}
+    assert last["candidate"]["version"] == "2" and last["candidate"]["improves"] == f"models:/{name}@champion"
+    assert last["candidate"]["reward_model"]["reward"] == last["candidate"]["policy"]["reward"]
     assert last["policy_version"] == "1"  # not promoted: the champion stays
     arms = canary["arms"]
     assert arms["challenger"]["policy_versions"] == ["2"] and arms["champion"]["policy_versions"] == ["1"]

@@ -881,7 +881,11 @@ def pipeline_run(
         Path, typer.Option("--feedback", help="Feedback store folder (impressions/, clicks/).")
     ],
     policy: Annotated[
-        str, typer.Option("--policy", help="pi_{t-1}: models:/NAME@champion (default) or a policy directory.")
+        str,
+        typer.Option(
+            "--policy",
+            help="pi_{t-1}: a models:/ URI or a policy folder; default: irpo.start_policy (champion, head).",
+        ),
     ] = "",
     root: Annotated[Path, typer.Option("--root", help="kfp.local pipeline root (step outputs).")] = Path(
         "runs/local/pipeline"
@@ -903,7 +907,7 @@ def pipeline_run(
         window_start=start.isoformat(),
         window_end=end.isoformat(),
         feedback_dir=str(feedback.resolve()),
-        policy_uri=policy or f"models:/{settings.irpo.registered_model}@champion",
+        policy_uri=policy,
         profile=settings.profile,
         config_path=str(config.resolve()) if config else "",
         overrides=yaml.safe_dump(_parse_sets(sets)) if sets else "",

@@ -408,6 +408,15 @@ class IRPOConfig(_Section):
             "file; mixed: half each."
         ),
     )
+    start_policy: Literal["champion", "head"] = Field(
+        "head",
+        description=(
+            "The policy an epoch improves (pi_{t-1}, also DPO's reference): `champion`, proven on live "
+            "traffic; or `head` (registry alias), the latest candidate the offline gate admitted that "
+            "live traffic has not rolled back, else the champion: gains compound while a canary is "
+            "still too short to prove them."
+        ),
+    )
     registered_model: str = Field("llm-auction-policy", description="MLflow registered model name.")
     dpo: DPOConfig = DPOConfig()
     distributed: DistributedConfig = DistributedConfig()

@@ -434,7 +434,7 @@ class Loop:
             window_start=window[0],
             window_end=window[1],
             feedback_dir=str(self.feedback),
-            policy_uri=f"models:/{self.settings.irpo.registered_model}@champion",
+            policy_uri="",  # irpo.start_policy: the champion or the head the canary step leaves
             profile=self.settings.profile,
             config_path=str(self.config_path),
             overrides="",
@@ -687,6 +687,16 @@ def report_entry(
         "held_out_requests": evaluation["requests"],
         # the epoch's candidate: its monotonicity audit, power and response to a doubled bid (psi_t)
         "candidate_monotonicity": evaluation.get("monotonicity") if epoch > 0 else None,
+        # ... and what it earns, promoted or not, and the policy it improved (pi_{t-1})
+        "candidate": None
+        if epoch == 0
+        else {
+            "version": evaluation.get("lineage", {}).get("candidate_version"),
+            "improves": evaluation.get("lineage", {}).get("reference"),
+            "policy": {**oracle["candidate"], "reward": psi["candidate"]["reward"]},
+            "reward_model": psi["candidate"],
+            "kl_to_reference": evaluation.get("kl"),
+        },
     }
 
 
@@ -758,6 +768,13 @@ def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
         for e in epochs
         if (c := e.get("canary")) and c.get("arms")
     ]  # fmt: skip
+    candidate_rows = [
+        [e["epoch"], f"v{c['version']}", c["improves"], *(fmt(c["policy"].get(m)) for m in metrics),
+         fmt(c["reward_model"].get("reward")), fmt(c["reward_model"].get("revenue")),
+         "n/a" if c.get("kl_to_reference") is None else f"{c['kl_to_reference']:.3f}"]
+        for e in epochs
+        if (c := e.get("candidate"))
+    ]  # fmt: skip
     traffic_rows = [
         [t["phase"], t["served"], t["clicks"], f"{t['revenue']:.1f}", f"{t['throughput_rps']:.1f}",
          f"{t['latency_p50_ms']:.0f}", f"{t['latency_p99_ms']:.0f}", json.dumps(t["policy_versions"])]
@@ -797,6 +814,19 @@ def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
                     "candidate: doubling a bid, insertion probability",
                 ],
                 rows,
+            ),
+            "each epoch's candidate, promoted or not (held-out requests): oracle metrics (simulation "
+            "only) beside psi_t's estimates, the policy it improved and its KL to it": (
+                [
+                    "epoch",
+                    "candidate",
+                    "improves",
+                    *(f"{m} (oracle)" for m in metrics),
+                    "R (psi)",
+                    "revenue (psi)",
+                    "KL to it",
+                ],
+                candidate_rows,
             ),
             "each epoch's candidate in canary (live traffic, realised; always-valid sequences)": (
                 [

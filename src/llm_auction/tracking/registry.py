@@ -42,6 +42,9 @@ def register_version(
 
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+HEAD = "head"
+"""The tip of IRPO's line of candidates (`irpo.start_policy: head`): the latest version the offline
+gate admitted that live traffic has not rolled back; the next epoch improves it. Absent: the champion."""
 ADAPTER_DIR = "adapter"
 """A DPO version's LoRA adapter, beside its merged weights."""
 BASE_VERSION_TAG = "lineage.base_version"
@@ -211,8 +214,8 @@ def end_canary(
     card: str | None = None,
 ) -> None:
     """Record the canary's verdict on the version; `promote` makes it the champion, anything else
-    clears `challenger` (the champion stays) with the reason kept on the version. `card` (markdown)
-    is appended to the version's review card.
+    clears `challenger` (the champion stays) with the reason kept on the version; it stays `head`
+    only when inconclusive. `card` (markdown) is appended to the version's review card.
     """
     if decision not in ("promote", "rollback", "inconclusive"):
         raise ValueError(f"decision: {decision!r} is not promote, rollback or inconclusive")
@@ -235,6 +238,8 @@ def end_canary(
         promote(cfg, name, version, who, f"canary: {reason}")
     elif alias_version(cfg, name, CHALLENGER) == version:
         client.delete_registered_model_alias(name, CHALLENGER)
+    if decision != "inconclusive" and alias_version(cfg, name, HEAD) == version:
+        client.delete_registered_model_alias(name, HEAD)  # promoted: the champion; rolled back: gone
 
 
 def rollback(cfg: TrackingConfig, name: str, who: str, reason: str) -> tuple[str, str]:

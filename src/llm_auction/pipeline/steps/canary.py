@@ -78,6 +78,20 @@ def canary_status(
     return result, decision, outcomes
 
 
+def start_policy(settings: Settings, policy_uri: str = "") -> dict[str, str]:
+    """What this epoch improves and what its candidate must beat, read once the canary's verdict is
+    carried out: `policy_uri` (pi_{t-1}, DPO's reference and the KL's) is the given URI, else, by
+    `irpo.start_policy`, the `head` version or the champion; `champion_uri` is the champion.
+    """
+    name = settings.irpo.registered_model
+    champion = f"models:/{name}@{registry.CHAMPION}"
+    head = None
+    if not policy_uri and settings.irpo.start_policy == "head":
+        head = registry.alias_version(settings.tracking, name, registry.HEAD)
+    start = policy_uri or (f"models:/{name}/{head}" if head else champion)
+    return {"policy_uri": start, "champion_uri": champion}
+
+
 def canary(
     settings_json: str,
     feedback_dir: str,

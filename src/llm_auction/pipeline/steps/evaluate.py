@@ -35,12 +35,17 @@ def evaluate(
 
     On the public held-out request file; writes the report, logs it all to MLflow (child run
     `evaluate`) and returns the summary the gate reads. The drift KL is measured against the
-    candidate's DPO reference, which in the pipeline is the champion (the default).
+    candidate's DPO reference (pi_{t-1}: the champion unless given).
     """
     settings = settings_from(settings_json)
     requests = read_requests(settings.public_dir / HELD_OUT_FILE, settings.mechanism.max_bid)
     profiles = Catalog.load(settings.public_dir).profiles()
-    lineage = {"epoch": epoch, "candidate_version": version, "parent_run_id": parent_run_id}
+    lineage = {
+        "epoch": epoch,
+        "candidate_version": version,
+        "reference": reference_policy_uri or champion_policy_uri,  # pi_{t-1}: what DPO improved
+        "parent_run_id": parent_run_id,
+    }
     scorer = feast_reward_scorer(settings, Path(pctr_dir))
     out = Path(out_dir)
     with tempfile.TemporaryDirectory() as scratch:

@@ -33,7 +33,8 @@ def gate_step(
     """Tag the candidate version with its card and, if the offline gate admits it, make it the
     challenger: it enters the canary, where live traffic decides its promotion (`canary`).
 
-    One canary at a time: while another challenger is still in canary the candidate is held.
+    One canary at a time: while another challenger is still in canary the candidate is held. An
+    admitted candidate is also the `head` the next epoch improves (`irpo.start_policy: head`).
     """
     name = settings.irpo.registered_model
     inputs = dict(summary["gate_inputs"])
@@ -71,4 +72,6 @@ def gate_step(
     registry.annotate_version(settings.tracking, name, candidate_version, tags, description=card)
     if decision.admit:
         registry.enter_canary(settings.tracking, name, candidate_version, who)
+        if settings.irpo.start_policy == "head":
+            registry.set_alias(settings.tracking, name, registry.HEAD, candidate_version)
     return decision.to_dict()
