@@ -136,12 +136,12 @@ def test_the_next_epoch_improves_the_head_unless_live_traffic_settled_it(
     head = registry.alias_version(settings.tracking, name, registry.HEAD)
     assert head == (challenger if improves == "head" else None)  # promoted: it is the champion now
     expected = f"models:/{name}/{challenger}" if improves == "head" else champion_uri
-    assert canary_step.start_policy(settings) == {"policy_uri": expected, "champion_uri": champion_uri}
-    proven = settings.model_copy(
-        update={"irpo": settings.irpo.model_copy(update={"start_policy": "champion"})}
+    compounding = settings.model_copy(
+        update={"irpo": settings.irpo.model_copy(update={"start_policy": "head"})}
     )
-    assert canary_step.start_policy(proven)["policy_uri"] == champion_uri
-    assert canary_step.start_policy(settings, "models:/x/3")["policy_uri"] == "models:/x/3"  # given: kept
+    assert canary_step.start_policy(compounding) == {"policy_uri": expected, "champion_uri": champion_uri}
+    assert canary_step.start_policy(settings)["policy_uri"] == champion_uri  # the default waits for proof
+    assert canary_step.start_policy(compounding, "models:/x/3")["policy_uri"] == "models:/x/3"  # given: kept
 
 
 def test_an_interrupted_verdict_is_undone_and_taken_again_identically(canary_registry, tmp_path):

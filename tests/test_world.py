@@ -105,3 +105,13 @@ def test_auction_requests_carry_public_fields_only():
     assert request.request_id == world.requests["request_id"].iat[0]
     assert len(request.ads) == SMALL.k_candidates
     assert not hasattr(request.ads[0], "quality")
+
+
+def test_candidates_listed_by_bid_are_the_same_auctions_reordered():
+    retrieved = generate_world(SMALL, seed=3).requests
+    ranked = generate_world(SMALL.model_copy(update={"candidate_order": "bid"}), seed=3).requests
+    assert not all(list(b) == sorted(b, reverse=True) for b in retrieved["bids"])  # retrieval: unordered
+    for before, after in zip(retrieved.itertuples(), ranked.itertuples(), strict=True):
+        assert list(after.bids) == sorted(after.bids, reverse=True)
+        as_retrieved = set(zip(before.ad_ids, before.values, before.bids))
+        assert set(zip(after.ad_ids, after.values, after.bids)) == as_retrieved  # each ad keeps its own

@@ -41,6 +41,13 @@ class WorldConfig(_Section):
     retrieval_noise: float = Field(
         0.25, ge=0.0, le=1.0, description="Share of candidates retrieved from other categories."
     )
+    candidate_order: Literal["retrieval", "bid"] = Field(
+        "retrieval",
+        description=(
+            "Order of a request's candidates (and so of the prompt's ads): as retrieved (random), or "
+            "by bid, highest first, as a ranking stage in front of the LLM would list them."
+        ),
+    )
     value_log_mean: float = Field(0.0, description="Mean of log value-per-click (lognormal).")
     value_log_sigma: float = Field(0.5, gt=0.0, description="Spread of log value-per-click.")
     bid_strategy: Literal["truthful", "shade", "inflate", "mixed"] = Field(
@@ -409,12 +416,12 @@ class IRPOConfig(_Section):
         ),
     )
     start_policy: Literal["champion", "head"] = Field(
-        "head",
+        "champion",
         description=(
             "The policy an epoch improves (pi_{t-1}, also DPO's reference): `champion`, proven on live "
             "traffic; or `head` (registry alias), the latest candidate the offline gate admitted that "
-            "live traffic has not rolled back, else the champion: gains compound while a canary is "
-            "still too short to prove them."
+            "live traffic has not rolled back, else the champion, so gains a canary cannot yet prove "
+            "could compound (measured locally: they did not; README, IRPO)."
         ),
     )
     registered_model: str = Field("llm-auction-policy", description="MLflow registered model name.")

@@ -287,4 +287,17 @@ def generate_world(cfg: WorldConfig, seed: int) -> World:
     requests["values"], requests["bids"] = _auction_values_and_bids(
         requests, ads, advertisers, cfg, streams[5]
     )
+    if cfg.candidate_order == "bid":
+        requests = _by_bid(requests)
     return World(advertisers, ads, users, queries, requests, seed)
+
+
+def _by_bid(requests: pd.DataFrame) -> pd.DataFrame:
+    """Each request's candidates (ids, values, bids) reordered by bid, highest first (stable on ties)."""
+    orders = [np.argsort(-np.asarray(bids), kind="stable") for bids in requests["bids"]]
+    return requests.assign(
+        **{
+            column: [[row[i] for i in order] for row, order in zip(requests[column], orders, strict=True)]
+            for column in ("ad_ids", "values", "bids")
+        }
+    )

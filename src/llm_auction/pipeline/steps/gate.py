@@ -34,7 +34,7 @@ def gate_step(
     challenger: it enters the canary, where live traffic decides its promotion (`canary`).
 
     One canary at a time: while another challenger is still in canary the candidate is held. An
-    admitted candidate is also the `head` the next epoch improves (`irpo.start_policy: head`).
+    admitted candidate is also the `head`, which the next epoch improves under `irpo.start_policy: head`.
     """
     name = settings.irpo.registered_model
     inputs = dict(summary["gate_inputs"])
@@ -72,6 +72,5 @@ def gate_step(
     registry.annotate_version(settings.tracking, name, candidate_version, tags, description=card)
     if decision.admit:
         registry.enter_canary(settings.tracking, name, candidate_version, who)
-        if settings.irpo.start_policy == "head":
-            registry.set_alias(settings.tracking, name, registry.HEAD, candidate_version)
+        registry.set_alias(settings.tracking, name, registry.HEAD, candidate_version)
     return decision.to_dict()
