@@ -179,8 +179,9 @@ def test_one_epoch_of_the_closed_loop_interrupted_and_resumed(pi0, tmp_path, cap
         assert n <= arms["champion" if version == "1" else "challenger"]["requests"]
     assert bootstrap["clicks_acknowledged"] == bootstrap["clicks"] > 0
     # Engines started: pi_0's; none when psi_0 came (a new psi prices the same engine's samples); the
-    # restarted server, with the adapter challenger already in canary, starts one engine with LoRA.
-    assert [p["server"]["engine_starts"] for p in (bootstrap, epoch, final)] == [1, 0, 1]
+    # restarted server, with the challenger already in canary, starts the champion's and the
+    # challenger's (its own engine: an adapter on the champion's would leak into the champion's arm).
+    assert [p["server"]["engine_starts"] for p in (bootstrap, epoch, final)] == [1, 0, 2]
 
     store = EventStore(out / "collector")
     try:

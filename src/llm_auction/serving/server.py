@@ -327,7 +327,7 @@ class AuctionModel(kserve.Model):
             return Arms(load_served(self.settings, self._scratch, self.model_dir, weights=self._weights))
         old = current.challenger if current is not None else None
         kept = old is not None and old.version == versions.challenger
-        # A new challenger DPO-trained on the champion is served as its adapter (fetched once, here).
+        # A new challenger DPO-trained on the champion may be served as its adapter (fetched once, here).
         adapter = None if kept else self._challenger_adapter(versions.challenger, versions.champion)
         if current is not None and current.champion.version == versions.champion:
             champion = current.champion
@@ -375,11 +375,12 @@ class AuctionModel(kserve.Model):
         return champion, replace(champion, version=version, generator=engine.with_lora(adapter))
 
     def _challenger_adapter(self, version: str | None, champion: str | None) -> Path | None:
-        """`version`'s LoRA adapter, fetched from the registry, when it was DPO-trained on `champion`
-        and vLLM serves the policy here; else None (the challenger loads as a model of its own).
+        """`version`'s LoRA adapter, fetched from the registry, when `serving.challenger_adapter` is on,
+        it was DPO-trained on `champion` and vLLM serves the policy here; else None (the challenger
+        loads as a model of its own).
         """
-        generation = self.settings.policy.generation
-        if version is None or not self._weights or generation.backend != "vllm" or not self._can_split():
+        on = self.settings.serving.challenger_adapter and self.settings.policy.generation.backend == "vllm"
+        if not on or version is None or not self._weights or not self._can_split():
             return None
         name = self.settings.irpo.registered_model
         if registry.version_tags(self.settings.tracking, name, version).get(BASE_VERSION_TAG) != champion:
