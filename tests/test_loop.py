@@ -145,7 +145,7 @@ def test_one_epoch_of_the_closed_loop_interrupted_and_resumed(pi0, tmp_path, cap
     after = registry.snapshot(settings.tracking, [name])[name]
     # The challenger left, nothing promoted; inconclusive, v2 stays the head a next epoch would improve.
     assert after == {"aliases": {"champion": "1", "head": "2"}, "history": "1"}
-    assert last["candidate"]["version"] == "2" and last["candidate"]["improves"] == f"models:/{name}@champion"
+    assert last["candidate"]["version"] == "2" and last["candidate"]["improves"] == "1"  # the champion then
     assert last["candidate"]["reward_model"]["reward"] == last["candidate"]["policy"]["reward"]
     assert last["policy_version"] == "1"  # not promoted: the champion stays
     arms = canary["arms"]

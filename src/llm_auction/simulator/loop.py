@@ -670,7 +670,7 @@ def report_entry(
     `label` is the evaluation's policy that is champion after this epoch's gate ("candidate" when
     it was promoted). Epoch 0 (pi_0) has no gate: it is the first evaluation's champion.
     """
-    psi = evaluation["policies"]
+    psi, lineage = evaluation["policies"], evaluation.get("lineage", {})
     deployable = [b for b in psi if b not in ("candidate", "champion")]
     gate = evaluation["gate"] if epoch > 0 else None
     return {
@@ -691,8 +691,8 @@ def report_entry(
         "candidate": None
         if epoch == 0
         else {
-            "version": evaluation.get("lineage", {}).get("candidate_version"),
-            "improves": evaluation.get("lineage", {}).get("reference"),
+            "version": lineage.get("candidate_version"),
+            "improves": lineage.get("reference_version") or lineage.get("reference"),
             "policy": {**oracle["candidate"], "reward": psi["candidate"]["reward"]},
             "reward_model": psi["candidate"],
             "kl_to_reference": evaluation.get("kl"),
@@ -715,6 +715,11 @@ def revenue_change(first: float | None, last: float | None) -> str:
     if first == 0:
         return f"{first:.3f} -> {last:.3f} ({last - first:+.3f} absolute)"
     return f"{first:.3f} -> {last:.3f} ({last / first - 1:+.1%})"
+
+
+def _version_label(version: str | None) -> str:
+    """`v3` for a registered version, the policy's URI or path as it is otherwise."""
+    return f"v{version}" if version and str(version).isdigit() else str(version)
 
 
 def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
@@ -769,7 +774,8 @@ def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
         if (c := e.get("canary")) and c.get("arms")
     ]  # fmt: skip
     candidate_rows = [
-        [e["epoch"], f"v{c['version']}", c["improves"], *(fmt(c["policy"].get(m)) for m in metrics),
+        [e["epoch"], _version_label(c["version"]), _version_label(c["improves"]),
+         *(fmt(c["policy"].get(m)) for m in metrics),
          fmt(c["reward_model"].get("reward")), fmt(c["reward_model"].get("revenue")),
          "n/a" if c.get("kl_to_reference") is None else f"{c['kl_to_reference']:.3f}"]
         for e in epochs

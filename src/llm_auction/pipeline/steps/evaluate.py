@@ -16,7 +16,7 @@ from llm_auction.evaluation.card import EVALUATION_FILE
 from llm_auction.pipeline.steps.common import settings_from
 from llm_auction.public.catalog import HELD_OUT_FILE, Catalog, read_requests
 from llm_auction.reward.scorer import feast_reward_scorer
-from llm_auction.tracking.registry import resolve_model
+from llm_auction.tracking.registry import MODELS_PREFIX, registered_version, resolve_model
 from llm_auction.tracking.runs import lineage_tags, tracked_run
 
 
@@ -40,10 +40,14 @@ def evaluate(
     settings = settings_from(settings_json)
     requests = read_requests(settings.public_dir / HELD_OUT_FILE, settings.mechanism.max_bid)
     profiles = Catalog.load(settings.public_dir).profiles()
+    reference_uri = reference_policy_uri or champion_policy_uri  # pi_{t-1}: what DPO improved
     lineage = {
         "epoch": epoch,
         "candidate_version": version,
-        "reference": reference_policy_uri or champion_policy_uri,  # pi_{t-1}: what DPO improved
+        "reference": reference_uri,
+        "reference_version": registered_version(settings.tracking, reference_uri)[1]
+        if reference_uri.startswith(MODELS_PREFIX)
+        else "",
         "parent_run_id": parent_run_id,
     }
     scorer = feast_reward_scorer(settings, Path(pctr_dir))
