@@ -9,7 +9,7 @@ OVERLAY ?= dev
 IMAGE_REGISTRY ?= ghcr.io/llm-auction
 IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
 
-.PHONY: setup run test test-fast lint bench compile schedule images deploy clean
+.PHONY: setup run test test-fast lint bench ablation compile schedule images deploy clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,9 @@ schedule: $(STAMP) ## create or update the recurring irpo-epoch run: make schedu
 
 bench: $(STAMP) ## performance tables (measured side by side in one run)
 	$(BIN)/python -m benchmarks.run
+
+ablation: $(STAMP) ## IRPO's levers one at a time from a finished run's epoch 1 (RUN=runs/local), one table
+	$(BIN)/python -m benchmarks.ablation $(or $(RUN),$(RUN_DIR))
 
 images: ## build the container images (needs a running Docker daemon; fails clearly without one)
 	IMAGE_REGISTRY=$(IMAGE_REGISTRY) IMAGE_TAG=$(IMAGE_TAG) bash infra/build-images.sh

@@ -15,7 +15,8 @@ from llm_auction.config import load_config
 from llm_auction.errors import UnsafeCheckpointError
 from llm_auction.mechanism.diagnostics import bid_sensitivity, format_report
 from llm_auction.mechanism.grammar import listed_markers, marker, page_grammar, parse_response
-from llm_auction.policy.allocator import LLMPolicy, prompts_for
+from llm_auction.mechanism.ranking import restore_markers
+from llm_auction.policy.allocator import LLMPolicy, prompts_for, rank_requests
 from llm_auction.policy.generation import (
     AsyncVLLMGenerator,
     TransformersGenerator,
@@ -131,6 +132,29 @@ def test_policy_is_an_allocator(loaded, policy_env: Environment):
     responses = policy.allocate(held_out[:8], np.random.default_rng(0))
     assert responses == policy.allocate(held_out[:8], np.random.default_rng(0))
     assert all(isinstance(parse_response(r, 6).allocation, tuple) for r in responses)
+
+
+def test_a_ranked_policy_lists_by_ecpm_and_answers_in_the_request_order(loaded, policy_env: Environment):
+    """The ranking stage is part of the rule: the model reads the eCPM-ordered list, and what it
+    wrote comes back in the request's indices (the same samples as the unranked policy on the
+    listed requests, mapped back)."""
+    env = policy_env
+    model, tokenizer = loaded
+    generator = TransformersGenerator(model, tokenizer, env.settings.policy.generation)
+    profiles = user_profiles(env.world)
+    requests = split_requests(env)[1][:16]
+    rng = np.random.default_rng(3)
+    pctr = [rng.uniform(0.01, 0.3, len(r.ads)) for r in requests]
+    ranked = LLMPolicy(generator, profiles, ranker=lambda rs: pctr)
+    shown, orders = rank_requests(requests, lambda rs: pctr)
+    assert any(o != tuple(range(len(o))) for o in orders)
+    written = LLMPolicy(generator, profiles).allocate(shown, np.random.default_rng(0))
+    answers = ranked.allocate(requests, np.random.default_rng(0))
+    assert answers == [restore_markers(y, o) for y, o in zip(written, orders, strict=True)]
+    for request, listed_request, y, a in zip(requests, shown, written, answers, strict=True):
+        chosen = [listed_request.ads[i].ad_id for i in parse_response(y, 6).allocation]
+        assert [request.ads[i].ad_id for i in parse_response(a, 6).allocation] == chosen
+    assert any(y != a for y, a in zip(written, answers, strict=True))  # the mapping did something
 
 
 def test_pickle_checkpoints_are_refused(tmp_path: Path, loaded):

@@ -134,10 +134,12 @@ def _policy(spec: str, env: Environment, pctr: Path | None = None) -> Allocator:
     if kind == "model" and name:
         from llm_auction.policy.allocator import LLMPolicy
         from llm_auction.policy.generation import make_generator
+        from llm_auction.reward.scorer import ranker_for
         from llm_auction.simulator.experiment import user_profiles
 
         generator = make_generator(env.settings.policy.generation, Path(name))
-        return LLMPolicy(generator, user_profiles(env.world), name=spec)
+        ranker = ranker_for(env.settings, _scorer(env.settings, pctr))
+        return LLMPolicy(generator, user_profiles(env.world), name=spec, ranker=ranker)
     try:
         if kind == "oracle" and name:
             return make_reference(name, env.settings, env.ground_truth)

@@ -278,6 +278,14 @@ class PolicyConfig(_Section):
     warm_start: WarmStartConfig = WarmStartConfig()
     generation: GenerationConfig = GenerationConfig()
     lora: LoRAConfig = LoRAConfig()
+    ranking: Literal["as_listed", "ecpm"] = Field(
+        "as_listed",
+        description=(
+            "The ranking stage in front of the policy: list a request's candidates as it gives them, "
+            "or by bid x psi's standalone pCTR (eCPM), the score the decoupled auctions rank by "
+            "(before the first psi: as given). The response's markers refer to the request's order."
+        ),
+    )
     held_out_requests: int = Field(500, ge=1, description="Requests at the stream's end kept for evaluation.")
 
 

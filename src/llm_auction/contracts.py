@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -64,6 +64,10 @@ def check_bid_cap(request: AuctionRequest, max_bid: float) -> None:
     for i, ad in enumerate(request.ads):
         if ad.bid > max_bid:
             raise ValueError(f"ads.{i}.bid: {ad.bid} exceeds the maximum bid {max_bid}")
+
+
+CtrEstimator = Callable[[Sequence[AuctionRequest]], list[np.ndarray]]
+"""requests -> the pCTR of each candidate of each request (one call per batch: psi scores in one pass)."""
 
 
 class Allocator(Protocol):

@@ -22,13 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from llm_auction.config import Settings
-from llm_auction.contracts import Allocator, AuctionRequest
+from llm_auction.contracts import Allocator, AuctionRequest, CtrEstimator
 from llm_auction.mechanism.grammar import render_response
 from llm_auction.text.organic import organic_answer
 from llm_auction.text.reading import bridge_for, text_relevance, topic_of
 
-CtrEstimator = Callable[[Sequence[AuctionRequest]], list[np.ndarray]]
-"""requests -> the pCTR of each candidate of each request (one call per batch: psi scores in one pass)."""
 BASELINES = ("no_ads", "random", "pre_generation", "post_generation")
 PRICED = ("pre_generation", "post_generation")
 """The baselines that rank by bid x pCTR: they need a `CtrEstimator`."""

@@ -33,11 +33,12 @@ from llm_auction.evaluation.offline import (
 from llm_auction.evaluation.report import plot_comparison, plot_epoch_curves, write_report
 from llm_auction.mechanism.audits import audit_monotonicity
 from llm_auction.mechanism.metrics import bootstrap
-from llm_auction.policy.allocator import LLMPolicy, prompts_for
+from llm_auction.mechanism.ranking import to_listed_markers
+from llm_auction.policy.allocator import LLMPolicy, prompts_for, rank_requests
 from llm_auction.policy.generation import Generator, make_generator
 from llm_auction.policy.likelihood import response_logprobs
 from llm_auction.policy.model import load_policy
-from llm_auction.reward.scorer import PCTRClickModel, RewardScorer
+from llm_auction.reward.scorer import PCTRClickModel, RewardScorer, ranker_for
 from llm_auction.tracking import registry
 
 logger = logging.getLogger(__name__)
@@ -108,10 +109,11 @@ def _evaluate(
     m = settings.mechanism
     seed = settings.seed
     candidate_dir, champion_dir, reference_dir = directories
-    candidate = LLMPolicy(generators[0], profiles, "candidate")
+    ranker = ranker_for(settings, scorer)
+    candidate = LLMPolicy(generators[0], profiles, "candidate", ranker)
     allocators = [
         ("candidate", candidate),
-        ("champion", LLMPolicy(generators[1], profiles, "champion")),
+        ("champion", LLMPolicy(generators[1], profiles, "champion", ranker)),
         *[(name, make_baseline(name, settings, scorer.standalone_pctr)) for name in baselines],
     ]
     priced, rows = {}, {}
@@ -129,8 +131,11 @@ def _evaluate(
         )
         for metric in ("reward", "revenue")
     }
-    prompts = prompts_for(requests, profiles)
-    responses = priced["candidate"]["response"].tolist()
+    # The KL of what the sampler drew: the prompts as listed, the responses as written for them.
+    shown, orders = rank_requests(requests, ranker)
+    prompts = prompts_for(shown, profiles)
+    drawn = priced["candidate"]["response"]
+    responses = [to_listed_markers(y, o) for y, o in zip(drawn, orders, strict=True)]
     kl = drift_kl(candidate_dir, reference_dir, prompts, responses, settings.policy.generation.max_ads)
     audited = list(requests[: settings.gate.audit_requests])
     audit = audit_monotonicity(

@@ -10,9 +10,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from llm_auction.config import IRPOConfig
-from llm_auction.contracts import AuctionRequest
+from llm_auction.contracts import AuctionRequest, CtrEstimator
 from llm_auction.irpo.pairs import build_pairs, pair_statistics
-from llm_auction.policy.allocator import prompts_for
+from llm_auction.policy.allocator import prompts_for, rank_requests
 from llm_auction.policy.generation import Generator
 from llm_auction.reward.scorer import Scorer
 
@@ -58,8 +58,14 @@ def build_preference_set(
     cfg: IRPOConfig,
     seed: int,
     chunk: int = 256,
+    ranker: CtrEstimator | None = None,
 ) -> PreferenceSet:
-    """Sample, score and pair, a chunk of prompts at a time (one progress bar for the whole set)."""
+    """Sample, score and pair, a chunk of prompts at a time (one progress bar for the whole set).
+
+    With a `ranker` every step works on the requests as the prompt lists them (by bid x pCTR):
+    DPO learns the responses the policy wrote for that list, and R reads them against it.
+    """
+    requests, _ = rank_requests(requests, ranker)
     prompts = prompts_for(requests, profiles)
     samples: list[list[str]] = []
     rewards: list[np.ndarray] = []

