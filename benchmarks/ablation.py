@@ -2,10 +2,11 @@
 
 From a finished run (its pi_0, epoch 1's psi_1, feedback window and pair set) each row trains one
 candidate from pi_0 with one setting changed from the run's (DPO: beta, learning rate, passes,
-sft_weight, LoRA rank; the pair set: M, delta_th, lambda_page, the prompts' source), then a single
-`llm-auction evaluate` samples pi_0, every candidate and the deployable baselines on the run's
-held-out requests: oracle revenue, social welfare, ITCTR and ad load with 95% intervals, and R
-under psi_1 beside them. Each step is the CLI a user would run, in its own process; their MLflow
+sft_weight, LoRA rank; the pair set: M, delta_th, lambda_page, the prompts' source; the ranking
+stage), then `llm-auction evaluate` samples pi_0, every candidate and the deployable baselines on
+the run's held-out requests (one evaluation per way of serving, the same requests and seeds):
+oracle revenue, social welfare, ITCTR and ad load with 95% intervals, and R under psi_1 beside
+them. Each step is the CLI a user would run, in its own process; their MLflow
 runs go to a scratch store in the output folder, never into the run's registry.
 
 Writes OUT/ablation.json and OUT/ablation.md (the README's table); ABLATION_ROWS=a,b picks rows.
@@ -19,7 +20,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -79,27 +80,28 @@ class Inputs:
     pairs: Path
     feedback: Path
     window: str
-    settings: dict = field(default_factory=dict)
+    seed: int
 
 
 def run_inputs(run: Path) -> Inputs:
     """pi_0, epoch 1's psi and pair set, and its feedback window; a clear error for a run without them."""
+    if not (run / "state.json").is_file():
+        raise SystemExit(f"{run}: not a run folder (no state.json); `make run` writes runs/local")
     state = json.loads((run / "state.json").read_text())
     if "epoch-1" not in state.get("windows", {}):
         raise SystemExit(
             f"{run}: no finished epoch 1 (no window 'epoch-1' in state.json); run the loop first"
         )
     (epoch,) = (run / "pipeline" / "epoch-1").iterdir()
-    inputs = Inputs(
+    return Inputs(
         config=run / "config.yaml",
         pi0=run / "pi0",
         pctr=next(epoch.glob("train-pctr/pctr")),
         pairs=next(epoch.glob("build-preferences/pairs")),
         feedback=run / "feedback",
         window="/".join(state["windows"]["epoch-1"]),
+        seed=yaml.safe_load((run / "config.yaml").read_text())["seed"],
     )
-    inputs.settings = yaml.safe_load(inputs.config.read_text())
-    return inputs
 
 
 def cli(args: list[str], log: Path) -> None:
@@ -188,9 +190,8 @@ def table(rows: dict[str, dict], evaluation: dict) -> list[dict]:
 
 
 def markdown(lines: list[dict], evaluation: dict, inputs: Inputs) -> str:
-    seed = inputs.settings["seed"]
     head = (
-        f"Seed {seed}, the same {evaluation['requests']} held-out requests and sampling seeds for "
+        f"Seed {inputs.seed}, the same {evaluation['requests']} held-out requests and sampling seeds for "
         "every row; each candidate is DPO from pi_0 on epoch 1's psi_1 with one setting changed from "
         "the run's. A row with its own pair set samples it anew from pi_0 and scores it under psi_1 "
         "with the feature store as the run left it (its statistics have moved on since epoch 1): "
