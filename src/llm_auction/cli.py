@@ -138,7 +138,9 @@ def _policy(spec: str, env: Environment, pctr: Path | None = None) -> Allocator:
         from llm_auction.simulator.experiment import user_profiles
 
         generator = make_generator(env.settings.policy.generation, Path(name))
-        ranker = ranker_for(env.settings, _scorer(env.settings, pctr))
+        # psi loads only for the ranking stage: listed as given, a model needs none.
+        ecpm = env.settings.policy.ranking == "ecpm"
+        ranker = ranker_for(env.settings, _scorer(env.settings, pctr) if ecpm else None)
         return LLMPolicy(generator, user_profiles(env.world), name=spec, ranker=ranker)
     try:
         if kind == "oracle" and name:
