@@ -67,6 +67,14 @@ def test_crafted_counts():
     assert parsed.errors == {"duplicate": 1, "malformed": 2, "unknown": 1, "over_limit": 1}
     assert parsed.n_errors == 5
     assert parsed.organic_text == "Intro. more then and and"
+    # each inserted ad's lead-in: the text since the marker-like text before it, "" when none
+    assert parsed.lead_ins == ("Intro.", "", "")
+
+
+def test_lead_ins_are_the_text_right_before_each_inserted_ad():
+    parsed = parse_response("[AD 1] Pack light. Book early. [AD 3] [AD 2] Done.", 3)
+    assert parsed.allocation == (0, 2, 1)
+    assert parsed.lead_ins == ("", "Pack light. Book early.", "")
 
 
 def test_plain_text_and_edge_markers():

@@ -350,6 +350,9 @@ class PCTRConfig(_Section):
     hidden: tuple[int, ...] = Field((64,), description="MLP widths; more: capacity, overfitting.")
     dropout: float = Field(0.2, ge=0, lt=1, description="Dropout between MLP layers.")
     max_position: int = Field(8, ge=1, description="Positions with their own embedding; later ones share.")
+    context: bool = Field(
+        True, description="Read each ad's lead-in, the sentence right before its marker (native or not)."
+    )
     learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
     batch_size: int = Field(256, ge=1, description="Impressions per step.")

@@ -51,6 +51,10 @@ class ParsedResponse:
     """0-based candidate indices in order of appearance; position = place in this tuple + 1."""
     errors: Counter[str] = field(default_factory=Counter)
     organic_text: str = ""
+    lead_ins: tuple[str, ...] = ()
+    """Per inserted ad, the text between the marker-like text before it (or the start) and its
+    marker, stripped: what a reader sees right before the ad; "" when the ad opens the answer or
+    follows another marker."""
 
     @property
     def n_errors(self) -> int:
@@ -71,6 +75,7 @@ def parse_response(text: str, n_candidates: int, max_ads: int | None = None) -> 
         return ParsedResponse((), Counter(malformed=1))
     errors: Counter[str] = Counter()
     allocation: list[int] = []
+    lead_ins: list[str] = []
     organic_parts: list[str] = []
     cursor = 0
     for match in MARKER_LIKE.finditer(text):
@@ -89,9 +94,10 @@ def parse_response(text: str, n_candidates: int, max_ads: int | None = None) -> 
             errors["over_limit"] += 1
         else:
             allocation.append(index)
+            lead_ins.append(organic_parts[-1].strip())
     organic_parts.append(text[cursor:])
     organic = _SPACES.sub(" ", "".join(organic_parts)).strip()
-    return ParsedResponse(tuple(allocation), errors, organic)
+    return ParsedResponse(tuple(allocation), errors, organic, tuple(lead_ins))
 
 
 def render_response(

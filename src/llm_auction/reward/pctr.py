@@ -1,8 +1,10 @@
 """The pCTR reward model psi (LLM-Auction Eq. 3) and its BCE training (Eq. 4).
 
     z = W phi(.)  (one learned projection)
-    p_i = sigmoid(MLP([z_x; z_y; z_h; z_a; z_x*z_a; z_h*z_a; cosines; matches; e_h; e_{a_i}; e_pos; numeric]))
-    matches = (overlap(x, a_i), overlap(h, a_i)),   overlap(s, t) = |W(s) & W(t)| / min(|W(s)|, |W(t)|)
+    p_i = sigmoid(MLP([z_x; z_y; z_h; z_a; z_x*z_a; z_h*z_a; z_c; z_c*z_a; cosines; matches; e_h; e_{a_i};
+                       e_pos; numeric]))
+    matches = (overlap(x, a_i), overlap(h, a_i), overlap(c_i, a_i)),
+    overlap(s, t) = |W(s) & W(t)| / min(|W(s)|, |W(t)|)
 
 phi is the frozen sentence encoder (query x, response y, profile text h, ad text a_i); e_h and
 e_{a_i} are learnable user and ad embeddings, with index 0 for users and ads never seen (and ids
@@ -10,8 +12,11 @@ dropped to 0 at random during training, so that new ads and users are not blind:
 still speaks). W(s) is the set of content words of a text (lower-cased word tokens, a short list
 of English stopwords removed, a plural "s" folded): the classic exact-match features of ad
 ranking, computed from the texts alone, so that a word the encoder blurs (a product name) still
-counts, and no knowledge of how the world was generated reaches psi. Position and the other ads
-shown (how many, how many of the same category) let the model learn position bias and
+counts, and no knowledge of how the world was generated reaches psi. c_i is the ad's lead-in, the
+sentence right before its marker (`ad_context`; none when the ad opens the answer or follows another
+ad): the text a reader sees on the way to the ad, the classic context feature of native ads, read
+from the response alone (with `pctr.context` off, psi reads the whole response only). Position
+and the other ads shown (how many, how many of the same category) let the model learn position bias and
 externalities. A Platt scaling fitted on the validation split keeps the probabilities calibrated,
 which the reward R = sum b_i p_i needs.
 
@@ -39,6 +44,7 @@ from torch import nn
 
 from llm_auction.config import PCTRConfig
 from llm_auction.features.encoder import EMBEDDING_DIM, TextEncoder
+from llm_auction.mechanism.grammar import parse_response
 from llm_auction.policy.model import check_safetensors
 from llm_auction.reward.metrics import auc, calibration_by, expected_calibration_error, log_loss
 
@@ -50,6 +56,9 @@ STAT_PATTERN = re.compile(r"^(user|ad)_(ctr|clicks|impressions)_\d+d$")
 WEIGHTS, CONFIG = "model.safetensors", "pctr_config.json"
 PLATT_MIN_LOG_SLOPE = -20.0  # a >= exp(-20): positive, and far from float32 underflow
 N_SIMILARITIES = 6  # four embedding cosines and the two word overlaps of `text_matches`
+N_CONTEXT_SIMILARITIES = 3  # the lead-in's cosine and word overlap with the ad, and whether there is one
+ANY_MARKER = 10**6  # candidates when reading lead-ins: every well-formed marker counts
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 CHUNK_ROWS = 16_384  # impressions whose (4, 384) text embeddings are gathered at once outside training
 WORD = re.compile(r"[a-z0-9]+")
 # Function words of English only: a generic list, nothing picked for this world's vocabulary.
@@ -71,6 +80,8 @@ class PCTRNet(nn.Module):
         self.position = nn.Embedding(cfg.max_position + 1, 8)
         layers: list[nn.Module] = []
         width = 6 * cfg.text_dim + N_SIMILARITIES + 2 * cfg.id_dim + 8 + n_numeric
+        if cfg.context:
+            width += 2 * cfg.text_dim + N_CONTEXT_SIMILARITIES
         for hidden in cfg.hidden:
             layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(cfg.dropout)]
             width = hidden
@@ -86,9 +97,10 @@ class PCTRNet(nn.Module):
         position: torch.Tensor,
         numeric: torch.Tensor,
     ) -> torch.Tensor:
-        query, response, profile, ad_text = self.project(text).unbind(dim=1)
+        query, response, profile, ad_text, *context = self.project(text).unbind(dim=1)
+        lead_in = [context[0], context[0] * ad_text] if context else []
         x = torch.cat(
-            [query, response, profile, ad_text, query * ad_text, profile * ad_text, similarities,
+            [query, response, profile, ad_text, query * ad_text, profile * ad_text, *lead_in, similarities,
              self.user(user), self.ad(ad), self.position(position), numeric],
             dim=-1,
         )  # fmt: skip
@@ -98,8 +110,9 @@ class PCTRNet(nn.Module):
 @dataclass
 class Batch:
     """The model's inputs for N impressions. Texts are held once each: `texts` has one row per
-    distinct embedding and `text_index` (N, 4) points each impression at its query, response,
-    profile and ad, so memory grows with the distinct texts, not 6 KB an impression.
+    distinct embedding and `text_index` (N, 4 or 5) points each impression at its query, response,
+    profile, ad and (with `pctr.context`) lead-in, so memory grows with the distinct texts, not
+    6 KB an impression.
     """
 
     texts: torch.Tensor
@@ -112,7 +125,7 @@ class Batch:
 
     @property
     def text(self) -> torch.Tensor:
-        """(N, 4, EMBEDDING_DIM): query, response, profile and ad embeddings of each impression."""
+        """(N, 4 or 5, EMBEDDING_DIM): query, response, profile, ad (and lead-in) embeddings."""
         return self.texts[self.text_index]
 
     def __len__(self) -> int:
@@ -158,6 +171,50 @@ def _encoded(texts: pd.Series, encoder: TextEncoder) -> tuple[np.ndarray, np.nda
     """(embeddings of the distinct texts, row -> text): each distinct text encoded once."""
     codes, distinct = pd.factorize(texts.astype(str))
     return encoder.encode(list(distinct)), codes.astype(np.int64)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _lead_ins(response: str) -> tuple[str, ...]:
+    return parse_response(response, ANY_MARKER).lead_ins
+
+
+def ad_context(response: str, position: int) -> str:
+    """The sentence right before the ad at `position` (1-based, as the impression logs count) in
+    `response`; "" when the ad opens the answer, follows another marker or is not there.
+    """
+    lead_ins = _lead_ins(response)
+    if not 1 <= position <= len(lead_ins) or not lead_ins[position - 1]:
+        return ""
+    return SENTENCE_END.split(lead_ins[position - 1])[-1]
+
+
+def ad_contexts(frame: pd.DataFrame) -> pd.Series:
+    """Each row's lead-in: the frame's `ad_context` column where it has one (a counterfactual that
+    moves an ad but keeps its text), else `ad_context` of its response and position.
+    """
+    if "ad_context" in frame.columns:
+        return frame["ad_context"].fillna("").astype(str)
+    seen: dict[tuple[str, int], str] = {}
+    contexts = []
+    for pair in zip(frame["response"].astype(str), frame["position"].astype(int)):
+        context = seen.get(pair)
+        if context is None:
+            context = seen[pair] = ad_context(*pair)
+        contexts.append(context)
+    return pd.Series(contexts, index=frame.index, dtype=object)
+
+
+def _contexts(frame: pd.DataFrame, encoder: TextEncoder) -> tuple[pd.Series, np.ndarray, np.ndarray]:
+    """(each row's lead-in, embeddings of the distinct lead-ins, row -> lead-in); no lead-in is a
+    zero vector, so its cosines are 0 and the lead-in flag tells it apart.
+    """
+    series = ad_contexts(frame)
+    codes, distinct = pd.factorize(series)
+    table = np.zeros((len(distinct), EMBEDDING_DIM), dtype=np.float32)
+    present = [i for i, text in enumerate(distinct) if text]
+    if present:
+        table[present] = encoder.encode([distinct[i] for i in present])
+    return series, table, codes.astype(np.int64)
 
 
 def _embeddings(
@@ -256,18 +313,27 @@ class PCTRModel:
             _embeddings(frame, "profile_embedding", "profile_text", encoder),
             _embeddings(frame, "ad_embedding", "ad_text", encoder),
         ]
+        if self.cfg.context:
+            contexts, *context_part = _contexts(frame, encoder)
+            parts.append(tuple(context_part))
         offsets = np.cumsum([0] + [len(table) for table, _ in parts[:-1]])
         texts = np.concatenate([table for table, _ in parts]).astype(np.float32, copy=False)
         text_index = np.stack([index + offset for (_, index), offset in zip(parts, offsets)], axis=1)
         # Relevance and interest are similarities: give the MLP the products and cosines directly
         # (phi is L2-normalised), instead of asking it to learn them from a few thousand clicks;
         # the word overlaps add the exact matches. Computed a slice of rows at a time (bounded memory).
-        cosines = np.empty((len(frame), 4), dtype=np.float32)
+        cosines = np.empty((len(frame), 4 + self.cfg.context), dtype=np.float32)
         for start in range(0, len(frame), CHUNK_ROWS):
-            query, response, profile, ad = texts[text_index[start : start + CHUNK_ROWS]].transpose(1, 0, 2)
-            products = (query * ad, profile * ad, response * ad, query * profile)
+            query, response, profile, ad, *lead_in = texts[text_index[start : start + CHUNK_ROWS]].transpose(
+                1, 0, 2
+            )
+            products = (query * ad, profile * ad, response * ad, query * profile, *(c * ad for c in lead_in))
             cosines[start : start + CHUNK_ROWS] = np.stack([p.sum(1) for p in products], axis=1)
-        similarities = np.concatenate([cosines, np.stack(text_matches(frame), axis=1)], axis=1)
+        similarities = [cosines, np.stack(text_matches(frame), axis=1)]
+        if self.cfg.context:
+            ad_text = frame["ad_text"] if "ad_text" in frame.columns else pd.Series("", index=frame.index)
+            similarities.append(np.stack([_overlaps(contexts, ad_text), contexts.ne("")], axis=1))
+        similarities = np.concatenate(similarities, axis=1)
         numeric = (
             np.stack([_numeric_column(frame, c) for c in self.numeric_columns], axis=1)
             if self.numeric_columns
@@ -326,7 +392,8 @@ class PCTRModel:
         """Load weights (safetensors only) and the spec saved beside them."""
         check_safetensors(directory)
         spec = json.loads((directory / CONFIG).read_text())
-        cfg = PCTRConfig.model_validate(spec["config"])
+        # psi saved before `pctr.context` existed read the whole response only.
+        cfg = PCTRConfig.model_validate({"context": False, **spec["config"]})
         net = PCTRNet(len(spec["users"]), len(spec["ads"]), len(spec["numeric_columns"]), cfg)
         net.load_state_dict(load_file(str(directory / WEIGHTS)))
         net.eval()
