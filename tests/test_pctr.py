@@ -17,7 +17,7 @@ from llm_auction.mechanism.payments import expected_payments
 from llm_auction.reward import pctr
 from llm_auction.reward.metrics import auc, expected_calibration_error, log_loss
 from llm_auction.reward.pctr import PCTRModel, text_matches, train_pctr, word_overlap
-from llm_auction.reward.reward import score_responses, table_lookup
+from llm_auction.reward.reward import impression_rows, score_responses, table_lookup
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +190,20 @@ def test_reward_is_bid_weighted_pctr_plus_page_term(model: PCTRModel, logged, en
         model, encoder, [request] * 3, responses, table_lookup(users, "user_id"), ad_lookup, lambda_page=0.5
     )
     assert np.allclose(paged.rewards - scored.rewards, [0.5, 0.5, 0.0])  # the third one is malformed
+
+
+def test_scored_ads_carry_their_lead_in_from_the_platforms_parse(logged):
+    env, _, _ = logged
+    request = env.world.auction_requests(limit=1)[0]
+    unknown = f"[AD {len(request.ads) + 1}]"  # not one of this request's ads: not an impression
+    responses = ["Pack light. Book early. [AD 2] [AD 1]", f"Intro. {unknown} Try this. [AD 1]"]
+    rows, errors = impression_rows([request] * 2, responses, max_ads=None)
+    assert rows["ad_context"].tolist() == ["Book early.", "", "Try this."]
+    assert errors.tolist() == [0, 1]
+    # Read from the response and the logged position alone, psi would agree where every marker is
+    # one of the request's ads; the scoring path passes its own parse, so an unknown marker cannot
+    # shift the positions.
+    assert pctr.ad_contexts(rows.drop(columns="ad_context")).tolist()[:2] == ["Book early.", ""]
 
 
 def test_reward_rises_with_the_bid(model: PCTRModel, logged, encoder):

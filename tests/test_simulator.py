@@ -5,13 +5,13 @@ import pytest
 
 from llm_auction.baselines import make_baseline, spread_slots
 from llm_auction.contracts import AdCandidate, AuctionRequest
-from llm_auction.mechanism.grammar import parse_response, render_response
+from llm_auction.mechanism.grammar import parse_response, render_response, split_sentences
 from llm_auction.simulator.base import UnknownEntityError, sample_clicks
 from llm_auction.simulator.experiment import Environment, evaluate_policy
 from llm_auction.simulator.references import make_reference
 from llm_auction.text import bank
 from llm_auction.text.organic import organic_answer
-from llm_auction.text.reading import bridge_for, is_bridge, split_sentences
+from llm_auction.text.reading import bridge_for, is_bridge
 
 
 def _request_with(env: Environment, categories: list[str], topic_of_query: bool = True) -> AuctionRequest:

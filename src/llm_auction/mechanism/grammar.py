@@ -34,6 +34,7 @@ VALID_MARKER = re.compile(r"\[AD ([0-9]|[1-9][0-9]{1,5})\]")
 # Anything a reader would take for an attempted marker: a bracket, optional spaces, then "ad".
 MARKER_LIKE = re.compile(r"\[\s*ad(?![a-z])[^\[\]\n]{0,12}\]?", re.IGNORECASE)
 _SPACES = re.compile(r"\s+")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 def marker(index: int) -> str:
@@ -98,6 +99,14 @@ def parse_response(text: str, n_candidates: int, max_ads: int | None = None) -> 
     organic_parts.append(text[cursor:])
     organic = _SPACES.sub(" ", "".join(organic_parts)).strip()
     return ParsedResponse(tuple(allocation), errors, organic, tuple(lead_ins))
+
+
+def split_sentences(text: str) -> list[str]:
+    """A text's sentences: split after ".", "!" or "?" and the space that follows (one rule for the
+    readers of responses, the oracle's and psi's alike).
+    """
+    stripped = text.strip()
+    return [s for s in _SENTENCE_END.split(stripped) if s] if stripped else []
 
 
 def render_response(

@@ -44,7 +44,7 @@ from torch import nn
 
 from llm_auction.config import PCTRConfig
 from llm_auction.features.encoder import EMBEDDING_DIM, TextEncoder
-from llm_auction.mechanism.grammar import parse_response
+from llm_auction.mechanism.grammar import parse_response, split_sentences
 from llm_auction.policy.model import check_safetensors
 from llm_auction.reward.metrics import auc, calibration_by, expected_calibration_error, log_loss
 
@@ -58,7 +58,6 @@ PLATT_MIN_LOG_SLOPE = -20.0  # a >= exp(-20): positive, and far from float32 und
 N_SIMILARITIES = 6  # four embedding cosines and the two word overlaps of `text_matches`
 N_CONTEXT_SIMILARITIES = 3  # the lead-in's cosine and word overlap with the ad, and whether there is one
 ANY_MARKER = 10**6  # candidates when reading lead-ins: every well-formed marker counts
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 CHUNK_ROWS = 16_384  # impressions whose (4, 384) text embeddings are gathered at once outside training
 WORD = re.compile(r"[a-z0-9]+")
 # Function words of English only: a generic list, nothing picked for this world's vocabulary.
@@ -183,9 +182,13 @@ def ad_context(response: str, position: int) -> str:
     `response`; "" when the ad opens the answer, follows another marker or is not there.
     """
     lead_ins = _lead_ins(response)
-    if not 1 <= position <= len(lead_ins) or not lead_ins[position - 1]:
-        return ""
-    return SENTENCE_END.split(lead_ins[position - 1])[-1]
+    return lead_in_sentence(lead_ins[position - 1]) if 1 <= position <= len(lead_ins) else ""
+
+
+def lead_in_sentence(lead_in: str) -> str:
+    """The context psi reads for an ad: the last sentence of its lead-in (`ParsedResponse.lead_ins`)."""
+    sentences = split_sentences(lead_in)
+    return sentences[-1] if sentences else ""
 
 
 def ad_contexts(frame: pd.DataFrame) -> pd.Series:
@@ -204,17 +207,16 @@ def ad_contexts(frame: pd.DataFrame) -> pd.Series:
     return pd.Series(contexts, index=frame.index, dtype=object)
 
 
-def _contexts(frame: pd.DataFrame, encoder: TextEncoder) -> tuple[pd.Series, np.ndarray, np.ndarray]:
-    """(each row's lead-in, embeddings of the distinct lead-ins, row -> lead-in); no lead-in is a
-    zero vector, so its cosines are 0 and the lead-in flag tells it apart.
+def _encoded_contexts(contexts: pd.Series, encoder: TextEncoder) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings of the distinct lead-ins, row -> lead-in); no lead-in is a zero vector, so its
+    cosines are 0 and the lead-in flag tells it apart.
     """
-    series = ad_contexts(frame)
-    codes, distinct = pd.factorize(series)
+    codes, distinct = pd.factorize(contexts)
     table = np.zeros((len(distinct), EMBEDDING_DIM), dtype=np.float32)
     present = [i for i, text in enumerate(distinct) if text]
     if present:
         table[present] = encoder.encode([distinct[i] for i in present])
-    return series, table, codes.astype(np.int64)
+    return table, codes.astype(np.int64)
 
 
 def _embeddings(
@@ -314,8 +316,8 @@ class PCTRModel:
             _embeddings(frame, "ad_embedding", "ad_text", encoder),
         ]
         if self.cfg.context:
-            contexts, *context_part = _contexts(frame, encoder)
-            parts.append(tuple(context_part))
+            contexts = ad_contexts(frame)
+            parts.append(_encoded_contexts(contexts, encoder))
         offsets = np.cumsum([0] + [len(table) for table, _ in parts[:-1]])
         texts = np.concatenate([table for table, _ in parts]).astype(np.float32, copy=False)
         text_index = np.stack([index + offset for (_, index), offset in zip(parts, offsets)], axis=1)

@@ -20,7 +20,7 @@ from llm_auction.contracts import AuctionRequest
 from llm_auction.features.encoder import TextEncoder
 from llm_auction.mechanism.grammar import parse_response
 from llm_auction.mechanism.payments import expected_payments
-from llm_auction.reward.pctr import PCTRModel
+from llm_auction.reward.pctr import PCTRModel, lead_in_sentence
 
 AdFeatures = Callable[[Sequence[str]], pd.DataFrame]
 """ad_id -> one row per id with `ad_id`, `ad_text`, `category` and any ad_* statistics (online store)."""
@@ -41,7 +41,9 @@ class ScoredResponses:
 def impression_rows(
     requests: Sequence[AuctionRequest], responses: Sequence[str], max_ads: int | None
 ) -> tuple[pd.DataFrame, np.ndarray]:
-    """One row per inserted ad (the pCTR input's context columns), and each response's format errors."""
+    """One row per inserted ad (the pCTR input's context columns, with each ad's lead-in from this
+    parse: psi need not read the response again), and each response's format errors.
+    """
     rows, errors = [], []
     for number, (request, response) in enumerate(zip(requests, responses, strict=True)):
         parsed = parse_response(
@@ -61,6 +63,7 @@ def impression_rows(
                     "response": response,
                     "position": position,
                     "n_ads": len(parsed.allocation),
+                    "ad_context": lead_in_sentence(parsed.lead_ins[position - 1]),
                 }
             )
     columns = [
@@ -73,6 +76,7 @@ def impression_rows(
         "response",
         "position",
         "n_ads",
+        "ad_context",
     ]
     return pd.DataFrame(rows, columns=columns), np.asarray(errors, dtype=int)
 

@@ -14,10 +14,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from llm_auction.mechanism.grammar import MARKER_LIKE, VALID_MARKER
+from llm_auction.mechanism.grammar import MARKER_LIKE, VALID_MARKER, split_sentences
 from llm_auction.text import bank
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _BRIDGES = tuple(
     re.compile(re.escape(t).replace(re.escape("{product}"), r"(?P<product>[a-z ]+)"), re.IGNORECASE)
     for t in bank.BRIDGE_TEMPLATES
@@ -92,11 +91,6 @@ def bridge_for(ad_text: str, template: int = 0) -> str | None:
     if found is None:
         return None
     return bank.BRIDGE_TEMPLATES[template % len(bank.BRIDGE_TEMPLATES)].format(product=found[0])
-
-
-def split_sentences(text: str) -> list[str]:
-    stripped = text.strip()
-    return [s for s in _SENTENCE_END.split(stripped) if s] if stripped else []
 
 
 @dataclass(frozen=True)
