@@ -34,10 +34,10 @@ run: $(STAMP) ## the closed loop on the embedded local defaults: pi_0, psi_0, th
 TEST_WORKERS ?= 2
 
 test: $(STAMP) ## the test suite (slow end-to-end tests included); TEST_WORKERS=0: one process
-	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP) ## the test suite without the slow end-to-end tests
-	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP) ## ruff, then the import contracts of pyproject.toml [tool.importlinter]
 	$(BIN)/ruff check src tests benchmarks feature_repo components pipelines

@@ -56,13 +56,38 @@ def pi0(policy_env: Environment, tmp_path_factory: pytest.TempPathFactory, worke
     return directory, json.loads((directory / "policy_card.json").read_text())
 
 
+# pytest-xdist hands out whole modules in collection order (`--dist loadfile --no-loadscope-reorder`,
+# the Makefile): the longest start first, so neither worker is left alone with a long module at the
+# end. test_policy first: it trains pi_0, which most slow modules wait for, while the other worker
+# runs modules that do not need it. Then the slow modules, longest first (measured on 2 workers).
+MODULE_ORDER = (
+    "test_policy",
+    "test_pctr",
+    "test_features",
+    "test_collector",
+    "test_loop",
+    "test_faults",
+    "test_serving",
+    "test_canary_serving",
+    "test_evaluation",
+    "test_pipeline_local",
+    "test_irpo_dpo",
+    "test_canary_simulation",
+    "test_registry_server",
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules with slow end-to-end tests first: pytest-xdist hands out whole modules
-    (`--dist loadfile`, their module fixtures start once), and a long module handed out last
-    would leave the other worker idle at the end.
-    """
+    """The modules in MODULE_ORDER first, in that order; then any other module with a slow test."""
     slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.module.__name__ not in slow)
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        name = item.module.__name__.rsplit(".", 1)[-1]
+        if name in MODULE_ORDER:
+            return 0, MODULE_ORDER.index(name)
+        return (1 if item.module.__name__ in slow else 2), 0
+
+    items.sort(key=rank)
 
 
 def untrained_scorer(env: Environment, lambda_page: float = 0.0):

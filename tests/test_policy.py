@@ -98,16 +98,19 @@ def test_sampling_is_seeded_and_batched(loaded, policy_env: Environment):
     env = policy_env
     model, tokenizer = loaded
     _, held_out = split_requests(env)
-    prompts = prompts_for(held_out[:256], user_profiles(env.world))
+    batch = env.settings.policy.generation.batch_size
+    n_prompts = batch + 32  # a full batch and a partial one
+    prompts = prompts_for(held_out[:n_prompts], user_profiles(env.world))
     generator = TransformersGenerator(model, tokenizer, env.settings.policy.generation)
     first = generator.generate(prompts, n=4, seed=11)
-    assert len(first) == 256 and all(len(group) == 4 for group in first)
-    assert generator.generate(prompts[:64], n=4, seed=11) == first[:64]
-    assert generator.generate(prompts[:64], n=4, seed=12) != first[:64]
+    assert len(first) == n_prompts and all(len(group) == 4 for group in first)
+    assert generator.generate(prompts[:batch], n=4, seed=11) == first[:batch]
+    assert generator.generate(prompts[:batch], n=4, seed=12) != first[:batch]
     _assert_seeds_per_prompt(generator, prompts)
     flat = [s for group in first for s in group]
-    assert format_report([r for r in held_out[:256] for _ in range(4)], flat, 3)["well_formed_rate"] >= 0.9
-    assert len({s for group in first for s in group}) > 256  # samples differ within a prompt
+    requests = [r for r in held_out[:n_prompts] for _ in range(4)]
+    assert format_report(requests, flat, 3)["well_formed_rate"] >= 0.9
+    assert len(set(flat)) > n_prompts  # samples differ within a prompt
 
 
 def _assert_seeds_per_prompt(generator, prompts: list[str]) -> None:
