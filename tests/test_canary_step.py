@@ -136,11 +136,12 @@ def test_the_next_epoch_improves_the_head_unless_live_traffic_settled_it(
     head = registry.alias_version(settings.tracking, name, registry.HEAD)
     assert head == (challenger if improves == "head" else None)  # promoted: it is the champion now
     expected = f"models:/{name}/{challenger}" if improves == "head" else champion_uri
-    compounding = settings.model_copy(
-        update={"irpo": settings.irpo.model_copy(update={"start_policy": "head"})}
+    compounding, waiting = (
+        settings.model_copy(update={"irpo": settings.irpo.model_copy(update={"start_policy": start})})
+        for start in ("head", "champion")
     )
     assert canary_step.start_policy(compounding) == {"policy_uri": expected, "champion_uri": champion_uri}
-    assert canary_step.start_policy(settings)["policy_uri"] == champion_uri  # the default waits for proof
+    assert canary_step.start_policy(waiting)["policy_uri"] == champion_uri  # waits for live proof
     assert canary_step.start_policy(compounding, "models:/x/3")["policy_uri"] == "models:/x/3"  # given: kept
 
 

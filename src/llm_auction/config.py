@@ -432,7 +432,8 @@ class IRPOConfig(_Section):
             "The policy an epoch improves (pi_{t-1}, also DPO's reference): `champion`, proven on live "
             "traffic; or `head` (registry alias), the latest candidate the offline gate admitted that "
             "live traffic has not rolled back, else the champion, so gains a canary cannot yet prove "
-            "could compound (measured locally: they did not; README, IRPO)."
+            "compound (the local profile's choice: epoch 3's candidate gained 0.02 oracle revenue "
+            "over `champion` on seeds 7 and 8; README, IRPO)."
         ),
     )
     registered_model: str = Field("llm-auction-policy", description="MLflow registered model name.")
