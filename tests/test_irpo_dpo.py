@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llm_auction.config import load_config
+from llm_auction.baselines.allocators import PostGeneration
+from llm_auction.config import IRPOConfig, load_config
 from llm_auction.irpo.dpo import train_dpo
 from llm_auction.irpo.pairs import PAIRS_FILE, build_pairs
+from llm_auction.irpo.sampling import build_preference_set
 from llm_auction.pipeline.steps.dpo import dpo_step
 from llm_auction.policy.allocator import prompts_for
 from llm_auction.policy.generation import make_generator
@@ -46,6 +48,35 @@ def pair_dir(pi0, policy_env, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pairs")
     pairs.to_parquet(out / PAIRS_FILE, index=False)
     return out
+
+
+def test_an_anchor_joins_the_samples_and_wins_where_r_prefers_it(pi0, policy_env):
+    """Post-generation by bid (pCTR 1) against pi_0's bid-blind samples, under R = sum of inserted bids."""
+    settings = policy_env.settings
+    requests = policy_env.world.auction_requests(limit=24)
+    profiles = user_profiles(policy_env.world)
+    generator = make_generator(settings.policy.generation, pi0[0])
+    by_bid = PostGeneration(lambda rs: [np.ones(len(r.ads)) for r in rs], 3, slots=2)
+
+    def scorer(rs, ys):
+        return bid_sum_scorer(rs, ys, settings.mechanism.max_ads)
+
+    cfg = IRPOConfig(m_samples=2, delta_th=0.0)
+    plain = build_preference_set(generator, scorer, requests, profiles, cfg, seed=5, chunk=16)
+    anchored = build_preference_set(
+        generator, scorer, requests, profiles, cfg, seed=5, chunk=16, anchors=[by_bid]
+    )
+    assert len(plain.samples) == 2 * 24 and set(plain.samples["source"]) == {"policy"}
+    assert len(anchored.samples) == 3 * 24
+    policy_rows = anchored.samples[anchored.samples["source"] == "policy"].reset_index(drop=True)
+    assert policy_rows["response"].equals(plain.samples["response"])  # the same samples, one more candidate
+    written = anchored.samples.loc[anchored.samples["source"] == "post_generation"]
+    assert list(written["sample"].unique()) == [2]
+    stats = anchored.stats
+    assert stats["reward_post_generation_mean"] > stats["reward_sampled_mean"]  # the two highest bids
+    assert 0 < stats["winner_post_generation_share"] <= 1
+    assert anchored.pairs["chosen"].isin(set(written["response"])).any()
+    assert stats["pairs"] > plain.stats["pairs"]
 
 
 def test_the_sft_term_adds_the_winners_nll_to_the_dpo_loss(pi0, pair_dir, tmp_path):

@@ -98,10 +98,11 @@ def test_sampling_is_seeded_and_batched(loaded, policy_env: Environment):
     env = policy_env
     model, tokenizer = loaded
     _, held_out = split_requests(env)
-    batch = env.settings.policy.generation.batch_size
-    n_prompts = batch + 32  # a full batch and a partial one
+    batch = 16  # the profile's batch_size would do the same with 4x the prompts
+    n_prompts = batch + 8  # a full batch and a partial one
     prompts = prompts_for(held_out[:n_prompts], user_profiles(env.world))
-    generator = TransformersGenerator(model, tokenizer, env.settings.policy.generation)
+    cfg = env.settings.policy.generation.model_copy(update={"batch_size": batch})
+    generator = TransformersGenerator(model, tokenizer, cfg)
     first = generator.generate(prompts, n=4, seed=11)
     assert len(first) == n_prompts and all(len(group) == 4 for group in first)
     assert generator.generate(prompts[:batch], n=4, seed=11) == first[:batch]

@@ -436,6 +436,14 @@ class IRPOConfig(_Section):
             "over `champion` on seeds 7 and 8; README, IRPO)."
         ),
     )
+    anchors: list[Literal["pre_generation", "post_generation"]] = Field(
+        default_factory=list,
+        description=(
+            "Deployable auctions (ranked by bid x psi_t) whose answer joins each prompt's M samples as "
+            "one more candidate, scored by the same R: where it wins, DPO pulls the policy toward it. "
+            "Empty: the paper's IRPO, the policy's own samples only."
+        ),
+    )
     registered_model: str = Field("llm-auction-policy", description="MLflow registered model name.")
     dpo: DPOConfig = DPOConfig()
     distributed: DistributedConfig = DistributedConfig()

@@ -10,7 +10,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from llm_auction.config import IRPOConfig
-from llm_auction.contracts import AuctionRequest, CtrEstimator
+from llm_auction.contracts import Allocator, AuctionRequest, CtrEstimator
 from llm_auction.irpo.pairs import build_pairs, pair_statistics
 from llm_auction.policy.allocator import prompts_for, rank_requests
 from llm_auction.policy.generation import Generator
@@ -59,38 +59,61 @@ def build_preference_set(
     seed: int,
     chunk: int = 256,
     ranker: CtrEstimator | None = None,
+    anchors: Sequence[Allocator] = (),
 ) -> PreferenceSet:
     """Sample, score and pair, a chunk of prompts at a time (one progress bar for the whole set).
 
     With a `ranker` every step works on the requests as the prompt lists them (by bid x pCTR):
-    DPO learns the responses the policy wrote for that list, and R reads them against it.
+    DPO learns the responses the policy wrote for that list, and R reads them against it. Each of
+    the `anchors` (`irpo.anchors`: deployable auctions) writes one more candidate per prompt after
+    the M samples, scored by the same R: where it wins, it is the pair's chosen response.
     """
     requests, _ = rank_requests(requests, ranker)
     prompts = prompts_for(requests, profiles)
     samples: list[list[str]] = []
     rewards: list[np.ndarray] = []
     m = cfg.m_samples
+    k = m + len(anchors)
     with tqdm(total=len(prompts), desc="sample + score", unit="prompt", leave=False) as bar:
         for start in range(0, len(prompts), chunk):
-            batch = prompts[start : start + chunk]
+            batch, chunk_requests = prompts[start : start + chunk], requests[start : start + chunk]
             drawn = generator.generate(batch, m, seed + start)
-            flat_requests = [r for r in requests[start : start + chunk] for _ in range(m)]
-            scores = scorer(flat_requests, [s for group in drawn for s in group]).reshape(len(batch), m)
-            samples.extend(drawn)
+            rng = np.random.default_rng([seed, start])
+            written = [anchor.allocate(chunk_requests, rng) for anchor in anchors]
+            groups = [[*group, *(w[i] for w in written)] for i, group in enumerate(drawn)]
+            flat_requests = [r for r in chunk_requests for _ in range(k)]
+            scores = scorer(flat_requests, [s for group in groups for s in group]).reshape(len(batch), k)
+            samples.extend(groups)
             rewards.extend(scores)
             bar.update(len(batch))
     request_ids = [r.request_id for r in requests]
     pairs = build_pairs(request_ids, prompts, samples, rewards, cfg.delta_th)
+    sources = ["policy"] * m + [anchor.name for anchor in anchors]
     table = pd.DataFrame(
         {
-            "request_id": np.repeat(request_ids, m),
-            "sample": np.tile(np.arange(m), len(requests)),
+            "request_id": np.repeat(request_ids, k),
+            "sample": np.tile(np.arange(k), len(requests)),
+            "source": np.tile(sources, len(requests)),
             "response": [s for group in samples for s in group],
             "reward": np.concatenate(rewards) if rewards else np.array([], dtype=float),
         }
     )
     stats = pair_statistics(pairs, len(requests))
-    stats["reward_sampled_mean"] = float(table["reward"].mean()) if len(table) else float("nan")
+    sampled = table["source"] == "policy"
+    stats["reward_sampled_mean"] = float(table.loc[sampled, "reward"].mean()) if len(table) else float("nan")
+    for anchor in anchors:
+        stats.update(_anchor_statistics(anchor.name, table, pairs))
     stats["m_samples"] = float(m)
     stats["delta_th"] = float(cfg.delta_th)
     return PreferenceSet(table, pairs, stats)
+
+
+def _anchor_statistics(name: str, table: pd.DataFrame, pairs: pd.DataFrame) -> dict[str, float]:
+    """How one anchor fared: its mean R beside the samples', and the share of paired prompts it won."""
+    paired = table.loc[table["request_id"].isin(set(pairs["request_id"]))] if len(pairs) else table.iloc[:0]
+    winners = paired.loc[paired.groupby("request_id", sort=False)["reward"].idxmax(), "source"]
+    written = table.loc[table["source"] == name, "reward"]
+    return {
+        f"reward_{name}_mean": float(written.mean()) if len(written) else float("nan"),
+        f"winner_{name}_share": float((winners == name).mean()) if len(winners) else 0.0,
+    }

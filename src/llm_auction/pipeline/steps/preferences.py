@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from llm_auction.baselines import make_baseline
 from llm_auction.irpo.dpo import file_digest
 from llm_auction.irpo.pairs import PAIRS_FILE, SAMPLES_FILE, STATS_FILE
 from llm_auction.irpo.sampling import build_preference_set, prompt_requests
@@ -63,8 +64,10 @@ def build_preferences(
         policy_dir = resolve_model(settings.tracking, policy_uri, Path(scratch))
         with closing(make_generator(settings.policy.generation, policy_dir)) as generator:
             seed = int(rng.integers(2**31))
+            anchors = [make_baseline(name, settings, scorer.standalone_pctr) for name in cfg.anchors]
+            ranker = ranker_for(settings, scorer)
             result = build_preference_set(
-                generator, scorer, requests, profiles, cfg, seed, ranker=ranker_for(settings, scorer)
+                generator, scorer, requests, profiles, cfg, seed, ranker=ranker, anchors=anchors
             )
     scorer.flush()
     out.mkdir(parents=True, exist_ok=True)
