@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -55,17 +56,17 @@ def test_an_anchor_joins_the_samples_and_wins_where_r_prefers_it(pi0, policy_env
     settings = policy_env.settings
     requests = policy_env.world.auction_requests(limit=24)
     profiles = user_profiles(policy_env.world)
-    generator = make_generator(settings.policy.generation, pi0[0])
     by_bid = PostGeneration(lambda rs: [np.ones(len(r.ads)) for r in rs], 3, slots=2)
 
     def scorer(rs, ys):
         return bid_sum_scorer(rs, ys, settings.mechanism.max_ads)
 
     cfg = IRPOConfig(m_samples=2, delta_th=0.0)
-    plain = build_preference_set(generator, scorer, requests, profiles, cfg, seed=5, chunk=16)
-    anchored = build_preference_set(
-        generator, scorer, requests, profiles, cfg, seed=5, chunk=16, anchors=[by_bid]
-    )
+    with closing(make_generator(settings.policy.generation, pi0[0])) as generator:
+        plain = build_preference_set(generator, scorer, requests, profiles, cfg, seed=5, chunk=16)
+        anchored = build_preference_set(
+            generator, scorer, requests, profiles, cfg, seed=5, chunk=16, anchors=[by_bid]
+        )
     assert len(plain.samples) == 2 * 24 and set(plain.samples["source"]) == {"policy"}
     assert len(anchored.samples) == 3 * 24
     policy_rows = anchored.samples[anchored.samples["source"] == "policy"].reset_index(drop=True)

@@ -101,19 +101,20 @@ def build_preference_set(
     stats = pair_statistics(pairs, len(requests))
     sampled = table["source"] == "policy"
     stats["reward_sampled_mean"] = float(table.loc[sampled, "reward"].mean()) if len(table) else float("nan")
-    for anchor in anchors:
-        stats.update(_anchor_statistics(anchor.name, table, pairs))
+    if anchors:
+        stats.update(_anchor_statistics([a.name for a in anchors], table, pairs))
     stats["m_samples"] = float(m)
     stats["delta_th"] = float(cfg.delta_th)
     return PreferenceSet(table, pairs, stats)
 
 
-def _anchor_statistics(name: str, table: pd.DataFrame, pairs: pd.DataFrame) -> dict[str, float]:
-    """How one anchor fared: its mean R beside the samples', and the share of paired prompts it won."""
-    paired = table.loc[table["request_id"].isin(set(pairs["request_id"]))] if len(pairs) else table.iloc[:0]
+def _anchor_statistics(names: Sequence[str], table: pd.DataFrame, pairs: pd.DataFrame) -> dict[str, float]:
+    """How each anchor fared: its mean R beside the samples', and the share of paired prompts it won."""
+    paired = table.loc[table["request_id"].isin(set(pairs["request_id"]))]
     winners = paired.loc[paired.groupby("request_id", sort=False)["reward"].idxmax(), "source"]
-    written = table.loc[table["source"] == name, "reward"]
-    return {
-        f"reward_{name}_mean": float(written.mean()) if len(written) else float("nan"),
-        f"winner_{name}_share": float((winners == name).mean()) if len(winners) else 0.0,
-    }
+    stats = {}
+    for name in names:
+        written = table.loc[table["source"] == name, "reward"]
+        stats[f"reward_{name}_mean"] = float(written.mean()) if len(written) else float("nan")
+        stats[f"winner_{name}_share"] = float((winners == name).mean()) if len(winners) else 0.0
+    return stats
