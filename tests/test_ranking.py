@@ -43,3 +43,47 @@ def test_a_raised_bid_moves_its_ad_up_the_list():
     (shown,), (order,) = rank_requests([raised], lambda rs: pctr)
     assert order == (2, 0, 1) and shown.ads[0].ad_id == "a2"
     assert rank_requests([raised], None) == ([raised], [(0, 1, 2)])  # no ranker: as given
+
+
+def test_the_server_ranks_concurrent_requests_in_psis_batches_as_the_policy_does(env):
+    """The server's ranking stage scores each candidate alone under the champion's psi, in psi's
+    micro-batches: concurrent requests share a scoring call, and each gets the order
+    `rank_requests` gives with `standalone_pctr` (the rule offline evaluation and IRPO list by)."""
+    import asyncio
+
+    from conftest import untrained_scorer
+    from llm_auction.config import GenerationConfig
+    from llm_auction.serving.server import Arms, AuctionModel, ServedPolicy
+    from llm_auction.simulator.experiment import split_requests
+
+    scorer = untrained_scorer(env)
+    requests = split_requests(env, limit_train=False)[1][:24]
+    served = ServedPolicy("1", None, None, 512, GenerationConfig(), scorer, "1")
+    settings = env.settings.model_copy(
+        update={"policy": env.settings.policy.model_copy(update={"ranking": "ecpm"})}
+    )
+    model = AuctionModel(settings)
+    model.arms = Arms(served)
+
+    async def rank_each() -> list:
+        return await asyncio.gather(*(model._rank([r], served) for r in requests))
+
+    try:
+        ranked = asyncio.run(rank_each())
+    finally:
+        model.stop()
+    expected_shown, expected_orders = rank_requests(requests, scorer.standalone_pctr)
+    assert [order for _, (order,) in ranked] == expected_orders
+    assert [shown for (shown,), _ in ranked] == expected_shown
+    assert any(o != tuple(range(len(o))) for o in expected_orders)  # psi moved some ads
+    assert sum(model.psi.batch_sizes) == sum(len(r.ads) for r in requests)
+    assert len(model.psi.batch_sizes) < len(requests)  # shared calls, not one per request
+    as_listed = AuctionModel(
+        env.settings.model_copy(
+            update={"policy": settings.policy.model_copy(update={"ranking": "as_listed"})}
+        )
+    )
+    try:
+        assert asyncio.run(as_listed._rank(requests, served)) == rank_requests(requests, None)
+    finally:
+        as_listed.stop()

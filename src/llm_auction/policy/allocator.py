@@ -30,7 +30,14 @@ def rank_requests(
     """Each request as the prompt lists it (by bid x `ranker`'s pCTR; None: as given), and its order."""
     if ranker is None:
         return list(requests), [tuple(range(len(r.ads))) for r in requests]
-    orders = [ecpm_order(r.bids, p) for r, p in zip(requests, ranker(requests), strict=True)]
+    return listed_by_ecpm(requests, ranker(requests))
+
+
+def listed_by_ecpm(
+    requests: Sequence[AuctionRequest], pctr: Sequence[Sequence[float]]
+) -> tuple[list[AuctionRequest], list[tuple[int, ...]]]:
+    """Each request listed by bid x its candidates' pCTR (`pctr[i]`, request order), and its order."""
+    orders = [ecpm_order(r.bids, p) for r, p in zip(requests, pctr, strict=True)]
     return [listed(r, o) for r, o in zip(requests, orders, strict=True)], orders
 
 

@@ -60,18 +60,28 @@ class RewardScorer:
         scored in a response holding only its own marker (one batch for all requests): the
         baselines' `CtrEstimator`.
         """
-        flat = [(r, k) for r in requests for k in range(len(r.ads))]
-        scored = self.score([r for r, _ in flat], [marker(k + 1) for _, k in flat])
+        flat = [(r, y) for r in requests for y in alone(r)]
+        scored = self.score([r for r, _ in flat], [y for _, y in flat])
         pctr = scored.ads.set_index("response_number")["pctr"].reindex(range(len(flat))).fillna(0.0)
-        values, out, start = pctr.to_numpy(float), [], 0
-        for request in requests:
-            out.append(values[start : start + len(request.ads)])
-            start += len(request.ads)
-        return out
+        return per_request(requests, pctr.to_numpy(float))
 
     def flush(self) -> None:
         """Keep the text embeddings computed so far (the next step reuses them)."""
         self.encoder.flush()
+
+
+def alone(request: AuctionRequest) -> list[str]:
+    """One response per candidate holding only its marker: each ad shown alone at position 1."""
+    return [marker(k + 1) for k in range(len(request.ads))]
+
+
+def per_request(requests: Sequence[AuctionRequest], values: Sequence[float]) -> list[np.ndarray]:
+    """A flat value per candidate (requests in order, each in its candidates' order), split by request."""
+    out, start = [], 0
+    for request in requests:
+        out.append(np.asarray(values[start : start + len(request.ads)], dtype=float))
+        start += len(request.ads)
+    return out
 
 
 @dataclass

@@ -51,10 +51,10 @@ from llm_auction.errors import ServiceUnavailable
 from llm_auction.features.retrieval import online_profile
 from llm_auction.features.store import open_store
 from llm_auction.mechanism.ranking import restore_markers
-from llm_auction.policy.allocator import rank_requests
+from llm_auction.policy.allocator import listed_by_ecpm, rank_requests
 from llm_auction.policy.generation import AsyncVLLMGenerator, Generator, adapter_rank, make_generator
 from llm_auction.policy.prompt import build_prompt
-from llm_auction.reward.scorer import RewardScorer, feast_reward_scorer, ranker_for
+from llm_auction.reward.scorer import RewardScorer, alone, feast_reward_scorer, per_request, ranker_for
 from llm_auction.serving.auction import AuctionInputError, parse_instances, prediction
 from llm_auction.serving.auth import bearer_ok
 from llm_auction.serving.batcher import MicroBatcher
@@ -89,6 +89,11 @@ ARM_REQUESTS = Counter(
 )
 BATCH_SIZE = Histogram(
     "llm_auction_batch_size", "Auction requests per generate call", buckets=(1, 2, 4, 8, 16, 32, 64)
+)
+PSI_BATCH_SIZE = Histogram(
+    "llm_auction_psi_batch_size",
+    "Responses per psi scoring batch (generated answers to price, candidates to rank)",
+    buckets=(1, 4, 16, 64, 256, 1024),
 )
 # Where the server's time goes, summed (the loop reads the deltas of each traffic phase).
 STAGE_SECONDS = Summary("llm_auction_stage_seconds", "Seconds spent per stage of a request", ["stage"])
@@ -298,8 +303,13 @@ class AuctionModel(kserve.Model):
         )
         # vLLM batches generation itself (continuous batching); what is left to batch is pricing.
         self.continuous = settings.policy.generation.backend == "vllm" and predictor_url is None
-        self.pricer: MicroBatcher[tuple[AuctionRequest, str], list[float] | None] = MicroBatcher(
-            self._price_batch, cfg.max_batch_size, cfg.max_latency_ms / 1000, self.batcher.enabled
+        # psi's batches: the prices of generated responses and the ranking stage's candidates (one
+        # item each, so a batch holds up to max_batch_size requests of max_candidates ads).
+        self.psi: MicroBatcher[tuple[AuctionRequest, str], list[float] | None] = MicroBatcher(
+            self._price_batch,
+            cfg.max_batch_size * cfg.max_candidates,
+            cfg.max_latency_ms / 1000,
+            self.batcher.enabled,
         )
         self.inference_logger = InferenceLogger.from_settings(settings)
         self.arms: Arms | None = None
@@ -455,11 +465,10 @@ class AuctionModel(kserve.Model):
         for i, request in enumerate(requests):
             if request.user_id not in profiles:
                 raise InvalidInput(f"instances.{i}.user_id: unknown user {request.user_id!r} (no profile)")
-        # The ranking stage (`policy.ranking`), priced by the champion's psi: the engines see the
-        # candidates as listed; postprocess restores the request's order in every response.
-        ranker = ranker_for(self.settings, served.scorer)
+        # The ranking stage (`policy.ranking`): the engines see the candidates as listed;
+        # postprocess restores the request's order in every response.
         with STAGE_SECONDS.labels("rank").time():
-            shown, orders = await asyncio.to_thread(rank_requests, requests, ranker)
+            shown, orders = await self._rank(requests, served)
         for i, request in enumerate(shown):
             prompt = build_prompt(request, profiles[request.user_id])
             n_tokens = served.prompt_tokens(prompt)
@@ -589,7 +598,7 @@ class AuctionModel(kserve.Model):
         for indices, texts in zip(groups.values(), replies):
             for i, text in zip(indices, texts):
                 responses[i] = text
-        pctr = await self.pricer.submit(list(zip(requests, responses)))
+        pctr = await self.psi.submit(list(zip(requests, responses)))
         GENERATED.labels("responses").inc(len(responses))
         GENERATED.labels("characters").inc(sum(map(len, responses)))
         GENERATED.labels("priced_ads").inc(sum(len(p or []) for p in pctr))
@@ -603,10 +612,26 @@ class AuctionModel(kserve.Model):
         urls = {CHAMPION: self.predictor_url, CHALLENGER: self.settings.serving.challenger_predictor_url}
         return await self.complete(prompts, seed, predictor_url=urls[arm])
 
+    async def _rank(
+        self, requests: list[AuctionRequest], served: ServedPolicy
+    ) -> tuple[list[AuctionRequest], list[tuple[int, ...]]]:
+        """Listed by bid x the champion's standalone pCTR (`policy.ranking: ecpm`; as given otherwise).
+
+        Each candidate is scored alone at position 1 (`RewardScorer.standalone_pctr`'s rule) in psi's
+        batches, beside the prices of concurrent requests: one scoring pass and one feature lookup
+        per batch, not one per request.
+        """
+        if ranker_for(self.settings, served.scorer) is None:
+            return rank_requests(requests, None)
+        flat = await self.psi.submit([(r, y) for r in requests for y in alone(r)])
+        return listed_by_ecpm(requests, per_request(requests, [p[0] if p else 0.0 for p in flat]))
+
     def _price_batch(self, items: list[tuple[AuctionRequest, str]]) -> list[list[float] | None]:
-        """The pCTR of each response's ads under the champion's psi (one psi prices both arms)."""
+        """The pCTR of each response's ads under the champion's psi (one psi prices and ranks for
+        both arms).
+        """
         assert self.arms is not None
-        BATCH_SIZE.observe(len(items))
+        PSI_BATCH_SIZE.observe(len(items))
         with STAGE_SECONDS.labels("price").time():
             return self.arms.champion.pctr([r for r, _ in items], [text for _, text in items])
 
@@ -626,7 +651,7 @@ class AuctionModel(kserve.Model):
 
     def stop(self) -> None:
         self.batcher.close()
-        self.pricer.close()
+        self.psi.close()
         engines = {id(_engine(g)): g for g in ([] if self.arms is None else _generators(self.arms))}
         for generator in engines.values():
             generator.close()
