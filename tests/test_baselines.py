@@ -111,6 +111,24 @@ def test_the_deployable_baselines_rank_by_bid_times_psi_and_follow_psi(env: Envi
         assert changed >= len(requests) // 2, (name, changed)
 
 
+def test_standalone_pctr_scores_each_request_once_per_psi(env: Environment):
+    """Evaluation asks for the same held-out requests' pCTR once per policy and baseline: psi scores
+    each request once, answers in the order asked, and another psi starts from nothing."""
+    scorer = untrained_scorer(env)
+    requests = env.world.auction_requests(limit=8)
+    scored: list[int] = []
+    score = scorer.score
+    scorer.score = lambda rs, ys: scored.append(len(ys)) or score(rs, ys)
+    first = scorer.standalone_pctr(requests[:5])
+    again = scorer.standalone_pctr([requests[6], *requests[3:5], requests[6]])
+    assert scored == [sum(len(r.ads) for r in requests[:5]), len(requests[6].ads)]
+    fresh = dataclasses.replace(scorer).standalone_pctr(requests)  # the same psi, nothing kept: one batch
+    for got, want in zip([*first, *again], [*fresh[:5], fresh[6], *fresh[3:5], fresh[6]], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+    inverted = dataclasses.replace(scorer, pctr=dataclasses.replace(scorer.pctr, calibration=(-1.0, 0.0)))
+    assert not np.allclose(inverted.standalone_pctr(requests[:1])[0], first[0])
+
+
 def test_priced_baselines_need_a_pctr(env: Environment):
     with pytest.raises(ValueError, match="pre_generation ranks by bid x pCTR"):
         make_baseline("pre_generation", env.settings)

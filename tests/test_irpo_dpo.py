@@ -67,6 +67,12 @@ def test_an_anchor_joins_the_samples_and_wins_where_r_prefers_it(pi0, policy_env
         anchored = build_preference_set(
             generator, scorer, requests, profiles, cfg, seed=5, chunk=16, anchors=[by_bid]
         )
+        # A ranking stage listing the lowest bid first: the anchor still ranks the request as sent
+        # and its response, written for the listed order, inserts the same two ads.
+        listed = build_preference_set(
+            generator, scorer, requests, profiles, cfg, seed=5, chunk=16, anchors=[by_bid],
+            ranker=lambda rs: [1 / np.square(r.bids) for r in rs],
+        )  # fmt: skip
     assert len(plain.samples) == 2 * 24 and set(plain.samples["source"]) == {"policy"}
     assert len(anchored.samples) == 3 * 24
     policy_rows = anchored.samples[anchored.samples["source"] == "policy"].reset_index(drop=True)
@@ -78,6 +84,9 @@ def test_an_anchor_joins_the_samples_and_wins_where_r_prefers_it(pi0, policy_env
     assert 0 < stats["winner_post_generation_share"] <= 1
     assert anchored.pairs["chosen"].isin(set(written["response"])).any()
     assert stats["pairs"] > plain.stats["pairs"]
+    written_listed = listed.samples.loc[listed.samples["source"] == "post_generation"]
+    assert written_listed["reward"].tolist() == written["reward"].tolist()
+    assert (written_listed["response"].to_numpy() != written["response"].to_numpy()).any()
 
 
 def test_the_sft_term_adds_the_winners_nll_to_the_dpo_loss(pi0, pair_dir, tmp_path):

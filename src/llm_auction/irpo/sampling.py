@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from llm_auction.config import IRPOConfig
 from llm_auction.contracts import Allocator, AuctionRequest, CtrEstimator
 from llm_auction.irpo.pairs import build_pairs, pair_statistics
+from llm_auction.mechanism.ranking import to_listed_markers
 from llm_auction.policy.allocator import prompts_for, rank_requests
 from llm_auction.policy.generation import Generator
 from llm_auction.reward.scorer import Scorer
@@ -66,9 +67,12 @@ def build_preference_set(
     With a `ranker` every step works on the requests as the prompt lists them (by bid x pCTR):
     DPO learns the responses the policy wrote for that list, and R reads them against it. Each of
     the `anchors` (`irpo.anchors`: deployable auctions) writes one more candidate per prompt after
-    the M samples, scored by the same R: where it wins, it is the pair's chosen response.
+    the M samples, scored by the same R: where it wins, it is the pair's chosen response. An
+    anchor ranks the request as the platform sent it (the ranking stage's pCTR, which `ranker`
+    keeps) and its response is then written for the listed order, like the samples.
     """
-    requests, _ = rank_requests(requests, ranker)
+    given = list(requests)
+    requests, orders = rank_requests(given, ranker)
     prompts = prompts_for(requests, profiles)
     samples: list[list[str]] = []
     rewards: list[np.ndarray] = []
@@ -79,8 +83,11 @@ def build_preference_set(
             batch, chunk_requests = prompts[start : start + chunk], requests[start : start + chunk]
             drawn = generator.generate(batch, m, seed + start)
             rng = np.random.default_rng([seed, start])
-            written = [anchor.allocate(chunk_requests, rng) for anchor in anchors]
-            groups = [[*group, *(w[i] for w in written)] for i, group in enumerate(drawn)]
+            written = [anchor.allocate(given[start : start + chunk], rng) for anchor in anchors]
+            groups = [
+                [*group, *(to_listed_markers(w[i], orders[start + i]) for w in written)]
+                for i, group in enumerate(drawn)
+            ]
             flat_requests = [r for r in chunk_requests for _ in range(k)]
             scores = scorer(flat_requests, [s for group in groups for s in group]).reshape(len(batch), k)
             samples.extend(groups)

@@ -8,7 +8,7 @@ ranking stage in front of the policy (`policy.ranking`) and the server's prices.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,8 @@ class RewardScorer:
     ad_features: AdFeatures
     lambda_page: float
     max_ads: int
+    # standalone_pctr's answers; not an init field, so `dataclasses.replace` (another psi) starts empty
+    _standalone: dict[AuctionRequest, np.ndarray] = field(default_factory=dict, init=False, repr=False)
 
     def __call__(self, requests: Sequence[AuctionRequest], responses: Sequence[str]) -> np.ndarray:
         return self.score(requests, responses).rewards
@@ -58,12 +60,16 @@ class RewardScorer:
 
         The answer is not written yet when a pre-generation auction ranks, so each candidate is
         scored in a response holding only its own marker (one batch for all requests): the
-        baselines' `CtrEstimator`.
+        baselines' `CtrEstimator`. Each request's answer is kept: an evaluation lists the same
+        held-out requests for each policy and each baseline ranks them again.
         """
-        flat = [(r, y) for r in requests for y in alone(r)]
-        scored = self.score([r for r, _ in flat], [y for _, y in flat])
-        pctr = scored.ads.set_index("response_number")["pctr"].reindex(range(len(flat))).fillna(0.0)
-        return per_request(requests, pctr.to_numpy(float))
+        missing = [r for r in dict.fromkeys(requests) if r not in self._standalone]
+        if missing:
+            flat = [(r, y) for r in missing for y in alone(r)]
+            scored = self.score([r for r, _ in flat], [y for _, y in flat])
+            pctr = scored.ads.set_index("response_number")["pctr"].reindex(range(len(flat))).fillna(0.0)
+            self._standalone.update(zip(missing, per_request(missing, pctr.to_numpy(float)), strict=True))
+        return [self._standalone[r] for r in requests]
 
     def flush(self) -> None:
         """Keep the text embeddings computed so far (the next step reuses them)."""
