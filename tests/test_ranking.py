@@ -59,10 +59,12 @@ def test_the_server_ranks_concurrent_requests_in_psis_batches_as_the_policy_does
     scorer = untrained_scorer(env)
     requests = split_requests(env, limit_train=False)[1][:24]
     served = ServedPolicy("1", None, None, 512, GenerationConfig(), scorer, "1")
-    settings = env.settings.model_copy(
-        update={"policy": env.settings.policy.model_copy(update={"ranking": "ecpm"})}
-    )
-    model = AuctionModel(settings)
+
+    def ranked_by(ranking: str):
+        policy = env.settings.policy.model_copy(update={"ranking": ranking})
+        return AuctionModel(env.settings.model_copy(update={"policy": policy}))
+
+    model = ranked_by("ecpm")
     model.arms = Arms(served)
 
     async def rank_each() -> list:
@@ -78,11 +80,7 @@ def test_the_server_ranks_concurrent_requests_in_psis_batches_as_the_policy_does
     assert any(o != tuple(range(len(o))) for o in expected_orders)  # psi moved some ads
     assert sum(model.psi.batch_sizes) == sum(len(r.ads) for r in requests)
     assert len(model.psi.batch_sizes) < len(requests)  # shared calls, not one per request
-    as_listed = AuctionModel(
-        env.settings.model_copy(
-            update={"policy": settings.policy.model_copy(update={"ranking": "as_listed"})}
-        )
-    )
+    as_listed = ranked_by("as_listed")
     try:
         assert asyncio.run(as_listed._rank(requests, served)) == rank_requests(requests, None)
     finally:

@@ -301,10 +301,10 @@ class AuctionModel(kserve.Model):
             cfg.max_latency_ms / 1000,
             cfg.batching if batching is None else batching,
         )
-        # vLLM batches generation itself (continuous batching); what is left to batch is pricing.
+        # vLLM batches generation itself (continuous batching); what is left to batch is psi: the
+        # prices of generated responses and the ranking stage's candidates (one item each, so a
+        # batch holds up to max_batch_size requests of max_candidates ads).
         self.continuous = settings.policy.generation.backend == "vllm" and predictor_url is None
-        # psi's batches: the prices of generated responses and the ranking stage's candidates (one
-        # item each, so a batch holds up to max_batch_size requests of max_candidates ads).
         self.psi: MicroBatcher[tuple[AuctionRequest, str], list[float] | None] = MicroBatcher(
             self._price_batch,
             cfg.max_batch_size * cfg.max_candidates,
