@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,13 @@ from llm_auction.baselines import make_baseline
 from llm_auction.config import Settings, load_config
 from llm_auction.features.encoder import TextEncoder
 from llm_auction.features.ingest import IngestReport, ingest_window, labeled_impressions
-from llm_auction.features.retrieval import online_features, online_profile, training_frame
+from llm_auction.features.retrieval import (
+    cached,
+    online_features,
+    online_lookups,
+    online_profile,
+    training_frame,
+)
 from llm_auction.features.store import open_store, repo_dir
 from llm_auction.public.feedback import write_feedback
 from llm_auction.simulator.experiment import Environment, build_environment, evaluate_policy
@@ -211,6 +218,47 @@ def test_online_store_serves_materialized_profiles_and_latest_statistics(ingeste
     expected = pairs["user_id"].map(history.groupby("user_id").size())
     np.testing.assert_array_equal(frame["user_stats_fv__impressions_7d"].to_numpy(), expected.to_numpy())
     assert frame["ad_fv__ad_embedding"].map(lambda v: v.shape == (384,) and v.dtype == np.float32).all()
+
+
+def test_psis_lookups_read_each_entity_once_per_ttl_and_answer_as_the_store(ingested: Ingested, monkeypatch):
+    """The scorer's feature lookups keep what they read for `online_cache_ttl_s`: the same frame as
+    reading the store every time, unknown ids included, with only the ids not seen asked for."""
+    asked: list[int] = []
+    real = ingested.store.get_online_features
+
+    def counted(**request):
+        asked.append(len(request["entity_rows"]))
+        return real(**request)
+
+    monkeypatch.setattr(ingested.store, "get_online_features", counted)
+    features = ingested.settings.features
+    direct = online_lookups(ingested.store, features.model_copy(update={"online_cache_ttl_s": 0}))
+    users, ads = online_lookups(ingested.store, features)
+    known = ingested.env.world.users["user_id"].tolist()
+    for lookup, plain, first, then in (
+        (users, direct[0], [known[0], "nobody", known[1]], [known[2], known[1], "nobody", known[0]]),
+        (
+            ads,
+            direct[1],
+            ingested.env.world.ads["ad_id"].tolist()[:3],
+            ingested.env.world.ads["ad_id"].tolist()[1:5],
+        ),
+    ):
+        asked.clear()
+        pd.testing.assert_frame_equal(lookup(first), plain(first))
+        pd.testing.assert_frame_equal(lookup(then), plain(then))
+        # cached: all of `first`, then only what `then` adds; uncached: each call in full
+        new = len(set(then) - set(first))
+        assert asked == [len(first), len(first), new, len(then)], asked
+
+    # Past the TTL the store is read again.
+    reads: list[list[str]] = []
+    short = cached(lambda ids: reads.append(list(ids)) or plain(ids), "ad_id", ttl_s=0.2, max_entries=10)
+    ids = ingested.env.world.ads["ad_id"].tolist()[:2]
+    short(ids), short(ids)
+    time.sleep(0.3)
+    pd.testing.assert_frame_equal(short(ids), plain(ids))
+    assert reads == [ids, ids]
 
 
 def test_bad_events_are_quarantined_with_their_reason(traffic, encoder: TextEncoder, tmp_path: Path):

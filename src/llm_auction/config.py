@@ -315,6 +315,16 @@ class FeaturesConfig(_Section):
     stats_windows_days: tuple[int, ...] = Field((1, 7), description="Click-history windows in days.")
     ctr_prior_clicks: float = Field(1.0, ge=0, description="Smoothing: prior clicks added to every CTR.")
     ctr_prior_impressions: float = Field(20.0, gt=0, description="Smoothing: prior impressions.")
+    online_cache_ttl_s: float = Field(
+        60.0,
+        ge=0,
+        description="How long psi's scorer keeps a user's or ad's online features before reading the "
+        "store again (0: every scoring batch reads it). The bound on how stale a price is after a "
+        "materialisation (one per feedback window); a new psi starts with an empty cache.",
+    )
+    online_cache_max_entries: int = Field(
+        100_000, ge=1, description="Users and ads whose online features a scorer keeps (least recent out)."
+    )
     encoder_cache_max_entries: int = Field(
         200_000,
         ge=1000,

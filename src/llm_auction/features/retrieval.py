@@ -8,11 +8,13 @@ for training and serving keeps the two from drifting apart.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from cachetools import TTLCache
 from feast import FeatureService, FeatureStore
 
 from llm_auction.config import FeaturesConfig
@@ -214,7 +216,10 @@ def online_lookups(
     """(user lookup, ad lookup) over the online store, in the shape `reward.score_responses` takes.
 
     Each reads only the views of its own entity, so scoring M responses of one prompt asks for a
-    user once and for each distinct ad once, not for every (user, ad) pair.
+    user once and for each distinct ad once, not for every (user, ad) pair. Each keeps what it read
+    for `features.online_cache_ttl_s` (`cached`): the server's psi batches ask for the same users
+    and ads again and again (ranking, then pricing, the next request), and the online store
+    changes only when a feedback window is materialised.
     """
     views: dict[str, list[str]] = {}
     for keys, refs in _view_requests(store, store.get_feature_service(FEATURE_SERVICE)):
@@ -228,6 +233,38 @@ def online_lookups(
             ).to_df()
             return pctr_inputs(fill_missing_stats(_embeddings_as_float32(frame), features))
 
-        return read
+        if features.online_cache_ttl_s == 0:
+            return read
+        return cached(read, key, features.online_cache_ttl_s, features.online_cache_max_entries)
 
     return lookup("user_id"), lookup("ad_id")
+
+
+def cached(
+    read: Callable[[Sequence[str]], pd.DataFrame], key: str, ttl_s: float, max_entries: int
+) -> Callable[[Sequence[str]], pd.DataFrame]:
+    """`read` (a frame with one row per id, keyed by column `key`) that reads each id at most once
+    per `ttl_s` seconds: the rows of ids read less than `ttl_s` ago come from memory, the rest from
+    one call of `read`. At most `max_entries` ids are kept (least recently used out first).
+
+    Staleness is bounded by `ttl_s`, unknown ids included (a user who signs up is seen within it).
+    """
+    rows: TTLCache[str, dict[str, Any]] = TTLCache(max_entries, ttl_s)
+    columns: list[str] = []
+    lock = threading.Lock()  # cachetools' caches are not thread-safe
+
+    def lookup(ids: Sequence[str]) -> pd.DataFrame:
+        ids = list(ids)
+        if not ids:
+            return read(ids)
+        with lock:
+            found = {i: rows.get(i) for i in dict.fromkeys(ids)}  # taken once: an entry may expire
+            missing = [i for i, row in found.items() if row is None]
+            if missing:
+                fresh = read(missing)
+                columns[:] = fresh.columns
+                for row in fresh.to_dict("records"):
+                    rows[row[key]] = found[row[key]] = row
+        return pd.DataFrame.from_records([found[i] for i in ids], columns=columns)
+
+    return lookup
