@@ -6,11 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
-from llm_auction.config import ConfigError
+from llm_auction.config import ConfigError, load_config
+from llm_auction.simulator import loop as loop_module
 from llm_auction.simulator.loop import run_loop
 from llm_auction.simulator.run_state import STATE_FILE, RunState
+from llm_auction.tracking.registry import Versions
 
 CLI = str(Path(sys.executable).parent / "llm-auction")
 
@@ -68,3 +71,29 @@ def test_the_cli_says_why_it_cannot_resume(tmp_path):
     )
     assert result.returncode == 2 and "holds no state.json" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_waiting_for_the_served_versions_outlasts_a_server_busy_starting_an_engine(tmp_path, monkeypatch):
+    """A server loading a promoted version's engine may answer `/served` late: the loop asks again
+    (the run once died of this ReadTimeout after the final canary's promotion); other errors stand."""
+    versions = Versions("2", None, "3")
+    answers = iter([httpx.ReadTimeout("timed out"), {"policy_version": "1"}, httpx.ReadTimeout("timed out")])
+
+    def served(self, endpoint):
+        answer = next(answers, {"policy_version": "2", "challenger_version": None, "pctr_version": "3"})
+        if isinstance(answer, Exception):
+            raise answer
+        return {"challenger_version": None, "pctr_version": "3", **answer}
+
+    monkeypatch.setattr(loop_module, "current_versions", lambda settings: versions)
+    monkeypatch.setattr(loop_module.Loop, "served_versions", served)
+    loop = loop_module.Loop(load_config(environ={}), 1, tmp_path)
+    assert loop.await_arms("http://127.0.0.1:1") == versions
+    assert next(answers, "drained") == "drained"  # it asked through both timeouts
+
+    def refused(self, endpoint):
+        raise httpx.ConnectError("connection refused")
+
+    monkeypatch.setattr(loop_module.Loop, "served_versions", refused)
+    with pytest.raises(httpx.ConnectError):
+        loop.await_arms("http://127.0.0.1:1")

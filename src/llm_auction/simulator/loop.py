@@ -390,7 +390,10 @@ class Loop:
         versions = current_versions(self.settings)
 
         def loaded() -> bool:
-            served = self.served_versions(endpoint)
+            try:
+                served = self.served_versions(endpoint)
+            except httpx.TimeoutException:  # busy starting the new version's engine: ask again
+                return False
             return (
                 served["policy_version"],
                 served["challenger_version"],
