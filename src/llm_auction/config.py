@@ -363,6 +363,11 @@ class PCTRConfig(_Section):
     context: bool = Field(
         True, description="Read each ad's lead-in, the sentence right before its marker (native or not)."
     )
+    answer_relevance: bool = Field(
+        True,
+        description="Read how well the answer addresses the query (the cosine of their embeddings and "
+        "their product in the projection): an answer padded with sentences off its query is clicked less.",
+    )
     learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
     batch_size: int = Field(256, ge=1, description="Impressions per step.")

@@ -79,6 +79,9 @@ class PCTRNet(nn.Module):
         self.position = nn.Embedding(cfg.max_position + 1, 8)
         layers: list[nn.Module] = []
         width = 6 * cfg.text_dim + N_SIMILARITIES + 2 * cfg.id_dim + 8 + n_numeric
+        self.answer_relevance = cfg.answer_relevance
+        if cfg.answer_relevance:
+            width += cfg.text_dim + 1
         if cfg.context:
             width += 2 * cfg.text_dim + N_CONTEXT_SIMILARITIES
         for hidden in cfg.hidden:
@@ -98,9 +101,10 @@ class PCTRNet(nn.Module):
     ) -> torch.Tensor:
         query, response, profile, ad_text, *context = self.project(text).unbind(dim=1)
         lead_in = [context[0], context[0] * ad_text] if context else []
+        answer = [query * response] if self.answer_relevance else []
         x = torch.cat(
-            [query, response, profile, ad_text, query * ad_text, profile * ad_text, *lead_in, similarities,
-             self.user(user), self.ad(ad), self.position(position), numeric],
+            [query, response, profile, ad_text, query * ad_text, profile * ad_text, *answer, *lead_in,
+             similarities, self.user(user), self.ad(ad), self.position(position), numeric],
             dim=-1,
         )  # fmt: skip
         return self.mlp(x).squeeze(-1)
@@ -324,12 +328,20 @@ class PCTRModel:
         # Relevance and interest are similarities: give the MLP the products and cosines directly
         # (phi is L2-normalised), instead of asking it to learn them from a few thousand clicks;
         # the word overlaps add the exact matches. Computed a slice of rows at a time (bounded memory).
-        cosines = np.empty((len(frame), 4 + self.cfg.context), dtype=np.float32)
+        cosines = np.empty((len(frame), 4 + self.cfg.answer_relevance + self.cfg.context), dtype=np.float32)
         for start in range(0, len(frame), CHUNK_ROWS):
             query, response, profile, ad, *lead_in = texts[text_index[start : start + CHUNK_ROWS]].transpose(
                 1, 0, 2
             )
-            products = (query * ad, profile * ad, response * ad, query * profile, *(c * ad for c in lead_in))
+            answer = (query * response,) if self.cfg.answer_relevance else ()
+            products = (
+                query * ad,
+                profile * ad,
+                response * ad,
+                query * profile,
+                *answer,
+                *(c * ad for c in lead_in),
+            )
             cosines[start : start + CHUNK_ROWS] = np.stack([p.sum(1) for p in products], axis=1)
         similarities = [cosines, np.stack(text_matches(frame), axis=1)]
         if self.cfg.context:
@@ -394,8 +406,9 @@ class PCTRModel:
         """Load weights (safetensors only) and the spec saved beside them."""
         check_safetensors(directory)
         spec = json.loads((directory / CONFIG).read_text())
-        # psi saved before `pctr.context` existed read the whole response only.
-        cfg = PCTRConfig.model_validate({"context": False, **spec["config"]})
+        # psi saved before `pctr.context` (`pctr.answer_relevance`) existed did not read lead-ins (the
+        # answer's relevance to its query).
+        cfg = PCTRConfig.model_validate({"context": False, "answer_relevance": False, **spec["config"]})
         net = PCTRNet(len(spec["users"]), len(spec["ads"]), len(spec["numeric_columns"]), cfg)
         net.load_state_dict(load_file(str(directory / WEIGHTS)))
         net.eval()
