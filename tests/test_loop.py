@@ -173,6 +173,9 @@ def test_one_epoch_of_the_closed_loop_interrupted_and_resumed(pi0, tmp_path, cap
         }
         assert set(entry["baselines_reward_model"]) == set(entry["baselines"])
         assert entry["reward_model"]["reward"] == entry["policy"]["reward"]  # R under psi beside the oracle
+        # how the simulator's users read each policy's pages (oracle side): the same ads, other clicks
+        for page in (entry["policy"]["page"], *(b["page"] for b in entry["baselines"].values())):
+            assert 0 <= page["talk"] <= page["useful"] + page["talk"] and 0 < page["answer_factor"] <= 1
         greedy = entry["oracle_references"]["oracle_greedy"]["revenue"]["mean"]
         assert greedy >= entry["baselines"]["pre_generation"]["revenue"]["mean"]
     assert "simulation only" in report["sections"]["policy"] and "psi_t" in report["sections"]["baselines"]

@@ -160,28 +160,31 @@ def test_pctr_round_trips_through_safetensors(model: PCTRModel, logged, encoder,
         PCTRModel.load(tmp_path / "pctr")
 
 
-def test_psi_reads_how_well_the_answer_addresses_its_query(model: PCTRModel, logged, encoder, tmp_path: Path):
-    """`pctr.answer_relevance`: the query-response cosine is an input; a psi saved before it loads
-    without it and scores as it did."""
+def test_psi_can_read_how_well_the_answer_addresses_its_query(
+    model: PCTRModel, logged, encoder, tmp_path: Path
+):
+    """`pctr.answer_relevance`: the query-response cosine becomes an input; a psi saved before the
+    option existed loads without it and scores as it did."""
     _, frame, _ = logged
     rows = frame.head(50)
-    cosine = (encoder.encode(rows["query"].tolist()) * encoder.encode(rows["response"].tolist())).sum(1)
-    read = model.batch(rows, encoder).similarities.numpy()
-    assert np.allclose(read[:, 4], cosine, atol=1e-5)  # after the four cosines with the ad and profile
-
-    cfg = model.cfg.model_copy(update={"answer_relevance": False})
+    cfg = model.cfg.model_copy(update={"answer_relevance": True})
     net = pctr.PCTRNet(len(model.users), len(model.ads), len(model.numeric_columns), cfg)
-    older = PCTRModel(
+    reading = PCTRModel(
         net, cfg, model.users, model.ads, model.numeric_columns, model.numeric_mean, model.numeric_std
     )
-    spec_path = older.save(tmp_path / "older") / pctr.CONFIG
+    cosine = (encoder.encode(rows["query"].tolist()) * encoder.encode(rows["response"].tolist())).sum(1)
+    read = reading.batch(rows, encoder).similarities.numpy()
+    assert np.allclose(read[:, 4], cosine, atol=1e-5)  # after the four cosines with the ad and profile
+    assert read.shape[1] == model.batch(rows, encoder).similarities.shape[1] + 1
+    assert reading.predict(rows, encoder).shape == (len(rows),)
+
+    spec_path = model.save(tmp_path / "older") / pctr.CONFIG
     spec = json.loads(spec_path.read_text())
-    del spec["config"]["answer_relevance"]  # as psi versions registered before the feature
+    del spec["config"]["answer_relevance"]  # as psi versions registered before the option
     spec_path.write_text(json.dumps(spec))
     loaded = PCTRModel.load(tmp_path / "older")
     assert not loaded.cfg.answer_relevance
-    assert loaded.batch(rows, encoder).similarities.shape[1] == read.shape[1] - 1
-    assert np.allclose(loaded.predict(rows, encoder), older.predict(rows, encoder), atol=1e-6)
+    assert np.allclose(loaded.predict(rows, encoder), model.predict(rows, encoder), atol=1e-6)
 
 
 def test_unseen_users_and_ads_still_get_text_based_scores(model: PCTRModel, logged, encoder):

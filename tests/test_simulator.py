@@ -1,6 +1,7 @@
 import itertools
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from llm_auction.baselines import make_baseline, spread_slots
@@ -8,6 +9,7 @@ from llm_auction.contracts import AdCandidate, AuctionRequest
 from llm_auction.mechanism.grammar import parse_response, render_response, split_sentences
 from llm_auction.simulator.base import UnknownEntityError, sample_clicks
 from llm_auction.simulator.experiment import Environment, evaluate_policy
+from llm_auction.simulator.oracle import oracle_layouts
 from llm_auction.simulator.references import make_reference
 from llm_auction.text import bank
 from llm_auction.text.organic import organic_answer
@@ -215,6 +217,30 @@ def test_ads_and_ad_talk_flooding_the_answer_drive_clicks_to_zero(env: Environme
         < 0.25 * cm.expected_ctr(request, [0, 1, 2], f"{OPENER} [AD 1] {TIP_1} [AD 2] {TIP_2} [AD 3]")[0]
     )
     assert np.all(ads_only == 0)
+
+
+def test_the_oracles_page_terms_say_why_the_same_ad_earns_less(env: Environment):
+    """`page_terms` (and `oracle_layouts`, their means per policy) are the terms `expected_ctr`
+    multiplies: the same ad after the same sentence, with ad talk after it, earns their ratio."""
+    request = _request_with(env, ["travel", "tech", "home"])
+    cm = env.ground_truth
+    bridges = [bridge_for(ad.text) for ad in request.ads]
+    light_page = f"{OPENER} [AD 1] {TIP_1} {TIP_2}"
+    talk_page = f"{OPENER} [AD 1] {bridges[1]} {bridges[2]} {TIP_2}"
+    light, talk = (cm.page_terms(request, [0], page) for page in (light_page, talk_page))
+    assert (light["useful"], light["talk"], light["bridges"]) == (3, 0, 0)
+    assert (talk["useful"], talk["talk"], talk["bridges"]) == (2, 2, 2)
+    assert light["nativeness"] == talk["nativeness"] and not talk["below_quality_floor"]
+    ratio = cm.expected_ctr(request, [0], talk_page)[0] / cm.expected_ctr(request, [0], light_page)[0]
+    assert ratio == pytest.approx(talk["answer_factor"] / light["answer_factor"]) and ratio < 1
+
+    pages = pd.DataFrame(
+        {"policy": ["light", "talk"], "request_id": ["t", "t"], "response": [light_page, talk_page]}
+    )
+    layouts = oracle_layouts(env, [request], pages)
+    assert layouts["talk"] == {"ads": 1.0, **{k: pytest.approx(v, abs=1e-4) for k, v in talk.items()}}
+    no_ads = cm.page_terms(request, [], OPENER)  # no ad: nothing for the page to multiply
+    assert np.isnan(no_ads["nativeness"]) and np.isnan(no_ads["answer_factor"])
 
 
 def test_user_utility_rewards_a_useful_uncrowded_answer(env: Environment):

@@ -53,7 +53,7 @@ from llm_auction.public.catalog import HELD_OUT_FILE, SYNTHETIC_FILE, Catalog, r
 from llm_auction.serving.collector import EventStore
 from llm_auction.serving.export import export_feedback
 from llm_auction.simulator.experiment import Environment, build_environment, export_public
-from llm_auction.simulator.oracle import ORACLE_LABEL, oracle_metrics, references
+from llm_auction.simulator.oracle import ORACLE_LABEL, oracle_layouts, oracle_metrics, references
 from llm_auction.simulator.run_state import COMPLETE, STATE_FILE, RunState
 from llm_auction.simulator.services import Service, free_port, service, wait_until
 from llm_auction.simulator.traffic import TrafficReport, send_traffic
@@ -605,6 +605,8 @@ class Loop:
                 self._say(f"epoch {epoch}: canary {canary['decision']}: {canary['reason']}")
                 with clock(f"epoch {epoch}", "oracle scoring (simulation only)"):
                     oracle = oracle_rows(oracle_metrics(env, held_out, responses, self.settings.seed))
+                    for policy, terms in oracle_layouts(env, held_out, responses).items():
+                        oracle[policy]["page"] = terms  # how the truth reads each policy's pages
                 if epoch == 1:
                     report["epochs"].append(
                         report_entry(0, arms.champion, evaluation, oracle, oracle_refs, "champion")
@@ -725,6 +727,10 @@ def _version_label(version: str | None) -> str:
     return f"v{version}" if version and str(version).isdigit() else str(version)
 
 
+# `oracle_layouts`' terms, in the report's order: what the page's writing does to every ad's CTR.
+PAGE_TERMS = ("ads", "useful", "talk", "bridges", "below_quality_floor", "nativeness", "answer_factor")
+
+
 def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
     """report.json, epochs.png, traffic.png and report.html."""
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -798,6 +804,11 @@ def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
         [f"{r} (oracle reference, simulation only)", *(fmt(v.get(m)) for m in metrics), "n/a"]
         for r, v in last["oracle_references"].items()
     ]  # fmt: skip
+    page_rows = [
+        [name, *("n/a" if (x := page.get(k)) is None else f"{x:.3f}" for k in PAGE_TERMS)]
+        for name, entry in (("final champion", last.get("policy", {})), *last["baselines"].items())
+        if (page := entry.get("page"))
+    ]
     summary = {"epochs": str(max(len(epochs) - 1, 0)), "out": str(out)}
     if "wall_seconds" in report:
         summary["wall time"] = f"{report['wall_seconds'] / 60:.1f} min"
@@ -855,6 +866,11 @@ def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
             "baselines on the same requests, last epoch": (
                 ["baseline", *(f"{m} (oracle)" for m in metrics), "revenue (psi)"],
                 baseline_rows,
+            ),
+            "pages as the simulator's users read them, last epoch (simulation only): means per answer; "
+            "two policies inserting the same ads earn differently by these": (
+                ["policy", *PAGE_TERMS],
+                page_rows,
             ),
             "live traffic per phase": (
                 ["phase", "served", "clicks", "revenue", "req/s", "p50 ms", "p99 ms", "versions"],

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from llm_auction.contracts import AuctionRequest
+from llm_auction.mechanism.grammar import parse_response
 from llm_auction.mechanism.metrics import Estimate, auction_metrics, bootstrap, per_request_outcomes
 from llm_auction.simulator.experiment import Environment, evaluate_policy
 from llm_auction.simulator.references import ORACLE_REFERENCES, make_reference
@@ -58,6 +59,32 @@ def oracle_metrics(
             m.ci_level,
             np.random.default_rng([seed, 2]),
         )
+    return out
+
+
+def oracle_layouts(
+    env: Environment, requests: Sequence[AuctionRequest], responses: pd.DataFrame
+) -> dict[str, dict[str, float]]:
+    """How the oracle's reader takes each policy's pages (`policy`, `request_id`, `response` rows):
+    per response, the means of the click model's `page_terms` and the ads inserted. Two policies
+    that insert the same ads earn differently by these (issue 16's diagnostic: a policy's own text
+    against the organic answer post-generation inserts into). Empty for a click model without them
+    (the LLM judge).
+    """
+    page_terms = getattr(env.click_model, "page_terms", None)
+    if page_terms is None:
+        return {}
+    by_id = {r.request_id: r for r in requests}
+    max_ads = env.settings.mechanism.max_ads
+    out = {}
+    for policy, frame in responses.groupby("policy", sort=False):
+        rows = []
+        for request_id, response in zip(frame["request_id"], frame["response"]):
+            request = by_id[request_id]
+            allocation = parse_response(response, len(request.ads), request.max_ads or max_ads).allocation
+            rows.append({"ads": float(len(allocation)), **page_terms(request, allocation, response)})
+        means = pd.DataFrame(rows).mean()  # nativeness and the answer factor over pages with ads
+        out[str(policy)] = {k: None if pd.isna(v) else round(float(v), 4) for k, v in means.items()}
     return out
 
 

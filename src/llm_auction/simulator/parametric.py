@@ -214,6 +214,27 @@ class ParametricClickModel:
         native = [self._nativeness(request.ads[i].ad_id, c) for i, c in zip(allocation, layout.contexts)]
         return self._ctr(base, cats, np.array(native), self._answer_factor(answer, self._share(n, answer)))
 
+    def page_terms(
+        self, request: AuctionRequest, allocation: Sequence[int], response: str
+    ) -> dict[str, float]:
+        """The terms of `expected_ctr` that the page's writing sets (the ads' own terms aside): the
+        sentences that address the query and the ad talk around them, the inserted ads' mean
+        nativeness, and the answer factor (quality floor x crowding) every ad's CTR is multiplied by.
+        """
+        layout = read_layout(response, list(allocation))
+        answer = self.read_answer(request, layout.sentences)
+        native = [self._nativeness(request.ads[i].ad_id, c) for i, c in zip(allocation, layout.contexts)]
+        return {
+            "useful": float(answer.useful),
+            "talk": float(answer.talk),
+            "bridges": float(sum(map(is_bridge, layout.sentences))),
+            "below_quality_floor": float(answer.useful < self.cfg.quality_floor),
+            "nativeness": float(np.mean(native)) if native else float("nan"),
+            "answer_factor": float(self._answer_factor(answer, self._share(len(allocation), answer)))
+            if allocation
+            else float("nan"),
+        }
+
     def user_utility(self, request: AuctionRequest, response: str, n_ads: int) -> float:
         """The user's utility of the answer itself (welfare's user term): useful and uncrowded."""
         answer = self.read_answer(request, read_layout(response, []).sentences)
