@@ -1,15 +1,19 @@
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from llm_auction.baselines import make_baseline
-from llm_auction.contracts import Allocator, AuctionRequest, SampledAllocator
+from llm_auction.contracts import AdCandidate, Allocator, AuctionRequest, SampledAllocator
 from llm_auction.mechanism.audits import audit_individual_rationality, audit_monotonicity
 from llm_auction.mechanism.grammar import render_response
 from llm_auction.mechanism.metrics import bootstrap
 from llm_auction.mechanism.payments import expected_payments, payment_per_click
+from llm_auction.reward.reward import impression_rows
+from llm_auction.reward.scorer import bid_sum_scorer
+from llm_auction.serving.auction import prediction
 from llm_auction.simulator.experiment import Environment, evaluate_policy
 from llm_auction.simulator.references import make_reference, true_standalone_ctr
 from llm_auction.text.organic import organic_answer
@@ -167,3 +171,25 @@ def test_ir_audit_exempts_overbidders():
     assert report.holds  # a loses money only because it bid above its value
     assert report.n_truthful_advertisers == 1
     assert report.min_truthful_utility == pytest.approx(0.1)
+
+
+def test_a_request_that_allows_no_ads_gets_none_from_every_reader():
+    """`max_ads: 0` is the request's own limit, not "unset": every parse of its response (psi's
+    rows, the bid-sum reward, the served prediction) inserts nothing."""
+    ads = (AdCandidate(ad_id="a1", advertiser_id="v1", text="Shoes.", bid=2.0),)
+    request = AuctionRequest(request_id="r", user_id="u", query="shoes?", ads=ads, max_ads=0)
+    response = "Try these. [AD 1]"
+    assert request.ad_limit(3) == 0 and request.model_copy(update={"max_ads": None}).ad_limit(3) == 3
+    assert bid_sum_scorer([request], [response], max_ads=3).tolist() == [0.0]
+    rows, errors = impression_rows([request], [response], max_ads=3)
+    assert rows.empty and errors.tolist() == [1]
+    served = prediction(
+        request,
+        response,
+        response_id="y",
+        policy_version="1",
+        served_at=datetime.now(UTC),
+        max_ads=3,
+        pctr=None,
+    )
+    assert served["allocation"] == []

@@ -48,6 +48,12 @@ class AuctionRequest(BaseModel):
             seen.add(ad.ad_id)
         return self
 
+    def ad_limit(self, default: int | None) -> int | None:
+        """Most ads the response may insert: the request's own `max_ads` (0 included), else `default`
+        (None: no limit).
+        """
+        return self.max_ads if self.max_ads is not None else default
+
     @property
     def bids(self) -> tuple[float, ...]:
         return tuple(ad.bid for ad in self.ads)

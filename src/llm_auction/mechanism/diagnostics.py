@@ -13,7 +13,7 @@ from llm_auction.mechanism.grammar import parse_response
 def format_report(requests: Sequence[AuctionRequest], responses: Sequence[str], max_ads: int | None) -> dict:
     """Share of well-formed responses, ads per response and format errors by kind."""
     parsed = [
-        parse_response(text, len(r.ads), r.max_ads if r.max_ads is not None else max_ads)
+        parse_response(text, len(r.ads), r.ad_limit(max_ads))
         for r, text in zip(requests, responses, strict=True)
     ]
     errors: dict[str, int] = {}

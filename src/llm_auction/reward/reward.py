@@ -46,9 +46,7 @@ def impression_rows(
     """
     rows, errors = [], []
     for number, (request, response) in enumerate(zip(requests, responses, strict=True)):
-        parsed = parse_response(
-            response, len(request.ads), request.max_ads if request.max_ads is not None else max_ads
-        )
+        parsed = parse_response(response, len(request.ads), request.ad_limit(max_ads))
         errors.append(parsed.n_errors)
         for position, index in enumerate(parsed.allocation, start=1):
             ad = request.ads[index]

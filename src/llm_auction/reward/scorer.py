@@ -123,7 +123,7 @@ def bid_sum_scorer(requests: Sequence[AuctionRequest], responses: Sequence[str],
     """
     return np.array(
         [
-            sum(q.ads[i].bid for i in parse_response(y, len(q.ads), q.max_ads or max_ads).allocation)
+            sum(q.ads[i].bid for i in parse_response(y, len(q.ads), q.ad_limit(max_ads)).allocation)
             for q, y in zip(requests, responses, strict=True)
         ],
         dtype=float,

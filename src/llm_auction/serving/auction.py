@@ -80,9 +80,7 @@ def prediction(
     """One priced allocation; `pctr` holds the click estimate of each inserted ad, in order; `arm`
     says whether the champion or the challenger (in canary) answered.
     """
-    parsed = parse_response(
-        response, len(request.ads), request.max_ads if request.max_ads is not None else max_ads
-    )
+    parsed = parse_response(response, len(request.ads), request.ad_limit(max_ads))
     allocation = []
     for position, index in enumerate(parsed.allocation, start=1):
         ad = request.ads[index]

@@ -81,7 +81,7 @@ def oracle_layouts(
         rows = []
         for request_id, response in zip(frame["request_id"], frame["response"]):
             request = by_id[request_id]
-            allocation = parse_response(response, len(request.ads), request.max_ads or max_ads).allocation
+            allocation = parse_response(response, len(request.ads), request.ad_limit(max_ads)).allocation
             rows.append({"ads": float(len(allocation)), **page_terms(request, allocation, response)})
         means = pd.DataFrame(rows).mean()  # nativeness and the answer factor over pages with ads
         out[str(policy)] = {k: None if pd.isna(v) else round(float(v), 4) for k, v in means.items()}

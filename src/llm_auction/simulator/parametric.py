@@ -46,7 +46,7 @@ import numpy as np
 from llm_auction.config import ClickModelConfig
 from llm_auction.contracts import AuctionRequest
 from llm_auction.simulator.base import UnknownEntityError
-from llm_auction.text.reading import category_of, is_bridge, product_of, read_layout, sentence_topic
+from llm_auction.text.reading import Layout, category_of, is_bridge, product_of, read_layout, sentence_topic
 from llm_auction.world import CATEGORY_NAMES, World
 
 SAME_TOPIC, SAME_CATEGORY = 1.0, 0.5
@@ -209,10 +209,17 @@ class ParametricClickModel:
         base = self._base(relevance, interest, quality)
         if response is None:
             return self._ctr(base, cats, relevance, np.float64(1.0))
+        _, answer, native = self._read_page(request, allocation, response)
+        return self._ctr(base, cats, np.array(native), self._answer_factor(answer, self._share(n, answer)))
+
+    def _read_page(
+        self, request: AuctionRequest, allocation: Sequence[int], response: str
+    ) -> tuple[Layout, Answer, list[float]]:
+        """The written page as the user reads it: its layout, its answer, each inserted ad's nativeness."""
         layout = read_layout(response, list(allocation))
         answer = self.read_answer(request, layout.sentences)
         native = [self._nativeness(request.ads[i].ad_id, c) for i, c in zip(allocation, layout.contexts)]
-        return self._ctr(base, cats, np.array(native), self._answer_factor(answer, self._share(n, answer)))
+        return layout, answer, native
 
     def page_terms(
         self, request: AuctionRequest, allocation: Sequence[int], response: str
@@ -221,9 +228,7 @@ class ParametricClickModel:
         sentences that address the query and the ad talk around them, the inserted ads' mean
         nativeness, and the answer factor (quality floor x crowding) every ad's CTR is multiplied by.
         """
-        layout = read_layout(response, list(allocation))
-        answer = self.read_answer(request, layout.sentences)
-        native = [self._nativeness(request.ads[i].ad_id, c) for i, c in zip(allocation, layout.contexts)]
+        layout, answer, native = self._read_page(request, allocation, response)
         return {
             "useful": float(answer.useful),
             "talk": float(answer.talk),

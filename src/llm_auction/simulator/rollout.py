@@ -57,7 +57,7 @@ def rollout(
     for start in range(0, len(requests), batch_size):
         batch = requests[start : start + batch_size]
         for request, response in zip(batch, allocator.allocate(batch, rng), strict=True):
-            limit = request.max_ads if request.max_ads is not None else max_ads
+            limit = request.ad_limit(max_ads)
             parsed = parse_response(response, len(request.ads), limit)
             ctr = click_model.expected_ctr(request, parsed.allocation, response)
             clicked = sample_clicks(ctr, rng)
