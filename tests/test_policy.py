@@ -482,6 +482,55 @@ def test_the_sampler_masks_what_the_likelihood_rule_masks_at_every_step():
     assert rule.any() and not rule.all()  # the rule both allowed and forbade markers here
 
 
+def test_the_likelihood_is_what_the_sampler_drew_with_at_its_temperature(loaded, policy_env: Environment):
+    """response_logprobs(temperature=T) is the log-probability `generate` drew each sample with (the
+    page grammar's mask, then the logits divided by T): the drift KL is measured on that distribution.
+    """
+    from transformers import LogitsProcessorList
+
+    from llm_auction.policy.generation import WellFormedPages, bracket_token_ids, marker_token_ids
+    from llm_auction.policy.likelihood import response_logprobs
+
+    model, tokenizer = loaded
+    markers = marker_token_ids(tokenizer)
+    _, held_out = split_requests(policy_env)
+    prompts = prompts_for(held_out[:6], user_profiles(policy_env.world))
+    temperature, compared = 0.6, []
+    torch.manual_seed(0)
+    for prompt in prompts:
+        encoded = tokenizer([prompt], return_tensors="pt")
+        width = encoded["input_ids"].shape[1]
+        grammar = WellFormedPages(markers, width, 3, bracket_token_ids(tokenizer, markers))
+        out = model.generate(
+            **encoded,
+            do_sample=True,
+            temperature=temperature,
+            top_p=1.0,
+            top_k=0,
+            max_new_tokens=96,
+            num_return_sequences=4,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            logits_processor=LogitsProcessorList([grammar]),
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        steps = torch.stack(out.scores, 1).log_softmax(-1)  # (samples, steps, vocab), as drawn
+        for row, written in zip(steps, out.sequences[:, width:]):
+            length = int((written == tokenizer.eos_token_id).nonzero()[0]) + 1  # through the eos
+            response = tokenizer.decode(written[:length], skip_special_tokens=True).strip()
+            retokenized = tokenizer(prompt + " " + response + tokenizer.eos_token)["input_ids"][width:]
+            if retokenized == written[:length].tolist():  # the likelihood reads the text, not the ids
+                drawn = float(row[torch.arange(length), written[:length]].sum())
+                compared.append((prompt, response, drawn))
+    assert len(compared) >= 12
+    batch = ([p for p, _, _ in compared], [y for _, y, _ in compared])
+    tempered = response_logprobs(model, tokenizer, *batch, max_ads=3, temperature=temperature)
+    np.testing.assert_allclose(tempered, [d for _, _, d in compared], atol=1e-3)
+    untempered = response_logprobs(model, tokenizer, *batch, max_ads=3)
+    assert np.abs(untempered - tempered).mean() > 0.5  # the temperature is not a detail
+
+
 def test_an_engine_is_sized_for_the_smallest_lora_rank_vllm_offers_that_fits():
     from llm_auction.policy.generation import engine_lora_rank
 

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from llm_auction.baselines import PRICED, make_baseline
-from llm_auction.config import Settings
+from llm_auction.config import GenerationConfig, Settings
 from llm_auction.contracts import AuctionRequest
 from llm_auction.errors import RegistryError
 from llm_auction.evaluation.card import CARD_METRICS, EVALUATION_FILE, bid_response_line, format_estimate
@@ -53,14 +53,15 @@ def drift_kl(
     reference_dir: Path,
     prompts: Sequence[str],
     responses: Sequence[str],
-    max_ads: int | None,
+    generation: GenerationConfig,
 ) -> float:
     """KL(candidate || reference) in nats per response, Monte Carlo over the candidate's own samples,
-    between the distributions the sampler draws from (with `max_ads`: both renormalised over
-    well-formed pages, as generated).
+    between the distributions the sampler draws from (with `generation.max_ads`: both renormalised
+    over well-formed pages, as generated; both at the sampling temperature).
     """
-    candidate = response_logprobs(*load_policy(candidate_dir), prompts, responses, max_ads=max_ads)
-    reference = response_logprobs(*load_policy(reference_dir), prompts, responses, max_ads=max_ads)
+    sampled = {"max_ads": generation.max_ads, "temperature": generation.temperature}
+    candidate = response_logprobs(*load_policy(candidate_dir), prompts, responses, **sampled)
+    reference = response_logprobs(*load_policy(reference_dir), prompts, responses, **sampled)
     return float(np.mean(candidate - reference))
 
 
@@ -136,7 +137,7 @@ def _evaluate(
     prompts = prompts_for(shown, profiles)
     drawn = priced["candidate"]["response"]
     responses = [to_listed_markers(y, o) for y, o in zip(drawn, orders, strict=True)]
-    kl = drift_kl(candidate_dir, reference_dir, prompts, responses, settings.policy.generation.max_ads)
+    kl = drift_kl(candidate_dir, reference_dir, prompts, responses, settings.policy.generation)
     audited = list(requests[: settings.gate.audit_requests])
     audit = audit_monotonicity(
         candidate,

@@ -19,13 +19,16 @@ def response_logprobs(
     responses: Sequence[str],
     batch_size: int = 32,
     max_ads: int | None = None,
+    temperature: float = 1.0,
 ) -> np.ndarray:
     """Log pi(response | prompt) summed over the response tokens and the end-of-sequence token.
 
     The text is tokenized as in training (prompt, then " " + response + eos), so the numbers are
     those DPO moved. With `max_ads`, pi is the distribution the samplers draw from: the policy
     renormalised over well-formed pages at every step (`generation.WellFormedPages`, vLLM's page
-    grammar), so a KL between two policies is the KL between what they actually sample.
+    grammar), so a KL between two policies is the KL between what they actually sample. The
+    `temperature` the samplers divide the logits by is applied too (the nucleus of `top_p` < 1 is
+    not: a KL across two nuclei is infinite wherever one policy samples outside the other's).
     """
     model.eval()
     markers = marker_token_ids(tokenizer) if max_ads is not None else None
@@ -51,7 +54,7 @@ def response_logprobs(
         if markers is not None and brackets is not None and max_ads is not None:
             prompt_lengths = torch.tensor([n_prompt for _, n_prompt in rows])
             logits = _constrain(logits, input_ids, prompt_lengths, markers, brackets, max_ads)
-        token_logps = logits.log_softmax(-1).gather(2, input_ids[:, 1:, None])[..., 0]
+        token_logps = (logits / temperature).log_softmax(-1).gather(2, input_ids[:, 1:, None])[..., 0]
         for i, (ids, n_prompt) in enumerate(rows):
             out.append(float(token_logps[i, n_prompt - 1 : len(ids) - 1].sum()))
     return np.asarray(out)
