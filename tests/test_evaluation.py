@@ -142,3 +142,20 @@ def test_the_gate_step_tags_the_version_and_admits_one_candidate_at_a_time_to_th
     assert not busy["admitted"] and busy["reason"] == "failed: canary slot free"
     assert str(client.get_model_version_by_alias(name, "challenger").version) == versions[1]
     assert registry.alias_version(settings.tracking, name, registry.HEAD) == versions[1]
+
+
+def test_the_drift_to_pi0_is_measured_against_the_lineages_root(tmp_path):
+    from llm_auction.pipeline.steps.evaluate import initial_policy
+
+    tracking = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_location": str(tmp_path / "artifacts")}
+    settings = load_config(environ={}, overrides={"tracking": tracking})
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "card.json").write_text('{"policy": "pi_0"}')
+    reference = tmp_path / "reference"
+    pi0, later = register_versions(settings, tmp_path / "m", 2)
+    assert initial_policy(settings, later, reference, tmp_path / "into") is None  # no pi_0 registered
+    registry.set_alias(settings.tracking, settings.irpo.registered_model, registry.INITIAL, pi0)
+    assert initial_policy(settings, pi0, reference, tmp_path / "into") == reference  # read once, not twice
+    fetched = initial_policy(settings, later, reference, tmp_path / "into")
+    assert json.loads((fetched / "card.json").read_text()) == {"policy": "pi_0"}
+    assert fetched.is_relative_to(tmp_path / "into")

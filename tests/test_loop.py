@@ -153,8 +153,9 @@ def test_one_epoch_of_the_closed_loop_interrupted_and_resumed(pi0, tmp_path, cap
     name = settings.irpo.registered_model
     after = registry.snapshot(settings.tracking, [name])[name]
     # The challenger left, nothing promoted; inconclusive, v2 stays the head a next epoch would improve.
-    assert after == {"aliases": {"champion": "1", "head": "2"}, "history": "1"}
+    assert after == {"aliases": {"champion": "1", "head": "2", "pi0": "1"}, "history": "1"}
     assert last["candidate"]["version"] == "2" and last["candidate"]["improves"] == "1"  # the champion then
+    assert last["candidate"]["kl_to_pi0"] == last["candidate"]["kl_to_reference"] > 0  # it improved pi_0
     assert last["candidate"]["reward_model"]["reward"] == last["candidate"]["policy"]["reward"]
     assert last["policy_version"] == "1"  # not promoted: the champion stays
     arms = canary["arms"]

@@ -82,19 +82,22 @@ def evaluate_candidate(
     reference_dir: Path,
     scorer: RewardScorer,
     baselines: Sequence[str] = BASELINES,
+    initial_dir: Path | None = None,
 ) -> CandidateEvaluation:
     """Candidate vs champion vs the deployable baselines on held-out requests, under psi_t.
 
     Candidate and champion are compared on the same requests: the gain is the bootstrap of the
     per-request difference (paired), which is tighter than two separate intervals. The baselines
-    rank by bid x psi_t's standalone pCTR, the very model the policy is rewarded with.
+    rank by bid x psi_t's standalone pCTR, the very model the policy is rewarded with. The drift is
+    measured against the DPO reference and, given `initial_dir`, against pi_0 (how far the lineage
+    has moved in all).
     """
     generation = settings.policy.generation
     with closing(make_generator(generation, candidate_dir)) as candidate_generator:
         with closing(make_generator(generation, champion_dir)) as champion_generator:
             return _evaluate(
                 settings, requests, profiles, (candidate_generator, champion_generator),
-                (candidate_dir, champion_dir, reference_dir), scorer, baselines,
+                (candidate_dir, champion_dir, reference_dir, initial_dir), scorer, baselines,
             )  # fmt: skip
 
 
@@ -103,13 +106,13 @@ def _evaluate(
     requests: Sequence[AuctionRequest],
     profiles: Mapping[str, str],
     generators: tuple[Generator, Generator],
-    directories: tuple[Path, Path, Path],
+    directories: tuple[Path, Path, Path, Path | None],
     scorer: RewardScorer,
     baselines: Sequence[str],
 ) -> CandidateEvaluation:
     m = settings.mechanism
     seed = settings.seed
-    candidate_dir, champion_dir, reference_dir = directories
+    candidate_dir, champion_dir, reference_dir, initial_dir = directories
     ranker = ranker_for(settings, scorer)
     candidate = LLMPolicy(generators[0], profiles, "candidate", ranker)
     allocators = [
@@ -138,6 +141,13 @@ def _evaluate(
     drawn = priced["candidate"]["response"]
     responses = [to_listed_markers(y, o) for y, o in zip(drawn, orders, strict=True)]
     kl = drift_kl(candidate_dir, reference_dir, prompts, responses, settings.policy.generation)
+    kl_to_pi0 = (
+        None
+        if initial_dir is None
+        else kl
+        if initial_dir == reference_dir
+        else drift_kl(candidate_dir, initial_dir, prompts, responses, settings.policy.generation)
+    )
     audited = list(requests[: settings.gate.audit_requests])
     audit = audit_monotonicity(
         candidate,
@@ -173,6 +183,7 @@ def _evaluate(
         "policies": {label: {k: v.to_dict() for k, v in metrics.items()} for label, metrics in rows.items()},
         "gain": {name: {"metric": name, **estimate.to_dict()} for name, estimate in gains.items()},
         "kl": kl,
+        "kl_to_pi0": kl_to_pi0,
         "monotonicity": {
             "click_model": "psi_t",
             "requests": len(audited),
@@ -271,6 +282,7 @@ def write_evaluation_report(
             "reward gain": format_estimate(summary["gain"]["reward"]),
             "revenue gain under psi": format_estimate(summary["gain"]["revenue"]),
             "KL to reference": f"{summary['kl']:.4f}",
+            "KL to pi_0": "n/a" if summary.get("kl_to_pi0") is None else f"{summary['kl_to_pi0']:.4f}",
             "bids drive the allocation": bid_response_line(summary["monotonicity"]),
             "gate": summary["gate"]["reason"],
         },

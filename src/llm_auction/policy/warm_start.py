@@ -125,7 +125,8 @@ def train_sft(
 
 
 def register_bootstrap_policy(settings: Settings, run_id: str, card: dict[str, Any]) -> str:
-    """pi_0 is version 1 of the policy's lineage, and the champion until IRPO promotes a better one."""
+    """pi_0 is the root of the policy's lineage (alias `pi0`), and the champion until IRPO promotes a
+    better one."""
     name = settings.irpo.registered_model
     held = card["held_out"]
     version = registry.register_version(
@@ -143,6 +144,7 @@ def register_bootstrap_policy(settings: Settings, run_id: str, card: dict[str, A
             f"{held['well_formed_rate']:.1%} well-formed on {held['requests']} held-out requests"
         ),
     )
+    registry.set_alias(settings.tracking, name, registry.INITIAL, version)
     if registry.alias_version(settings.tracking, name, registry.CHAMPION) is None:
         registry.promote(
             settings.tracking, name, version, "policy-init", "bootstrap: pi_0 starts as champion"

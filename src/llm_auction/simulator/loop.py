@@ -701,6 +701,7 @@ def report_entry(
             "policy": {**oracle["candidate"], "reward": psi["candidate"]["reward"]},
             "reward_model": psi["candidate"],
             "kl_to_reference": evaluation.get("kl"),
+            "kl_to_pi0": evaluation.get("kl_to_pi0"),
         },
     }
 
@@ -786,7 +787,7 @@ def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
         [e["epoch"], _version_label(c["version"]), _version_label(c["improves"]),
          *(fmt(c["policy"].get(m)) for m in metrics),
          fmt(c["reward_model"].get("reward")), fmt(c["reward_model"].get("revenue")),
-         "n/a" if c.get("kl_to_reference") is None else f"{c['kl_to_reference']:.3f}"]
+         *("n/a" if c.get(k) is None else f"{c[k]:.3f}" for k in ("kl_to_reference", "kl_to_pi0"))]
         for e in epochs
         if (c := e.get("candidate"))
     ]  # fmt: skip
@@ -836,7 +837,7 @@ def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
                 rows,
             ),
             "each epoch's candidate, promoted or not (held-out requests): oracle metrics (simulation "
-            "only) beside psi_t's estimates, the policy it improved and its KL to it": (
+            "only) beside psi_t's estimates, the policy it improved and its KL to it and to pi_0": (
                 [
                     "epoch",
                     "candidate",
@@ -845,6 +846,7 @@ def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
                     "R (psi)",
                     "revenue (psi)",
                     "KL to it",
+                    "KL to pi_0",
                 ],
                 candidate_rows,
             ),

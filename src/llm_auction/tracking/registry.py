@@ -43,6 +43,9 @@ def register_version(
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HEAD = "head"
+INITIAL = "pi0"
+"""pi_0, the SFT warm start IRPO's lineage starts from: what every candidate's drift is also measured
+against (KL to pi_0), whichever policy its epoch improved."""
 """The tip of IRPO's line of candidates (`irpo.start_policy: head`): the latest version the offline
 gate admitted that live traffic has not rolled back; the next epoch improves it. Absent: the champion."""
 ADAPTER_DIR = "adapter"

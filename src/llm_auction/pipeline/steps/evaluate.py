@@ -16,8 +16,20 @@ from llm_auction.evaluation.card import EVALUATION_FILE
 from llm_auction.pipeline.steps.common import settings_from
 from llm_auction.public.catalog import HELD_OUT_FILE, Catalog, read_requests
 from llm_auction.reward.scorer import feast_reward_scorer
-from llm_auction.tracking.registry import MODELS_PREFIX, registered_version, resolve_model
+from llm_auction.config import Settings
+from llm_auction.tracking.registry import INITIAL, MODELS_PREFIX, alias_version, registered_version, resolve_model
 from llm_auction.tracking.runs import lineage_tags, tracked_run
+
+
+def initial_policy(settings: Settings, reference_version: str, reference: Path, into: Path) -> Path | None:
+    """pi_0's directory (the lineage's `pi0` alias; the reference's own when it is pi_0), or None
+    where the registry has no pi_0.
+    """
+    name = settings.irpo.registered_model
+    version = None if settings.tracking.uri is None else alias_version(settings.tracking, name, INITIAL)
+    if version is None or version == reference_version:
+        return None if version is None else reference
+    return resolve_model(settings.tracking, f"{MODELS_PREFIX}{name}@{INITIAL}", into)
 
 
 def evaluate(
@@ -35,7 +47,7 @@ def evaluate(
 
     On the public held-out request file; writes the report, logs it all to MLflow (child run
     `evaluate`) and returns the summary the gate reads. The drift KL is measured against the
-    candidate's DPO reference (pi_{t-1}: the champion unless given).
+    candidate's DPO reference (pi_{t-1}: the champion unless given) and against pi_0.
     """
     settings = settings_from(settings_json)
     requests = read_requests(settings.public_dir / HELD_OUT_FILE, settings.mechanism.max_bid)
@@ -59,8 +71,9 @@ def evaluate(
             if reference_policy_uri
             else champion
         )
+        initial = initial_policy(settings, lineage["reference_version"], reference, Path(scratch) / "pi0")
         evaluation: CandidateEvaluation = evaluate_candidate(
-            settings, requests, profiles, Path(candidate_dir), champion, reference, scorer
+            settings, requests, profiles, Path(candidate_dir), champion, reference, scorer, initial_dir=initial
         )
     scorer.flush()
     summary = evaluation.summary
@@ -71,6 +84,7 @@ def evaluate(
         if run is not None:
             metrics: dict[str, float] = {
                 "kl": summary["kl"],
+                **({} if summary["kl_to_pi0"] is None else {"kl_to_pi0": summary["kl_to_pi0"]}),
                 "gate_admitted": float(summary["gate"]["admitted"]),
             }
             for label, values in summary["policies"].items():
