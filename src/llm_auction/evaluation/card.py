@@ -60,7 +60,11 @@ def review_card(summary: Mapping[str, Any], title: str, links: Mapping[str, str]
         f"Paired gain over the champion on {summary['requests']} held-out requests: "
         f"reward {format_estimate(gain['reward'])}, revenue under psi {format_estimate(gain['revenue'])}. "
         f"Drift KL(candidate || reference) = {summary['kl']:.3f} nats per response"
-        + ("" if summary.get("kl_to_pi0") is None else f", KL(candidate || pi_0) = {summary['kl_to_pi0']:.3f}")
+        + (
+            ""
+            if summary.get("kl_to_pi0") is None
+            else f", KL(candidate || pi_0) = {summary['kl_to_pi0']:.3f}"
+        )
         + "; "
         f"monotonicity violations under psi {audit['violations']} of {audit['n_checks']}; "
         f"{summary['ir']}.",

@@ -126,7 +126,8 @@ def train_sft(
 
 def register_bootstrap_policy(settings: Settings, run_id: str, card: dict[str, Any]) -> str:
     """pi_0 is the root of the policy's lineage (alias `pi0`), and the champion until IRPO promotes a
-    better one."""
+    better one.
+    """
     name = settings.irpo.registered_model
     held = card["held_out"]
     version = registry.register_version(

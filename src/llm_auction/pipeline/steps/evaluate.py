@@ -6,6 +6,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from llm_auction.config import Settings
 from llm_auction.evaluation.candidate import (
     CandidateEvaluation,
     epoch_history,
@@ -16,8 +17,13 @@ from llm_auction.evaluation.card import EVALUATION_FILE
 from llm_auction.pipeline.steps.common import settings_from
 from llm_auction.public.catalog import HELD_OUT_FILE, Catalog, read_requests
 from llm_auction.reward.scorer import feast_reward_scorer
-from llm_auction.config import Settings
-from llm_auction.tracking.registry import INITIAL, MODELS_PREFIX, alias_version, registered_version, resolve_model
+from llm_auction.tracking.registry import (
+    INITIAL,
+    MODELS_PREFIX,
+    alias_version,
+    registered_version,
+    resolve_model,
+)
 from llm_auction.tracking.runs import lineage_tags, tracked_run
 
 
@@ -73,7 +79,14 @@ def evaluate(
         )
         initial = initial_policy(settings, lineage["reference_version"], reference, Path(scratch) / "pi0")
         evaluation: CandidateEvaluation = evaluate_candidate(
-            settings, requests, profiles, Path(candidate_dir), champion, reference, scorer, initial_dir=initial
+            settings,
+            requests,
+            profiles,
+            Path(candidate_dir),
+            champion,
+            reference,
+            scorer,
+            initial_dir=initial,
         )
     scorer.flush()
     summary = evaluation.summary
