@@ -177,6 +177,11 @@ def test_one_epoch_of_the_closed_loop_interrupted_and_resumed(pi0, tmp_path, cap
         # how the simulator's users read each policy's pages (oracle side): the same ads, other clicks
         for page in (entry["policy"]["page"], *(b["page"] for b in entry["baselines"].values())):
             assert 0 <= page["talk"] <= page["useful"] + page["talk"] and 0 < page["answer_factor"] <= 1
+        # the champion minus each deployable baseline, paired request by request (issue 16's test)
+        for baseline, difference in entry["policy"]["versus"].items():
+            mean = entry["policy"]["revenue"]["mean"] - entry["baselines"][baseline]["revenue"]["mean"]
+            assert difference["revenue"]["mean"] == pytest.approx(mean, abs=1e-5)
+        assert set(entry["policy"]["versus"]) == set(entry["baselines"])
         greedy = entry["oracle_references"]["oracle_greedy"]["revenue"]["mean"]
         assert greedy >= entry["baselines"]["pre_generation"]["revenue"]["mean"]
     assert "simulation only" in report["sections"]["policy"] and "psi_t" in report["sections"]["baselines"]

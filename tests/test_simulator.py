@@ -9,7 +9,7 @@ from llm_auction.contracts import AdCandidate, AuctionRequest
 from llm_auction.mechanism.grammar import parse_response, render_response, split_sentences
 from llm_auction.simulator.base import UnknownEntityError, sample_clicks
 from llm_auction.simulator.experiment import Environment, evaluate_policy
-from llm_auction.simulator.oracle import oracle_layouts
+from llm_auction.simulator.oracle import oracle_layouts, oracle_metrics, paired_differences
 from llm_auction.simulator.references import make_reference
 from llm_auction.text import bank
 from llm_auction.text.organic import organic_answer
@@ -241,6 +241,33 @@ def test_the_oracles_page_terms_say_why_the_same_ad_earns_less(env: Environment)
     assert layouts["talk"] == {"ads": 1.0, **{k: pytest.approx(v, abs=1e-4) for k, v in talk.items()}}
     no_ads = cm.page_terms(request, [], OPENER)  # no ad: nothing for the page to multiply
     assert np.isnan(no_ads["nativeness"]) and np.isnan(no_ads["answer_factor"])
+
+
+def test_paired_differences_compare_two_policies_request_by_request(env: Environment):
+    """The learned auction against a baseline: per-request differences on the same requests (paired
+    by request id, whatever the rows' order), whose mean is the difference of the two means."""
+    requests = env.world.auction_requests(limit=80)
+    rng = np.random.default_rng(0)
+    written = {
+        name: make_baseline(name, env.settings).allocate(requests, rng) for name in ("random", "no_ads")
+    }
+    ids = [r.request_id for r in requests]
+    frames = [
+        pd.DataFrame({"policy": name, "request_id": ids, "response": ys}) for name, ys in written.items()
+    ]
+    shuffled = frames[0].assign(policy="random again").sample(frac=1.0, random_state=1)
+    responses = pd.concat([*frames, shuffled], ignore_index=True)
+    paired = paired_differences(
+        env, requests, responses, 7, ("random", "absent"), ("no_ads", "random again", "x")
+    )
+    assert set(paired) == {"random"} and set(paired["random"]) == {"no_ads", "random again"}
+    means = oracle_metrics(env, requests, responses, 7)
+    for metric in ("revenue", "social_welfare"):
+        gain = paired["random"]["no_ads"][metric]
+        assert gain.mean == pytest.approx(means["random"][metric].mean - means["no_ads"][metric].mean)
+        same = paired["random"]["random again"][metric]
+        assert same.mean == 0 and tuple(same.ci) == (0, 0)  # the same answers, paired by request
+    assert paired["random"]["no_ads"]["revenue"].ci[0] > 0  # ads earn; no ads earn nothing
 
 
 def test_user_utility_rewards_a_useful_uncrowded_answer(env: Environment):

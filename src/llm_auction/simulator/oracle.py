@@ -35,30 +35,76 @@ class Replay:
         return [self.responses[r.request_id] for r in requests]
 
 
+def oracle_rollouts(
+    env: Environment, requests: Sequence[AuctionRequest], responses: pd.DataFrame, seed: int
+) -> dict[str, Rollout]:
+    """Each policy's responses (`policy`, `request_id`, `response` rows) read by the simulated users."""
+    return {
+        str(policy): rollout(
+            Replay(dict(zip(frame["request_id"], frame["response"])), str(policy)),
+            requests,
+            env.click_model,
+            env.value_of,
+            np.random.default_rng([seed, 1]),
+            env.settings.mechanism.max_ads,
+            user_utility=env.ground_truth.user_utility,
+        )
+        for policy, frame in responses.groupby("policy", sort=False)
+    }
+
+
 def oracle_metrics(
     env: Environment, requests: Sequence[AuctionRequest], responses: pd.DataFrame, seed: int
 ) -> dict[str, dict[str, Estimate]]:
     """Oracle metrics of each policy's responses (`policy`, `request_id`, `response` rows)."""
     m = env.settings.mechanism
-    out = {}
-    for policy, frame in responses.groupby("policy", sort=False):
-        replay = Replay(dict(zip(frame["request_id"], frame["response"])), str(policy))
-        result = rollout(
-            replay,
-            requests,
-            env.click_model,
-            env.value_of,
-            np.random.default_rng([seed, 1]),
-            m.max_ads,
-            user_utility=env.ground_truth.user_utility,
-        )
-        out[str(policy)] = auction_metrics(
+    return {
+        policy: auction_metrics(
             result.requests,
             result.impressions,
             m.bootstrap_samples,
             m.ci_level,
             np.random.default_rng([seed, 2]),
         )
+        for policy, result in oracle_rollouts(env, requests, responses, seed).items()
+    }
+
+
+PAIRED_METRICS = {"revenue": "payment", "social_welfare": "welfare"}
+"""The metrics compared request by request, and their column in `per_request_outcomes`."""
+
+
+def paired_differences(
+    env: Environment,
+    requests: Sequence[AuctionRequest],
+    responses: pd.DataFrame,
+    seed: int,
+    policies: Sequence[str],
+    against: Sequence[str],
+) -> dict[str, dict[str, dict[str, Estimate]]]:
+    """`{policy: {baseline: {metric: Estimate}}}`: the per-request difference policy minus baseline
+    on the same requests, bootstrapped (issue 16's test: does the learned auction beat the deployable
+    ones, paired, not by two overlapping intervals). Only the policies and baselines present.
+    """
+    m = env.settings.mechanism
+    rollouts = oracle_rollouts(env, requests, responses, seed)
+    outcomes = {
+        name: per_request_outcomes(r.requests, r.impressions, "expected_ctr") for name, r in rollouts.items()
+    }
+    out: dict[str, dict[str, dict[str, Estimate]]] = {}
+    for policy in (p for p in policies if p in outcomes):
+        for baseline in (b for b in against if b in outcomes):
+            paired = outcomes[policy].join(outcomes[baseline], rsuffix="_baseline", how="inner")
+            out.setdefault(policy, {})[baseline] = {
+                metric: bootstrap(
+                    (paired[column] - paired[f"{column}_baseline"]).to_numpy(),
+                    None,
+                    m.bootstrap_samples,
+                    m.ci_level,
+                    np.random.default_rng([seed, 4]),
+                )
+                for metric, column in PAIRED_METRICS.items()
+            }
     return out
 
 
@@ -109,9 +155,6 @@ class Headroom:
     """oracle / best over the same requests (paired bootstrap: both resampled together)."""
 
 
-HEADROOM_METRICS = {"revenue": "payment", "social_welfare": "welfare"}
-
-
 def headroom(
     oracle: Rollout, deployable: Mapping[str, Rollout], n_boot: int, level: float, seed: int
 ) -> list[Headroom]:
@@ -126,7 +169,7 @@ def headroom(
         for name, r in deployable.items()
     }
     top = per_request_outcomes(oracle.requests, oracle.impressions, "expected_ctr")
-    for metric, column in HEADROOM_METRICS.items():
+    for metric, column in PAIRED_METRICS.items():
         best = max(outcomes, key=lambda name: outcomes[name][column].mean())
         paired = top[[column]].join(outcomes[best][[column]], rsuffix="_best")
         ratio = bootstrap(
