@@ -9,7 +9,7 @@ from llm_auction.contracts import AdCandidate, AuctionRequest
 from llm_auction.mechanism.grammar import parse_response, render_response, split_sentences
 from llm_auction.simulator.base import UnknownEntityError, sample_clicks
 from llm_auction.simulator.experiment import Environment, evaluate_policy
-from llm_auction.simulator.oracle import oracle_layouts, oracle_metrics, paired_differences
+from llm_auction.simulator.oracle import oracle_layouts, oracle_metrics, oracle_rollouts, paired_differences
 from llm_auction.simulator.references import make_reference
 from llm_auction.text import bank
 from llm_auction.text.organic import organic_answer
@@ -257,11 +257,10 @@ def test_paired_differences_compare_two_policies_request_by_request(env: Environ
     ]
     shuffled = frames[0].assign(policy="random again").sample(frac=1.0, random_state=1)
     responses = pd.concat([*frames, shuffled], ignore_index=True)
-    paired = paired_differences(
-        env, requests, responses, 7, ("random", "absent"), ("no_ads", "random again", "x")
-    )
+    rollouts = oracle_rollouts(env, requests, responses, 7)
+    paired = paired_differences(env, rollouts, 7, ("random", "absent"), ("no_ads", "random again", "x"))
     assert set(paired) == {"random"} and set(paired["random"]) == {"no_ads", "random again"}
-    means = oracle_metrics(env, requests, responses, 7)
+    means = oracle_metrics(env, rollouts, 7)
     for metric in ("revenue", "social_welfare"):
         gain = paired["random"]["no_ads"][metric]
         assert gain.mean == pytest.approx(means["random"][metric].mean - means["no_ads"][metric].mean)

@@ -660,7 +660,9 @@ def evaluate(
             for r, y in zip(held_out, ys)
         ]
     )
-    rows = oracle.oracle_metrics(env, held_out, frame, settings.seed)
+    rows = oracle.oracle_metrics(
+        env, oracle.oracle_rollouts(env, held_out, frame, settings.seed), settings.seed
+    )
     if scorer is not None:
         for spec, ys in responses.items():
             psi = reward_model_metrics(price_responses(scorer, held_out, ys), settings, settings.seed)

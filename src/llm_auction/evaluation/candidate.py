@@ -50,19 +50,23 @@ IR_NOTE = "first-price PPC is individually rational by construction: no one pays
 
 def drift_kl(
     candidate_dir: Path,
-    reference_dir: Path,
+    reference_dirs: Sequence[Path],
     prompts: Sequence[str],
     responses: Sequence[str],
     generation: GenerationConfig,
-) -> float:
-    """KL(candidate || reference) in nats per response, Monte Carlo over the candidate's own samples,
-    between the distributions the sampler draws from (with `generation.max_ads`: both renormalised
-    over well-formed pages, as generated; both at the sampling temperature).
+) -> list[float]:
+    """KL(candidate || reference) for each reference, in nats per response, Monte Carlo over the
+    candidate's own samples, between the distributions the sampler draws from (with
+    `generation.max_ads`: renormalised over well-formed pages, as generated; at the sampling
+    temperature). The candidate's likelihoods are computed once, each distinct reference's once.
     """
     sampled = {"max_ads": generation.max_ads, "temperature": generation.temperature}
     candidate = response_logprobs(*load_policy(candidate_dir), prompts, responses, **sampled)
-    reference = response_logprobs(*load_policy(reference_dir), prompts, responses, **sampled)
-    return float(np.mean(candidate - reference))
+    kls = {
+        d: float(np.mean(candidate - response_logprobs(*load_policy(d), prompts, responses, **sampled)))
+        for d in dict.fromkeys(reference_dirs)
+    }
+    return [kls[d] for d in reference_dirs]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,14 +144,8 @@ def _evaluate(
     prompts = prompts_for(shown, profiles)
     drawn = priced["candidate"]["response"]
     responses = [to_listed_markers(y, o) for y, o in zip(drawn, orders, strict=True)]
-    kl = drift_kl(candidate_dir, reference_dir, prompts, responses, settings.policy.generation)
-    kl_to_pi0 = (
-        None
-        if initial_dir is None
-        else kl
-        if initial_dir == reference_dir
-        else drift_kl(candidate_dir, initial_dir, prompts, responses, settings.policy.generation)
-    )
+    references = [reference_dir] if initial_dir is None else [reference_dir, initial_dir]
+    kl, *kl_to_pi0 = drift_kl(candidate_dir, references, prompts, responses, settings.policy.generation)
     audited = list(requests[: settings.gate.audit_requests])
     audit = audit_monotonicity(
         candidate,
@@ -183,7 +181,7 @@ def _evaluate(
         "policies": {label: {k: v.to_dict() for k, v in metrics.items()} for label, metrics in rows.items()},
         "gain": {name: {"metric": name, **estimate.to_dict()} for name, estimate in gains.items()},
         "kl": kl,
-        "kl_to_pi0": kl_to_pi0,
+        "kl_to_pi0": kl_to_pi0[0] if kl_to_pi0 else None,
         "monotonicity": {
             "click_model": "psi_t",
             "requests": len(audited),

@@ -58,6 +58,7 @@ from llm_auction.simulator.oracle import (
     ORACLE_LABEL,
     oracle_layouts,
     oracle_metrics,
+    oracle_rollouts,
     paired_differences,
     references,
 )
@@ -611,11 +612,12 @@ class Loop:
                 evaluation, responses, canary = self.run_epoch(epoch, window, state)
                 self._say(f"epoch {epoch}: canary {canary['decision']}: {canary['reason']}")
                 with clock(f"epoch {epoch}", "oracle scoring (simulation only)"):
-                    oracle = oracle_rows(oracle_metrics(env, held_out, responses, self.settings.seed))
+                    rollouts = oracle_rollouts(env, held_out, responses, self.settings.seed)
+                    oracle = oracle_rows(oracle_metrics(env, rollouts, self.settings.seed))
                     for policy, terms in oracle_layouts(env, held_out, responses).items():
                         oracle[policy]["page"] = terms  # how the truth reads each policy's pages
                     paired = paired_differences(
-                        env, held_out, responses, self.settings.seed, ("candidate", "champion"), PRICED
+                        env, rollouts, self.settings.seed, ("candidate", "champion"), PRICED
                     )
                     for policy, versus in paired.items():  # minus each deployable baseline, per request
                         oracle[policy]["versus"] = oracle_rows(versus)

@@ -54,9 +54,9 @@ def oracle_rollouts(
 
 
 def oracle_metrics(
-    env: Environment, requests: Sequence[AuctionRequest], responses: pd.DataFrame, seed: int
+    env: Environment, rollouts: Mapping[str, Rollout], seed: int
 ) -> dict[str, dict[str, Estimate]]:
-    """Oracle metrics of each policy's responses (`policy`, `request_id`, `response` rows)."""
+    """Oracle metrics of each policy's rollout (`oracle_rollouts`)."""
     m = env.settings.mechanism
     return {
         policy: auction_metrics(
@@ -66,7 +66,7 @@ def oracle_metrics(
             m.ci_level,
             np.random.default_rng([seed, 2]),
         )
-        for policy, result in oracle_rollouts(env, requests, responses, seed).items()
+        for policy, result in rollouts.items()
     }
 
 
@@ -76,8 +76,7 @@ PAIRED_METRICS = {"revenue": "payment", "social_welfare": "welfare"}
 
 def paired_differences(
     env: Environment,
-    requests: Sequence[AuctionRequest],
-    responses: pd.DataFrame,
+    rollouts: Mapping[str, Rollout],
     seed: int,
     policies: Sequence[str],
     against: Sequence[str],
@@ -87,7 +86,6 @@ def paired_differences(
     ones, paired, not by two overlapping intervals). Only the policies and baselines present.
     """
     m = env.settings.mechanism
-    rollouts = oracle_rollouts(env, requests, responses, seed)
     outcomes = {
         name: per_request_outcomes(r.requests, r.impressions, "expected_ctr") for name, r in rollouts.items()
     }

@@ -33,8 +33,10 @@ def initial_policy(settings: Settings, reference_version: str, reference: Path, 
     """
     name = settings.irpo.registered_model
     version = None if settings.tracking.uri is None else alias_version(settings.tracking, name, INITIAL)
-    if version is None or version == reference_version:
-        return None if version is None else reference
+    if version is None:
+        return None
+    if version == reference_version:
+        return reference  # already fetched: its likelihoods are computed once
     return resolve_model(settings.tracking, f"{MODELS_PREFIX}{name}@{INITIAL}", into)
 
 
