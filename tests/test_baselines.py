@@ -11,6 +11,7 @@ from llm_auction.mechanism.grammar import parse_response
 from llm_auction.mechanism.payments import expected_payments
 from llm_auction.simulator.experiment import Environment, evaluate_policy
 from llm_auction.simulator.references import ORACLE_REFERENCES, make_reference
+from llm_auction.text.reading import bridge_for, is_bridge, read_layout, text_relevance, topic_of
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def scorer(env: Environment):
 def _allocator(name: str, env: Environment, scorer):
     if name in ORACLE_REFERENCES:
         return make_reference(name, env.settings, env.ground_truth)
-    return make_baseline(name, env.settings, scorer.standalone_pctr if name in PRICED else None)
+    return make_baseline(name, env.settings, scorer if name in PRICED else None)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_oracle_greedy_beats_every_baseline_on_every_request(outcomes):
 
 def test_the_truth_ranks_better_than_an_untrained_psi(outcomes):
     # The same rule with the true CTR instead of a psi that knows nothing: an upper reference.
-    for rule in PRICED:
+    for rule in ("pre_generation", "post_generation"):
         assert outcomes[f"{rule}@oracle"][1]["revenue"].mean > outcomes[rule][1]["revenue"].mean, rule
 
 
@@ -79,9 +80,7 @@ def test_request_max_ads_is_respected(env: Environment, scorer):
 
 
 def _winners(name: str, env: Environment, scorer, requests) -> list[tuple[int, ...]]:
-    responses = make_baseline(name, env.settings, scorer.standalone_pctr).allocate(
-        requests, np.random.default_rng(0)
-    )
+    responses = make_baseline(name, env.settings, scorer).allocate(requests, np.random.default_rng(0))
     return [parse_response(y, len(r.ads)).allocation for r, y in zip(requests, responses)]
 
 
@@ -111,6 +110,34 @@ def test_the_deployable_baselines_rank_by_bid_times_psi_and_follow_psi(env: Envi
         assert changed >= len(requests) // 2, (name, changed)
 
 
+def test_reward_greedy_writes_the_layout_r_prefers(env: Environment, scorer):
+    """Its answer scores at least what post-generation's fixed slots score on the same sentences (that
+    layout is one it searches); a reward that wants one bridged ad gets exactly that."""
+    requests = env.world.auction_requests(limit=40)
+    greedy = make_baseline("reward_greedy", env.settings, scorer)
+    chosen = greedy.allocate(requests, np.random.default_rng(5))
+    fixed = make_baseline("post_generation", env.settings, scorer).allocate(
+        requests, np.random.default_rng(5)
+    )
+    r_chosen, r_fixed = scorer(requests, chosen), scorer(requests, fixed)
+    assert np.all(r_chosen >= r_fixed - 1e-6)
+    assert (r_chosen > r_fixed + 1e-6).sum() >= len(requests) // 4  # it finds better pages, not the same
+
+    def one_bridged_ad(rs, ys):
+        layouts = [read_layout(y, parse_response(y, len(r.ads)).allocation) for r, y in zip(rs, ys)]
+        return np.array([-abs(len(lay.contexts) - 1) + any(map(is_bridge, lay.contexts)) for lay in layouts])
+
+    bridged = dataclasses.replace(greedy, reward=one_bridged_ad).allocate(requests, np.random.default_rng(5))
+    led = []
+    for r, y in zip(requests, bridged):
+        allocation = parse_response(y, len(r.ads)).allocation
+        assert len(allocation) == 1
+        led.append(is_bridge(read_layout(y, allocation).contexts[0]))
+        text = r.ads[allocation[0]].text  # an ad on the query's topic is native without one
+        assert led[-1] == (bridge_for(text) is not None and text_relevance(topic_of(r.query), text) < 1)
+    assert any(led)
+
+
 def test_standalone_pctr_scores_each_request_once_per_psi(env: Environment):
     """Evaluation asks for the same held-out requests' pCTR once per policy and baseline: psi scores
     each request once, answers in the order asked, and another psi starts from nothing."""
@@ -130,7 +157,7 @@ def test_standalone_pctr_scores_each_request_once_per_psi(env: Environment):
 
 
 def test_priced_baselines_need_a_pctr(env: Environment):
-    with pytest.raises(ValueError, match="pre_generation ranks by bid x pCTR"):
+    with pytest.raises(ValueError, match="pre_generation prices with pCTR"):
         make_baseline("pre_generation", env.settings)
 
 

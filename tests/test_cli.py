@@ -109,7 +109,7 @@ def test_compare_lists_every_baseline(tmp_path: Path):
 def test_a_priced_baseline_without_a_pctr_is_a_clear_error():
     result = run("simulate", "--policy", "baseline:pre_generation", "--requests", "5", *SMALL)
     assert result.returncode == 2
-    assert "pre_generation ranks by bid x pCTR" in result.stderr and "--pctr" in result.stderr
+    assert "pre_generation prices with pCTR" in result.stderr and "--pctr" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -147,7 +147,7 @@ def _policy(spec: str, env: Environment, pctr: Path | None = None) -> Allocator:
             return make_reference(name, env.settings, env.ground_truth)
         if kind == "baseline" and name:
             scorer = _scorer(env.settings, pctr) if name in PRICED else None
-            return make_baseline(name, env.settings, scorer.standalone_pctr if scorer else None)
+            return make_baseline(name, env.settings, scorer)
     except ValueError as exc:
         raise InputError(str(exc)) from None
     raise InputError(

@@ -161,6 +161,14 @@ class BaselineConfig(_Section):
     pre_generation_bridges: int = Field(
         1, ge=0, description="Most off-topic winners pre-generation writes a bridge sentence for."
     )
+    reward_greedy_pool: int = Field(
+        2,
+        ge=1,
+        description="Best-ranked candidates whose layouts reward_greedy scores (3: 2.4x the layouts).",
+    )
+    reward_greedy_max_ads: int = Field(
+        2, ge=0, description="Most ads reward_greedy places (psi_0 over-rates a third: 2.7 ads at 3)."
+    )
 
 
 class PolicyModelConfig(_Section):
@@ -452,7 +460,7 @@ class IRPOConfig(_Section):
             "over `champion` on seeds 7 and 8; README, IRPO)."
         ),
     )
-    anchors: list[Literal["pre_generation", "post_generation"]] = Field(
+    anchors: list[Literal["pre_generation", "post_generation", "reward_greedy"]] = Field(
         default_factory=list,
         description=(
             "Deployable auctions (ranked by bid x psi_t) whose answer joins each prompt's M samples as "
@@ -659,8 +667,9 @@ class Settings(BaseModel):
         max_markers = self.policy.generation.max_ads
         if max_markers is not None and max_markers > self.mechanism.max_ads:
             raise ValueError("policy.generation.max_ads must not exceed mechanism.max_ads")
-        if self.baselines.post_generation_slots > self.mechanism.max_ads:
-            raise ValueError("baselines.post_generation_slots must not exceed mechanism.max_ads")
+        for knob in ("post_generation_slots", "reward_greedy_max_ads"):
+            if getattr(self.baselines, knob) > self.mechanism.max_ads:
+                raise ValueError(f"baselines.{knob} must not exceed mechanism.max_ads")
         if not math.isfinite(self.world.value_log_mean):
             raise ValueError("world.value_log_mean must be finite")
         return self

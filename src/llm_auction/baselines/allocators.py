@@ -7,16 +7,21 @@
   query's topic with a bridge sentence (`text.reading.bridge_for`) so they read as native.
 - `post_generation`: write the answer first, then auction its fixed slots (after the first sentence,
   then at the end, ...) by bid * pCTR; the text is written before the ads, so nothing bridges them.
+- `reward_greedy`: write the answer first, then search its layouts under the reward R (psi_t's
+  page-aware pCTR): how many ads, which of the best-ranked, in which order, and which are led in by
+  a bridge. The deployable mirror of the oracle's `oracle_greedy`; an IRPO anchor (`irpo.anchors`).
 
 These are deployable: pre- and post-generation rank with a `CtrEstimator` that production has,
 psi_t's standalone pCTR (`reward.scorer.RewardScorer.standalone_pctr`), the same pCTR the policy
-is rewarded with. The upper references priced with the simulator's truth (`pre_generation@oracle`,
-`post_generation@oracle`, `oracle_greedy`) live on the oracle side, `simulator.references`.
+is rewarded with; `reward_greedy` also prices its layouts with that R. The upper references priced
+with the simulator's truth (`pre_generation@oracle`, `post_generation@oracle`, `oracle_greedy`)
+live on the oracle side, `simulator.references`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,12 +29,13 @@ import numpy as np
 from llm_auction.config import Settings
 from llm_auction.contracts import Allocator, AuctionRequest, CtrEstimator
 from llm_auction.mechanism.grammar import render_response
+from llm_auction.reward.scorer import RewardScorer, Scorer
 from llm_auction.text.organic import organic_answer
 from llm_auction.text.reading import bridge_for, text_relevance, topic_of
 
-BASELINES = ("no_ads", "random", "pre_generation", "post_generation")
-PRICED = ("pre_generation", "post_generation")
-"""The baselines that rank by bid x pCTR: they need a `CtrEstimator`."""
+BASELINES = ("no_ads", "random", "pre_generation", "post_generation", "reward_greedy")
+PRICED = ("pre_generation", "post_generation", "reward_greedy")
+"""The baselines that price with psi_t: they need a `RewardScorer`."""
 
 
 def spread_slots(n_ads: int, n_sentences: int) -> list[int]:
@@ -116,11 +122,63 @@ class PostGeneration:
         return out
 
 
-def make_baseline(name: str, settings: Settings, ctr_estimator: CtrEstimator | None = None) -> Allocator:
-    """Build a deployable baseline by name; the priced ones (`PRICED`) need psi's `ctr_estimator`."""
+@dataclass
+class RewardGreedy:
+    """Post-generation that searches its layouts under R instead of filling fixed slots.
+
+    Among the `pool` candidates ranked best by bid x standalone pCTR, every ordered set of 0 to
+    `max_ads` ads in `spread_slots` places, each ad off the query's topic that names a product with
+    or without its bridge, is written out and scored by `reward`; the best is the answer. R reads
+    the page (positions, the other ads, the sentence before each marker), so the search weighs what
+    a second ad or a bridge takes from the first against what it brings, as far as psi_t has
+    learned it. psi encodes each page's whole text, so every layout costs an encoding: a small pool.
+    """
+
+    ctr_estimator: CtrEstimator
+    reward: Scorer
+    n_sentences: int
+    max_ads: int
+    pool: int = 2
+    name: str = "reward_greedy"
+
+    def allocate(self, requests: Sequence[AuctionRequest], rng: np.random.Generator) -> list[str]:
+        layouts = [
+            list(self._layouts(r, ctr, organic_answer(r.query, self.n_sentences, rng)))
+            for r, ctr in zip(requests, self.ctr_estimator(requests), strict=True)
+        ]
+        flat = [(r, y) for r, ys in zip(requests, layouts, strict=True) for y in ys]
+        rewards = self.reward([r for r, _ in flat], [y for _, y in flat]) if flat else np.array([])
+        out, start = [], 0
+        for ys in layouts:
+            out.append(ys[int(np.argmax(rewards[start : start + len(ys)]))])
+            start += len(ys)
+        return out
+
+    def _layouts(self, request: AuctionRequest, ctr: np.ndarray, sentences: list[str]) -> Iterator[str]:
+        """Every layout of the search, the empty page first (so ties keep fewer ads)."""
+        ranked = np.argsort(-np.asarray(request.bids) * ctr, kind="stable")[: self.pool]
+        topic = topic_of(request.query)  # an ad on the query's own topic reads as native unbridged
+        bridges = {
+            int(i): bridge_for(request.ads[i].text)
+            if text_relevance(topic, request.ads[i].text) < 1
+            else None
+            for i in ranked
+        }
+        yield render_response(sentences, [])
+        for n in range(1, min(limit_of(request, self.max_ads), len(ranked)) + 1):
+            slots = spread_slots(n, len(sentences))
+            for order in itertools.permutations((int(i) for i in ranked), n):
+                leads = [[(i, b)] if (b := bridges[i]) else [] for i in order]
+                for chosen in itertools.product(*([()] + lead for lead in leads)):
+                    yield render_response(sentences, list(zip(slots, order)), dict(c for c in chosen if c))
+
+
+def make_baseline(name: str, settings: Settings, scorer: RewardScorer | None = None) -> Allocator:
+    """Build a deployable baseline by name; the priced ones (`PRICED`) need psi_t's `scorer`."""
     b, max_ads = settings.baselines, settings.mechanism.max_ads
-    if name in PRICED and ctr_estimator is None:
-        raise ValueError(f"policy: {name} ranks by bid x pCTR; it needs a trained pCTR (--pctr DIR)")
+    if name in PRICED and scorer is None:
+        raise ValueError(f"policy: {name} prices with pCTR; it needs a trained pCTR (--pctr DIR)")
+    ctr_estimator = scorer.standalone_pctr if scorer else None
     builders: dict[str, Callable[[], Allocator]] = {
         "no_ads": lambda: NoAds(b.organic_sentences),
         "random": lambda: RandomInsertion(b.organic_sentences, min(b.random_max_ads, max_ads)),
@@ -129,6 +187,9 @@ def make_baseline(name: str, settings: Settings, ctr_estimator: CtrEstimator | N
         ),
         "post_generation": lambda: PostGeneration(
             ctr_estimator, b.organic_sentences, b.post_generation_slots
+        ),
+        "reward_greedy": lambda: RewardGreedy(
+            ctr_estimator, scorer, b.organic_sentences, b.reward_greedy_max_ads, b.reward_greedy_pool
         ),
     }
     if name not in builders:

@@ -44,7 +44,8 @@ from llm_auction.tracking import registry
 logger = logging.getLogger(__name__)
 
 RESPONSES_FILE = "responses.parquet"
-BASELINES = PRICED
+BASELINES = ("pre_generation", "post_generation")
+"""The deployable auctions every evaluation compares with; IRPO's anchors join them (`compared_baselines`)."""
 IR_NOTE = "first-price PPC is individually rational by construction: no one pays more than its bid per click"
 
 
@@ -85,7 +86,7 @@ def evaluate_candidate(
     champion_dir: Path,
     reference_dir: Path,
     scorer: RewardScorer,
-    baselines: Sequence[str] = BASELINES,
+    baselines: Sequence[str] | None = None,
     initial_dir: Path | None = None,
 ) -> CandidateEvaluation:
     """Candidate vs champion vs the deployable baselines on held-out requests, under psi_t.
@@ -94,8 +95,9 @@ def evaluate_candidate(
     per-request difference (paired), which is tighter than two separate intervals. The baselines
     rank by bid x psi_t's standalone pCTR, the very model the policy is rewarded with. The drift is
     measured against the DPO reference and, given `initial_dir`, against pi_0 (how far the lineage
-    has moved in all).
+    has moved in all). `baselines` defaults to `compared_baselines(settings)`.
     """
+    baselines = compared_baselines(settings) if baselines is None else baselines
     generation = settings.policy.generation
     with closing(make_generator(generation, candidate_dir)) as candidate_generator:
         with closing(make_generator(generation, champion_dir)) as champion_generator:
@@ -103,6 +105,11 @@ def evaluate_candidate(
                 settings, requests, profiles, (candidate_generator, champion_generator),
                 (candidate_dir, champion_dir, reference_dir, initial_dir), scorer, baselines,
             )  # fmt: skip
+
+
+def compared_baselines(settings: Settings) -> tuple[str, ...]:
+    """Pre- and post-generation, and each IRPO anchor: the policy is shown beside what it learns from."""
+    return tuple(name for name in PRICED if name in (*BASELINES, *settings.irpo.anchors))
 
 
 def _evaluate(
@@ -122,7 +129,7 @@ def _evaluate(
     allocators = [
         ("candidate", candidate),
         ("champion", LLMPolicy(generators[1], profiles, "champion", ranker)),
-        *[(name, make_baseline(name, settings, scorer.standalone_pctr)) for name in baselines],
+        *[(name, make_baseline(name, settings, scorer)) for name in baselines],
     ]
     priced, rows = {}, {}
     for label, allocator in allocators:
@@ -208,7 +215,7 @@ def epoch_history(settings: Settings, summary: Mapping[str, Any]) -> list[dict[s
     name = settings.irpo.registered_model
     epoch = int(summary.get("lineage", {}).get("epoch", 1))
     policies = summary["policies"]
-    baselines = {b: policies[b] for b in BASELINES if b in policies}
+    baselines = {b: policies[b] for b in PRICED if b in policies}
     versions = []
     if settings.tracking.uri is not None:
         try:

@@ -64,7 +64,7 @@ def build_preferences(
         policy_dir = resolve_model(settings.tracking, policy_uri, Path(scratch))
         with closing(make_generator(settings.policy.generation, policy_dir)) as generator:
             seed = int(rng.integers(2**31))
-            anchors = [make_baseline(name, settings, scorer.standalone_pctr) for name in cfg.anchors]
+            anchors = [make_baseline(name, settings, scorer) for name in cfg.anchors]
             ranker = ranker_for(settings, scorer)
             result = build_preference_set(
                 generator, scorer, requests, profiles, cfg, seed, ranker=ranker, anchors=anchors
