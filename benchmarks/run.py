@@ -36,7 +36,7 @@ from llm_auction.simulator.experiment import (
     split_requests,
     user_profiles,
 )
-from llm_auction.simulator.references import make_reference, true_standalone_ctr
+from llm_auction.simulator.references import ORACLE_REFERENCES, make_reference
 from llm_auction.text.organic import organic_answer
 
 OUT = Path("runs/bench")
@@ -195,10 +195,12 @@ def main() -> None:
     )
 
     # Simulation speed of each rule; the priced rules rank by the true CTR here (@oracle), since the
-    # bench has no trained psi and measures the simulator, not the ranking.
-    for name in (*BASELINES, "oracle_greedy"):
+    # bench has no trained psi and measures the simulator, not the ranking (reward_greedy, which
+    # needs psi's R, is left out).
+    unpriced = [name for name in BASELINES if name not in PRICED]
+    for name in (*unpriced, *ORACLE_REFERENCES):
         allocator = (
-            make_baseline(name, settings, true_standalone_ctr(env.ground_truth) if name in PRICED else None)
+            make_baseline(name, settings)
             if name in BASELINES
             else make_reference(name, settings, env.ground_truth)
         )

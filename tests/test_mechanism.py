@@ -15,7 +15,7 @@ from llm_auction.reward.reward import impression_rows
 from llm_auction.reward.scorer import bid_sum_scorer
 from llm_auction.serving.auction import prediction
 from llm_auction.simulator.experiment import Environment, evaluate_policy
-from llm_auction.simulator.references import make_reference, true_standalone_ctr
+from llm_auction.simulator.references import make_reference
 from llm_auction.text.organic import organic_answer
 
 
@@ -87,7 +87,7 @@ class LowestBidsWin:
 def test_monotonicity_audit_passes_pre_generation_and_flags_a_non_monotone_rule(env: Environment):
     requests = env.world.auction_requests(limit=25)
     factors = env.settings.mechanism.monotonicity_factors
-    pre = make_baseline("pre_generation", env.settings, true_standalone_ctr(env.ground_truth))
+    pre = make_reference("pre_generation@oracle", env.settings, env.ground_truth)
     report = audit_monotonicity(pre, requests, env.ground_truth, factors, max_ads=3)
     assert report.n_checks == 25 * len(requests[0].ads) * (len(factors) - 1)
     assert report.violations == []
@@ -145,7 +145,7 @@ def test_the_audit_samples_a_batch_sampler_once_and_keeps_common_random_numbers(
 def test_individual_rationality_holds_for_truthful_first_price(env: Environment):
     requests = env.world.auction_requests(limit=200)
     rollout, _ = evaluate_policy(
-        env, make_baseline("pre_generation", env.settings, true_standalone_ctr(env.ground_truth)), requests, 0
+        env, make_reference("pre_generation@oracle", env.settings, env.ground_truth), requests, 0
     )
     report = audit_individual_rationality(rollout.impressions)
     assert report.holds

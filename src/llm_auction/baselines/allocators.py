@@ -30,6 +30,7 @@ from llm_auction.config import Settings
 from llm_auction.contracts import Allocator, AuctionRequest, CtrEstimator
 from llm_auction.mechanism.grammar import render_response
 from llm_auction.reward.scorer import RewardScorer, Scorer
+from llm_auction.text.bank import Topic
 from llm_auction.text.organic import organic_answer
 from llm_auction.text.reading import bridge_for, text_relevance, topic_of
 
@@ -43,6 +44,13 @@ def spread_slots(n_ads: int, n_sentences: int) -> list[int]:
     if n_ads == 0:
         return []
     return [int(s) for s in np.linspace(1, n_sentences, n_ads).round()]
+
+
+def off_topic_bridge(topic: Topic | None, ad_text: str) -> str | None:
+    """The bridge that makes an ad off the query's `topic` read as native; None for an ad on the
+    topic (native after the answer's own sentences already) or one that names no product.
+    """
+    return bridge_for(ad_text) if text_relevance(topic, ad_text) < 1 else None
 
 
 def limit_of(request: AuctionRequest, max_ads: int) -> int:
@@ -98,8 +106,7 @@ class PreGeneration:
         topic = topic_of(request.query)
         leads: dict[int, str] = {}
         for i in winners:
-            text = request.ads[i].text
-            if len(leads) < self.max_bridges and text_relevance(topic, text) < 1 and (b := bridge_for(text)):
+            if len(leads) < self.max_bridges and (b := off_topic_bridge(topic, request.ads[i].text)):
                 leads[i] = b
         return leads
 
@@ -157,13 +164,8 @@ class RewardGreedy:
     def _layouts(self, request: AuctionRequest, ctr: np.ndarray, sentences: list[str]) -> Iterator[str]:
         """Every layout of the search, the empty page first (so ties keep fewer ads)."""
         ranked = np.argsort(-np.asarray(request.bids) * ctr, kind="stable")[: self.pool]
-        topic = topic_of(request.query)  # an ad on the query's own topic reads as native unbridged
-        bridges = {
-            int(i): bridge_for(request.ads[i].text)
-            if text_relevance(topic, request.ads[i].text) < 1
-            else None
-            for i in ranked
-        }
+        topic = topic_of(request.query)
+        bridges = {int(i): off_topic_bridge(topic, request.ads[i].text) for i in ranked}
         yield render_response(sentences, [])
         for n in range(1, min(limit_of(request, self.max_ads), len(ranked)) + 1):
             slots = spread_slots(n, len(sentences))
