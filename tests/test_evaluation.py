@@ -9,7 +9,12 @@ import pytest
 from conftest import untrained_scorer
 from helpers import register_versions
 from llm_auction.config import load_config
-from llm_auction.evaluation.candidate import epoch_history, evaluate_candidate, write_evaluation_report
+from llm_auction.evaluation.candidate import (
+    compared_baselines,
+    epoch_history,
+    evaluate_candidate,
+    write_evaluation_report,
+)
 from llm_auction.evaluation.card import review_card
 from llm_auction.pipeline.steps.gate import gate_step
 from llm_auction.simulator.experiment import Environment, split_requests, user_profiles
@@ -64,6 +69,16 @@ def test_a_candidate_identical_to_the_champion_is_held(summary):
     )
     assert 0 < audit["detectable_drop"] < 1 and audit["samples_per_level"] == 16
     assert "by construction" in summary["ir"]  # first price: IR is not a check that could fail
+
+
+def test_the_policy_is_compared_with_what_it_learns_from():
+    """Pre- and post-generation always; an anchor joins them, listed once, in PRICED's order."""
+    assert compared_baselines(load_config(overrides={"irpo": {"anchors": []}})) == (
+        "pre_generation",
+        "post_generation",
+    )
+    anchored = load_config(overrides={"irpo": {"anchors": ["reward_greedy", "post_generation"]}})
+    assert compared_baselines(anchored) == ("pre_generation", "post_generation", "reward_greedy")
 
 
 def test_the_responses_of_every_policy_are_kept_for_the_oracle(evaluation):

@@ -463,8 +463,9 @@ class IRPOConfig(_Section):
     anchors: list[Literal["pre_generation", "post_generation", "reward_greedy"]] = Field(
         default_factory=list,
         description=(
-            "Deployable auctions (ranked by bid x psi_t) whose answer joins each prompt's M samples as "
-            "one more candidate, scored by the same R: where it wins, DPO pulls the policy toward it. "
+            "Deployable auctions (ranked by bid x psi_t; reward_greedy also searches its layouts under "
+            "R) whose answer joins each prompt's M samples as one more candidate, scored by the same R: "
+            "where it wins, DPO pulls the policy toward it; each is also an evaluation baseline. "
             "Empty: the paper's IRPO, the policy's own samples only."
         ),
     )
