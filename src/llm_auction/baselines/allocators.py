@@ -170,9 +170,10 @@ class RewardGreedy:
         for n in range(1, min(limit_of(request, self.max_ads), len(ranked)) + 1):
             slots = spread_slots(n, len(sentences))
             for order in itertools.permutations((int(i) for i in ranked), n):
-                leads = [[(i, b)] if (b := bridges[i]) else [] for i in order]
-                for chosen in itertools.product(*([()] + lead for lead in leads)):
-                    yield render_response(sentences, list(zip(slots, order)), dict(c for c in chosen if c))
+                choices = [(False, True) if bridges[i] else (False,) for i in order]
+                for led in itertools.product(*choices):
+                    leads = {i: str(bridges[i]) for i, lead in zip(order, led) if lead}
+                    yield render_response(sentences, list(zip(slots, order)), leads)
 
 
 def make_baseline(name: str, settings: Settings, scorer: RewardScorer | None = None) -> Allocator:
