@@ -112,7 +112,8 @@ def test_the_deployable_baselines_rank_by_bid_times_psi_and_follow_psi(env: Envi
 
 def test_reward_greedy_writes_the_layout_r_prefers(env: Environment, scorer):
     """Its answer scores at least what post-generation's fixed slots score on the same sentences (that
-    layout is one it searches); a reward that wants one bridged ad gets exactly that."""
+    layout is one it searches); a reward that wants one bridged ad gets exactly that, and one ad
+    without a bridge where bridges are off."""
     requests = env.world.auction_requests(limit=40)
     greedy = make_baseline("reward_greedy", env.settings, scorer)
     chosen = greedy.allocate(requests, np.random.default_rng(5))
@@ -136,6 +137,10 @@ def test_reward_greedy_writes_the_layout_r_prefers(env: Environment, scorer):
         text = r.ads[allocation[0]].text  # an ad on the query's topic is native without one
         assert led[-1] == (bridge_for(text) is not None and text_relevance(topic_of(r.query), text) < 1)
     assert any(led)
+    plain = dataclasses.replace(greedy, reward=one_bridged_ad, bridges=False)
+    for r, y in zip(requests, plain.allocate(requests, np.random.default_rng(5))):
+        layout = read_layout(y, parse_response(y, len(r.ads)).allocation)
+        assert len(layout.contexts) == 1 and not any(map(is_bridge, layout.sentences))
 
 
 def test_standalone_pctr_scores_each_request_once_per_psi(env: Environment):

@@ -169,6 +169,12 @@ class BaselineConfig(_Section):
     reward_greedy_max_ads: int = Field(
         2, ge=0, description="Most ads reward_greedy places (psi_0 over-rates a third: 2.7 ads at 3)."
     )
+    reward_greedy_bridges: bool = Field(
+        True,
+        description="Also search a bridge before each off-topic ad. Off: only the ads and their order "
+        "(seed 7, psi_1: +0.007 revenue over post-generation where the bridges add +0.033 and cost "
+        "0.027 social welfare; README, IRPO).",
+    )
 
 
 class PolicyModelConfig(_Section):

@@ -23,16 +23,19 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from llm_auction.config import Settings
 from llm_auction.contracts import Allocator, AuctionRequest, CtrEstimator
 from llm_auction.mechanism.grammar import render_response
-from llm_auction.reward.scorer import RewardScorer, Scorer
 from llm_auction.text.bank import Topic
 from llm_auction.text.organic import organic_answer
 from llm_auction.text.reading import bridge_for, text_relevance, topic_of
+
+if TYPE_CHECKING:  # names only: the scorer's torch, transformers and Feast load with psi, not here
+    from llm_auction.reward.scorer import RewardScorer, Scorer
 
 BASELINES = ("no_ads", "random", "pre_generation", "post_generation", "reward_greedy")
 PRICED = ("pre_generation", "post_generation", "reward_greedy")
@@ -135,7 +138,7 @@ class RewardGreedy:
 
     Among the `pool` candidates ranked best by bid x standalone pCTR, every ordered set of 0 to
     `max_ads` ads in `spread_slots` places, each ad off the query's topic that names a product with
-    or without its bridge, is written out and scored by `reward`; the best is the answer. R reads
+    or without its bridge (`bridges`), is written out and scored by `reward`; the best is the answer. R reads
     the page (positions, the other ads, the sentence before each marker), so the search weighs what
     a second ad or a bridge takes from the first against what it brings, as far as psi_t has
     learned it. psi encodes each page's whole text, so every layout costs an encoding: a small pool.
@@ -146,6 +149,7 @@ class RewardGreedy:
     n_sentences: int
     max_ads: int
     pool: int = 2
+    bridges: bool = True
     name: str = "reward_greedy"
 
     def allocate(self, requests: Sequence[AuctionRequest], rng: np.random.Generator) -> list[str]:
@@ -165,7 +169,9 @@ class RewardGreedy:
         """Every layout of the search, the empty page first (so ties keep fewer ads)."""
         ranked = np.argsort(-np.asarray(request.bids) * ctr, kind="stable")[: self.pool]
         topic = topic_of(request.query)
-        bridges = {int(i): off_topic_bridge(topic, request.ads[i].text) for i in ranked}
+        bridges = {
+            int(i): off_topic_bridge(topic, request.ads[i].text) if self.bridges else None for i in ranked
+        }
         yield render_response(sentences, [])
         for n in range(1, min(limit_of(request, self.max_ads), len(ranked)) + 1):
             slots = spread_slots(n, len(sentences))
@@ -192,7 +198,12 @@ def make_baseline(name: str, settings: Settings, scorer: RewardScorer | None = N
             ctr_estimator, b.organic_sentences, b.post_generation_slots
         ),
         "reward_greedy": lambda: RewardGreedy(
-            ctr_estimator, scorer, b.organic_sentences, b.reward_greedy_max_ads, b.reward_greedy_pool
+            ctr_estimator,
+            scorer,
+            b.organic_sentences,
+            b.reward_greedy_max_ads,
+            b.reward_greedy_pool,
+            b.reward_greedy_bridges,
         ),
     }
     if name not in builders:
