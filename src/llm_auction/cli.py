@@ -543,18 +543,18 @@ def policy_init(
     sets: SetOption = None,
 ) -> None:
     """Tokenizer + base model + SFT on bid-blind imitation responses -> pi_0 (reads the public files)."""
-    from llm_auction.policy.warm_start import init_policy
     from llm_auction.public.catalog import SYNTHETIC_FILE
 
     settings = _settings(config, profile, sets, seed)
     public, max_bid = settings.public_dir, settings.mechanism.max_bid
-    card = init_policy(
-        settings,
+    train, held_out = (
         read_requests(public / SYNTHETIC_FILE, max_bid),
         read_requests(public / HELD_OUT_FILE, max_bid),
-        Catalog.load(public).profiles(),
-        out,
     )
+    profiles = Catalog.load(public).profiles()
+    from llm_auction.policy.warm_start import init_policy  # torch and TRL: after the inputs are known good
+
+    card = init_policy(settings, train, held_out, profiles, out)
     held, sft = card["held_out"], card["sft"]
     rows = [
         ("parameters", f"{card['parameters']:,}"),
