@@ -97,7 +97,7 @@ def test_compare_lists_every_baseline(tmp_path: Path):
     assert result.returncode == 0, result.stderr
     policies = json.loads(out.read_text())["policies"]
     # Without a psi only the bid-blind deployable baselines run; the truth-priced ones are references.
-    references = {"pre_generation@oracle", "post_generation@oracle", "oracle_greedy"}
+    references = {"pre_generation@oracle", "post_generation@oracle", "reward_greedy@oracle", "oracle_greedy"}
     assert set(policies) == {"no_ads", "random", *references}
     assert "simulation only" in result.stdout and "--pctr" in result.stderr
     best = policies["oracle_greedy"]["revenue"]["mean"]

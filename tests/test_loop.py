@@ -170,6 +170,7 @@ def test_one_epoch_of_the_closed_loop_interrupted_and_resumed(pi0, tmp_path, cap
         assert set(entry["oracle_references"]) == {
             "pre_generation@oracle",
             "post_generation@oracle",
+            "reward_greedy@oracle",
             "oracle_greedy",
         }
         assert set(entry["baselines_reward_model"]) == set(entry["baselines"])
