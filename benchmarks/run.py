@@ -196,7 +196,7 @@ def main() -> None:
 
     # Simulation speed of each rule; the priced rules rank by the true CTR here (@oracle), since the
     # bench has no trained psi and measures the simulator, not the ranking (reward_greedy, which
-    # needs psi's R, is left out).
+    # needs psi's R, is measured as reward_greedy@oracle, its search under the truth).
     unpriced = [name for name in BASELINES if name not in PRICED]
     for name in (*unpriced, *ORACLE_REFERENCES):
         allocator = (
