@@ -54,11 +54,12 @@ def test_the_truth_ranks_better_than_an_untrained_psi(outcomes):
     for rule in ("pre_generation", "post_generation", "reward_greedy"):
         assert outcomes[f"{rule}@oracle"][1]["revenue"].mean > outcomes[rule][1]["revenue"].mean, rule
     # The search under the true page revenue searches post-generation's layout among others, on the
-    # same sentences: never below it on a request, and above it where a second ad costs the first.
+    # same sentences: never below it on a request, and above it where a second ad costs the first
+    # or a bridge pays (measured: above on 83% of these 200 requests, 1.46 ads per answer).
     searched = _revenue_by_request(outcomes["reward_greedy@oracle"][0])
     fixed = _revenue_by_request(outcomes["post_generation@oracle"][0])
-    assert np.all(searched >= fixed - 1e-12) and (searched > fixed + 1e-9).mean() > 0.2
-    assert outcomes["reward_greedy@oracle"][1]["ad_load"].mean < 2
+    assert np.all(searched >= fixed - 1e-12) and (searched > fixed + 1e-9).mean() > 0.5
+    assert outcomes["reward_greedy@oracle"][1]["ad_load"].mean < 1.8
 
 
 def test_no_ads_gives_zero(outcomes):

@@ -11,8 +11,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,6 +32,9 @@ from llm_auction.mechanism.payments import expected_payments
 from llm_auction.simulator.parametric import ParametricClickModel
 from llm_auction.text.organic import organic_answer
 from llm_auction.text.reading import bridge_for
+
+if TYPE_CHECKING:  # the type only: psi's torch and Feast stay out of the command line's start
+    from llm_auction.reward.scorer import Scorer
 
 ORACLE_REFERENCES = (
     "pre_generation@oracle",
@@ -64,8 +68,8 @@ def true_standalone_ctr(click_model: ParametricClickModel) -> CtrEstimator:
     return lambda requests: [click_model.standalone_ctr(r) for r in requests]
 
 
-def true_page_revenue(click_model: ParametricClickModel) -> Callable[..., np.ndarray]:
-    """Each page's expected first-price revenue under the true click model (a `Scorer`)."""
+def true_page_revenue(click_model: ParametricClickModel) -> Scorer:
+    """Each page's expected first-price revenue under the true click model: R with a perfect psi."""
 
     def score(requests: Sequence[AuctionRequest], responses: Sequence[str]) -> np.ndarray:
         values = []
