@@ -110,10 +110,9 @@ def test_pctr_learns_and_is_calibrated(model: PCTRModel, logged):
     _, frame, rollout = logged
     test = model.metrics["test"]
     assert model.metrics["best_epoch"] >= 1 and test["n"] > 300
-    # From the texts alone and ~3,500 training impressions psi reaches about 0.62 here (0.58 without
-    # the lead-in, `pctr.context`; 0.66 when taxonomy-based match features handed it the
-    # simulator's relevance): clearly above chance.
-    assert test["auc"] > 0.58, test
+    # From the texts alone and ~3,500 training impressions psi reaches about 0.66 here (0.62 with
+    # its similarities unstandardised; 0.58 without the lead-in, `pctr.context`): clearly above chance.
+    assert test["auc"] > 0.63, test
     assert test["ece"] < 0.05, test
     positions = test["calibration_by_position"]
     assert positions["1"]["predicted"] > positions["2"]["predicted"]
@@ -143,10 +142,11 @@ def test_pctr_orders_positions_and_relevance_like_the_simulator(model: PCTRModel
         off.append(others.iloc[rng.integers(len(others))])
     relevant = model.predict(rows.assign(ad_id=[a.ad_id for a in on], ad_text=[a.text for a in on]), encoder)
     other = model.predict(rows.assign(ad_id=[a.ad_id for a in off], ad_text=[a.text for a in off]), encoder)
-    # Only the direction is asserted: from public text and this little traffic psi learns a weak
-    # relevance effect (about x1.05 here, where logged click rates differ about x3.8).
-    assert relevant.mean() > other.mean()
-    assert (relevant > other).mean() > 0.55
+    # From public text and this little traffic psi learns about x1.8 (higher for 95% of the rows),
+    # where logged click rates differ about x3.8; with its similarities unstandardised it learned
+    # x1.1 (68% of the rows), the weights on cosines that differ by hundredths hardly moving.
+    assert relevant.mean() > 1.4 * other.mean()
+    assert (relevant > other).mean() > 0.85
 
 
 def test_pctr_round_trips_through_safetensors(model: PCTRModel, logged, encoder, tmp_path: Path):
