@@ -160,6 +160,22 @@ def test_pctr_round_trips_through_safetensors(model: PCTRModel, logged, encoder,
         PCTRModel.load(tmp_path / "pctr")
 
 
+def test_similarities_are_read_standardised_and_an_older_psi_reads_them_raw(
+    model: PCTRModel, logged, encoder, tmp_path: Path
+):
+    _, frame, _ = logged
+    rows = frame.head(200)
+    spec_path = model.save(tmp_path / "older") / pctr.CONFIG
+    spec = json.loads(spec_path.read_text())
+    del spec["similarity_mean"], spec["similarity_std"]  # as psi versions registered before
+    spec_path.write_text(json.dumps(spec))
+    raw = PCTRModel.load(tmp_path / "older").batch(rows, encoder).similarities.numpy()
+    scaled = model.batch(rows, encoder).similarities.numpy()
+    assert np.allclose(model.standardised(raw), scaled, atol=1e-5)
+    # the query-ad cosine spreads by hundredths raw; as a z-score of the training split, by about 1
+    assert raw[:, 0].std() < 0.2 and 0.5 < scaled[:, 0].std() < 2 and abs(scaled[:, 0].mean()) < 0.5
+
+
 def test_psi_can_read_how_well_the_answer_addresses_its_query(
     model: PCTRModel, logged, encoder, tmp_path: Path
 ):

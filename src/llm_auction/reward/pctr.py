@@ -354,9 +354,7 @@ class PCTRModel:
         if self.cfg.context:
             ad_text = frame["ad_text"] if "ad_text" in frame.columns else pd.Series("", index=frame.index)
             similarities.append(np.stack([_overlaps(contexts, ad_text), contexts.ne("")], axis=1))
-        similarities = np.concatenate(similarities, axis=1)
-        if self.similarity_mean is not None and self.similarity_std is not None:
-            similarities = (similarities - np.asarray(self.similarity_mean)) / np.asarray(self.similarity_std)
+        similarities = self.standardised(np.concatenate(similarities, axis=1))
         numeric = (
             np.stack([_numeric_column(frame, c) for c in self.numeric_columns], axis=1)
             if self.numeric_columns
@@ -374,6 +372,14 @@ class PCTRModel:
             position=torch.from_numpy(np.clip(frame["position"].to_numpy(int), 0, self.cfg.max_position)),
             numeric=torch.from_numpy(numeric.astype(np.float32)),
         )
+
+    def standardised(self, similarities: np.ndarray) -> np.ndarray:
+        """The similarities as the network reads them: z-scores on the training split (raw for a psi
+        saved before the standardisation).
+        """
+        if self.similarity_mean is None or self.similarity_std is None:
+            return similarities
+        return (similarities - np.asarray(self.similarity_mean)) / np.asarray(self.similarity_std)
 
     def logits(self, batch: Batch) -> torch.Tensor:
         """Uncalibrated logits; without gradients, a slice of rows at a time (bounded memory)."""
@@ -536,10 +542,11 @@ def train_pctr(
         numeric_std=stats.std().replace(0, 1.0).fillna(1.0).tolist(),
     )
     train_batch = model.batch(train, encoder)  # raw similarities: the model has no scale yet
-    mean, std = train_batch.similarities.mean(0), train_batch.similarities.std(0)
-    std = torch.where(std > 1e-6, std, torch.ones_like(std))  # a constant column (no lead-ins) stays put
-    model.similarity_mean, model.similarity_std = mean.tolist(), std.tolist()
-    train_batch.similarities = (train_batch.similarities - mean) / std
+    raw = train_batch.similarities.numpy()
+    std = raw.std(axis=0, ddof=1)
+    model.similarity_mean = raw.mean(axis=0).tolist()
+    model.similarity_std = np.where(std > 1e-6, std, 1.0).tolist()  # a constant column (no lead-ins): as is
+    train_batch.similarities = torch.from_numpy(model.standardised(raw).astype(np.float32))
     data = {"train": train_batch, "validation": model.batch(frame[split == "validation"], encoder)}
     labels = {
         name: torch.tensor(frame.loc[split == name, "clicked"].to_numpy(float), dtype=torch.float32)
