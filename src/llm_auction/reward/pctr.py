@@ -360,7 +360,7 @@ class PCTRModel:
             if self.numeric_columns
             else np.zeros((len(frame), 0))
         )
-        numeric = (numeric - np.asarray(self.numeric_mean)) / np.asarray(self.numeric_std)
+        numeric = _zscores(numeric, self.numeric_mean, self.numeric_std)
         users = self._user_index.get_indexer(frame["user_id"]) + 1  # never seen (-1) -> 0
         ads = self._ad_index.get_indexer(frame["ad_id"]) + 1
         return Batch(
@@ -379,7 +379,7 @@ class PCTRModel:
         """
         if self.similarity_mean is None or self.similarity_std is None:
             return similarities
-        return (similarities - np.asarray(self.similarity_mean)) / np.asarray(self.similarity_std)
+        return _zscores(similarities, self.similarity_mean, self.similarity_std)
 
     def logits(self, batch: Batch) -> torch.Tensor:
         """Uncalibrated logits; without gradients, a slice of rows at a time (bounded memory)."""
@@ -434,6 +434,18 @@ class PCTRModel:
             spec["numeric_std"], tuple(spec["calibration"]), spec["metrics"],
             spec.get("similarity_mean"), spec.get("similarity_std"),
         )  # fmt: skip
+
+
+def _moments(values: np.ndarray) -> tuple[list[float], list[float]]:
+    """Column means and deviations of the training rows (N, k): the scale psi reads an input on. A
+    constant column (no history yet, no lead-ins) keeps deviation 1, so it is shifted, not blown up.
+    """
+    std = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1])
+    return values.mean(axis=0).tolist(), np.where(std > 1e-6, std, 1.0).tolist()
+
+
+def _zscores(values: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
+    return (values - np.asarray(mean)) / np.asarray(std)
 
 
 def split_by_request(request_ids: pd.Series, cfg: PCTRConfig) -> np.ndarray:
@@ -531,21 +543,19 @@ def train_pctr(
     for column in ("profile_embedding", "ad_embedding"):
         if column in frame.columns:
             _stored_embeddings(frame, column)
-    stats = train[numeric_columns].astype(float).fillna(0.0)
+    numeric_mean, numeric_std = _moments(train[numeric_columns].astype(float).fillna(0.0).to_numpy())
     model = PCTRModel(
         net=PCTRNet(train["user_id"].nunique(), train["ad_id"].nunique(), len(numeric_columns), cfg),
         cfg=cfg,
         users=sorted(train["user_id"].unique()),
         ads=sorted(train["ad_id"].unique()),
         numeric_columns=numeric_columns,
-        numeric_mean=stats.mean().tolist(),
-        numeric_std=stats.std().replace(0, 1.0).fillna(1.0).tolist(),
+        numeric_mean=numeric_mean,
+        numeric_std=numeric_std,
     )
     train_batch = model.batch(train, encoder)  # raw similarities: the model has no scale yet
     raw = train_batch.similarities.numpy()
-    std = raw.std(axis=0, ddof=1)
-    model.similarity_mean = raw.mean(axis=0).tolist()
-    model.similarity_std = np.where(std > 1e-6, std, 1.0).tolist()  # a constant column (no lead-ins): as is
+    model.similarity_mean, model.similarity_std = _moments(raw)
     train_batch.similarities = torch.from_numpy(model.standardised(raw).astype(np.float32))
     data = {"train": train_batch, "validation": model.batch(frame[split == "validation"], encoder)}
     labels = {

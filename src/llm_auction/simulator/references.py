@@ -68,13 +68,16 @@ def true_standalone_ctr(click_model: ParametricClickModel) -> CtrEstimator:
     return lambda requests: [click_model.standalone_ctr(r) for r in requests]
 
 
-def true_page_revenue(click_model: ParametricClickModel) -> Scorer:
-    """Each page's expected first-price revenue under the true click model: R with a perfect psi."""
+def true_page_revenue(click_model: ParametricClickModel, max_ads: int | None) -> Scorer:
+    """Each page's expected first-price revenue under the true click model: R with a perfect psi
+    (the page parsed as R parses it, at most the request's ad limit).
+    """
 
     def score(requests: Sequence[AuctionRequest], responses: Sequence[str]) -> np.ndarray:
         values = []
         for request, response in zip(requests, responses, strict=True):
-            allocation = list(parse_response(response, len(request.ads)).allocation)
+            parsed = parse_response(response, len(request.ads), request.ad_limit(max_ads))
+            allocation = list(parsed.allocation)
             bids = np.asarray(request.bids, dtype=float)[allocation]
             ctr = click_model.expected_ctr(request, allocation, response)
             values.append(float(np.sum(expected_payments(bids, ctr))))
@@ -94,7 +97,7 @@ def make_reference(name: str, settings: Settings, click_model: ParametricClickMo
     if name == "reward_greedy@oracle":
         return RewardGreedy(
             truth,
-            true_page_revenue(click_model),
+            true_page_revenue(click_model, max_ads),
             b.organic_sentences,
             b.reward_greedy_max_ads,
             b.reward_greedy_pool,
