@@ -21,14 +21,9 @@ import pytest
 
 from llm_auction.serving.auth import bearer_ok
 from llm_auction.serving.collector import MAX_GROUP_ENV, Click, EventStore, StoreWriteError
+from llm_auction.simulator.services import EPHEMERAL_RANGE, free_port
 
 TOKEN = "s3cret"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(store: Path, port: int, token: str | None = TOKEN, **env_vars: str) -> subprocess.Popen:
@@ -76,7 +71,7 @@ CE = {"ce-id": "inf-1", "ce-source": "policy-predictor", "ce-specversion": "1.0"
 
 @pytest.fixture(scope="module")
 def collector(tmp_path_factory):
-    store, port = tmp_path_factory.mktemp("collector"), _free_port()
+    store, port = tmp_path_factory.mktemp("collector"), free_port()
     process = start(store, port)
     yield port, store
     process.terminate()
@@ -159,7 +154,7 @@ def test_metrics_count_what_happened(collector):
 
 @pytest.mark.slow
 def test_every_acknowledged_click_survives_a_sigkill_exactly_once(tmp_path):
-    port = _free_port()
+    port = free_port()
     process = start(tmp_path, port, token=None)
     acknowledged: list[str] = []
     lock = threading.Lock()
@@ -259,7 +254,7 @@ def _metric(port: int, name: str) -> float:
 def test_concurrent_clicks_share_commits_each_acknowledged_and_stored_once(tmp_path):
     """32 clients, one click per request: every request 202 once durable, every click stored once,
     far fewer commits than requests; the same click sent by all 32 at once is new to exactly one."""
-    port, workers, per_worker = _free_port(), 32, 12
+    port, workers, per_worker = free_port(), 32, 12
     process = start(tmp_path, port, token=None)
     replies: list[tuple[str, int, dict]] = []
     lock = threading.Lock()
@@ -421,3 +416,16 @@ def test_the_http_path_groups_concurrent_writes_and_fails_only_a_refused_group(t
         assert [ce_id for ce_id, *_ in store._db.execute("SELECT ce_id FROM inference_events")] == ["i1"]
     finally:
         store.close()
+
+
+def test_service_ports_are_free_and_outside_the_kernels_ephemeral_range():
+    """The loop's services bind their port seconds after it is picked; the kernel's own port-0
+    picks (vLLM's engine sockets in between) come from the ephemeral range, so ours must not."""
+    if not EPHEMERAL_RANGE.exists():
+        pytest.skip("no /proc ephemeral port range on this system")
+    low = int(EPHEMERAL_RANGE.read_text().split()[0])
+    ports = [free_port() for _ in range(50)]
+    assert all(1024 <= p < low for p in ports) and len(set(ports)) > 40, ports
+    for port in ports[:5]:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))  # free: binds

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 import urllib.request
@@ -14,6 +13,7 @@ import pytest
 from helpers import mlflow_server_command
 from llm_auction.config import TrackingConfig
 from llm_auction.errors import RegistryError
+from llm_auction.simulator.services import free_port
 from llm_auction.tracking import registry
 from llm_auction.tracking.runs import tracked_run
 
@@ -21,16 +21,10 @@ pytestmark = pytest.mark.slow
 NAME = "llm-auction-policy"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     command = mlflow_server_command(root, port)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,10 +27,33 @@ import httpx
 logger = logging.getLogger(__name__)
 
 
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+SERVICE_PORTS = 12_000  # candidates just below the ephemeral range
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free port on 127.0.0.1 that the kernel will not hand out by itself meanwhile.
+
+    The port is only reserved once the service binds it, and the policy server binds after it has
+    started its vLLM engines, which take ephemeral ports of their own (port 0) for their sockets:
+    a port picked from that range can be theirs by then (seen: the resumed loop's server exited
+    with "address already in use"). So the port comes from just below the kernel's ephemeral
+    range, at random, checked free; where the range is unknown (not Linux), from the kernel.
+    """
+    try:
+        low = int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    candidates = list(range(max(1024, low - SERVICE_PORTS), low))
+    random.shuffle(candidates)
+    for port in [*candidates[:200], 0]:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise RuntimeError("no free TCP port on 127.0.0.1")
 
 
 def wait_until(check: Any, what: str, timeout_s: float = 120, interval_s: float = 0.5) -> Any:
