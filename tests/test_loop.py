@@ -123,8 +123,7 @@ def test_one_epoch_of_the_closed_loop_interrupted_and_resumed(pi0, tmp_path, cap
         # The ranking stage end to end: once psi_0 is registered the server lists each request's
         # ads by bid x psi and answers in the request's order (the pricing below checks the pairing).
         "policy": {**TINY_EPOCH["policy"], "ranking": "ecpm"},
-        # psi_0 trains on the bootstrap: pi_0 at temperature 0.5 puts ads in about half its answers.
-        "loop": {"bootstrap_requests": 200, "requests_per_epoch": 50},
+        "loop": {"bootstrap_requests": 100, "requests_per_epoch": 50},
         "gate": {**TINY_EPOCH["gate"], **admit_all},
         "serving": {"canary_percent": 50},
     }
