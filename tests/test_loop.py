@@ -122,7 +122,10 @@ def test_one_epoch_of_the_closed_loop_interrupted_and_resumed(pi0, tmp_path, cap
         "irpo": {**TINY_EPOCH["irpo"], "n_prompts": 200},  # enough pairs for DPO to move (see below)
         # The ranking stage end to end: once psi_0 is registered the server lists each request's
         # ads by bid x psi and answers in the request's order (the pricing below checks the pairing).
-        "policy": {**TINY_EPOCH["policy"], "ranking": "ecpm"},
+        # At the code's temperature 1: the `local` profile's 0.5 makes the fixture's pi_0 put ads in
+        # 21 of these 100 bootstrap answers once, too few requests for psi_0's three splits (the world
+        # has no room for more: 200 requests between pi_0's SFT set and the held-out ones).
+        "policy": {**TINY_EPOCH["policy"], "ranking": "ecpm", "generation": {"temperature": 1.0}},
         "loop": {"bootstrap_requests": 100, "requests_per_epoch": 50},
         "gate": {**TINY_EPOCH["gate"], **admit_all},
         "serving": {"canary_percent": 50},
