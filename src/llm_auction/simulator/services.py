@@ -44,9 +44,8 @@ def free_port() -> int:
         low = int(EPHEMERAL_RANGE.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         low = 0
-    candidates = list(range(max(1024, low - SERVICE_PORTS), low))
-    random.shuffle(candidates)
-    for port in [*candidates[:200], 0]:
+    candidates = range(max(1024, low - SERVICE_PORTS), low)
+    for port in [*random.sample(candidates, min(200, len(candidates))), 0]:
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
