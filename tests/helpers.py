@@ -8,7 +8,7 @@ from llm_auction.config import Settings
 
 TINY_EPOCH = {
     "world": {"n_requests": 2600},
-    "policy": {"held_out_requests": 100, "warm_start": {"n_requests": 2300, "epochs": 5.0}},
+    "policy": {"held_out_requests": 100, "warm_start": {"n_requests": 2300}},
     "mechanism": {"bootstrap_samples": 200},
     "pctr": {"max_epochs": 8},
     "irpo": {"n_prompts": 24, "m_samples": 4},

@@ -55,7 +55,7 @@ def test_two_policies_split_by_user_behind_one_server(pi0, tmp_path):
     world = {"n_users": N_REQUESTS, "n_requests": 2600}
     config = {
         "world": world,
-        "policy": {"held_out_requests": 300, "warm_start": {"n_requests": 2300, "epochs": 5.0}},
+        "policy": {"held_out_requests": 300, "warm_start": {"n_requests": 2300}},
         "data_dir": str(root / "data"),
         "features": {"data_dir": str(root / "data" / "features"), "quarantine_dir": str(root / "q")},
         "tracking": {"uri": f"sqlite:///{root}/mlflow.db", "artifact_location": str(root / "artifacts")},

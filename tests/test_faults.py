@@ -46,7 +46,7 @@ def _config(root: Path, **sections: dict) -> Path:
     """A local-profile config for the `pi0` world whose stores all live under `root`."""
     config = {
         "world": {"n_requests": 2600},
-        "policy": {"held_out_requests": 300, "warm_start": {"n_requests": 2300, "epochs": 5.0}},
+        "policy": {"held_out_requests": 300, "warm_start": {"n_requests": 2300}},
         "data_dir": str(root / "data"),
         "features": {"data_dir": str(root / "features"), "quarantine_dir": str(root / "quarantine")},
         "tracking": {"uri": None},

@@ -54,7 +54,7 @@ def stack(pi0, policy_env: Environment, tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
     config = {
         "world": {"n_requests": 2600},
-        "policy": {"held_out_requests": 300, "warm_start": {"n_requests": 2300, "epochs": 5.0}},
+        "policy": {"held_out_requests": 300, "warm_start": {"n_requests": 2300}},
         "data_dir": str(root / "data"),
         "features": {"data_dir": str(root / "data" / "features"), "quarantine_dir": str(root / "quarantine")},
         "tracking": {"uri": f"sqlite:///{root}/mlflow.db", "artifact_location": str(root / "artifacts")},
