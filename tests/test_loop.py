@@ -186,6 +186,8 @@ def test_one_epoch_of_the_closed_loop_interrupted_and_resumed(pi0, tmp_path, cap
             mean = entry["policy"]["revenue"]["mean"] - entry["baselines"][baseline]["revenue"]["mean"]
             assert difference["revenue"]["mean"] == pytest.approx(mean, abs=1e-5)
         assert set(entry["policy"]["versus"]) == set(entry["baselines"])
+        for name, baseline in entry["baselines"].items():  # each deployable auction against the others
+            assert set(baseline["versus"]) == set(entry["baselines"]) - {name}
         greedy = entry["oracle_references"]["oracle_greedy"]["revenue"]["mean"]
         assert greedy >= entry["baselines"]["pre_generation"]["revenue"]["mean"]
     assert "simulation only" in report["sections"]["policy"] and "psi_t" in report["sections"]["baselines"]

@@ -258,8 +258,9 @@ def test_paired_differences_compare_two_policies_request_by_request(env: Environ
     shuffled = frames[0].assign(policy="random again").sample(frac=1.0, random_state=1)
     responses = pd.concat([*frames, shuffled], ignore_index=True)
     rollouts = oracle_rollouts(env, requests, responses, 7)
-    paired = paired_differences(env, rollouts, 7, ("random", "absent"), ("no_ads", "random again", "x"))
-    assert set(paired) == {"random"} and set(paired["random"]) == {"no_ads", "random again"}
+    against = ("no_ads", "random again", "random", "x")
+    paired = paired_differences(env, rollouts, 7, ("random", "absent"), against)
+    assert set(paired) == {"random"} and set(paired["random"]) == {"no_ads", "random again"}  # not itself
     means = oracle_metrics(env, rollouts, 7)
     for metric in ("revenue", "social_welfare"):
         gain = paired["random"]["no_ads"][metric]

@@ -616,10 +616,12 @@ class Loop:
                     oracle = oracle_rows(oracle_metrics(env, rollouts, self.settings.seed))
                     for policy, terms in oracle_layouts(env, held_out, responses).items():
                         oracle[policy]["page"] = terms  # how the truth reads each policy's pages
+                    # the policies and each deployable auction minus every deployable one, per request
+                    # (the search under R against post-generation too: no scratch pairing needed)
                     paired = paired_differences(
-                        env, rollouts, self.settings.seed, ("candidate", "champion"), PRICED
+                        env, rollouts, self.settings.seed, ("candidate", "champion", *PRICED), PRICED
                     )
-                    for policy, versus in paired.items():  # minus each deployable baseline, per request
+                    for policy, versus in paired.items():
                         oracle[policy]["versus"] = oracle_rows(versus)
                 if epoch == 1:
                     report["epochs"].append(

@@ -83,7 +83,8 @@ def paired_differences(
 ) -> dict[str, dict[str, dict[str, Estimate]]]:
     """`{policy: {baseline: {metric: Estimate}}}`: the per-request difference policy minus baseline
     on the same requests, bootstrapped (issue 16's test: does the learned auction beat the deployable
-    ones, paired, not by two overlapping intervals). Only the policies and baselines present.
+    ones, paired, not by two overlapping intervals). Only the policies and baselines present; a
+    policy is not paired with itself.
     """
     m = env.settings.mechanism
     outcomes = {
@@ -91,7 +92,7 @@ def paired_differences(
     }
     out: dict[str, dict[str, dict[str, Estimate]]] = {}
     for policy in (p for p in policies if p in outcomes):
-        for baseline in (b for b in against if b in outcomes):
+        for baseline in (b for b in against if b in outcomes and b != policy):
             paired = outcomes[policy].join(outcomes[baseline], rsuffix="_baseline", how="inner")
             out.setdefault(policy, {})[baseline] = {
                 metric: bootstrap(
