@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 
 from llm_auction.config import Settings
+from llm_auction.simulator.experiment import Environment
+from llm_auction.simulator.parametric import ParametricClickModel
 
 TINY_EPOCH = {
     "world": {"n_requests": 2600},
@@ -29,6 +31,16 @@ def register_champion(settings: Settings, policy_dir, reason: str = "pi_0") -> s
         )
     registry.promote(settings.tracking, settings.irpo.registered_model, version, "test", reason)
     return version
+
+
+def eager_users(env: Environment) -> ParametricClickModel:
+    """`env`'s simulated users, each ad's click logit raised by 4 (CTR about 0.4 instead of 0.06).
+
+    For tests of the click plumbing: the tests' pi_0 (3 SFT passes) places about 0.5 ads an answer,
+    so at the world's CTR a hundred requests can leave no click, and "no click lost" checks nothing.
+    """
+    cfg = env.settings.click_model
+    return ParametricClickModel(env.world, cfg.model_copy(update={"intercept": cfg.intercept + 4.0}))
 
 
 def random_traffic_frame(settings: Settings):

@@ -26,7 +26,7 @@ import httpx
 import pytest
 import yaml
 
-from helpers import mlflow_server_command, register_versions
+from helpers import eager_users, mlflow_server_command, register_versions
 from llm_auction.config import load_config
 from llm_auction.errors import ServiceUnavailable
 from llm_auction.evaluation.card import EVALUATION_FILE
@@ -129,7 +129,7 @@ def test_a_killed_server_is_restarted_and_traffic_loses_no_request_and_no_click(
 
         def traffic() -> None:
             result["report"] = asyncio.run(
-                send_traffic(endpoint, requests, policy_env.click_model, collector=collector,
+                send_traffic(endpoint, requests, eager_users(policy_env), collector=collector,
                              concurrency=8, progress=False, mean_click_delay_s=0.0, retry_budget_s=120)
             )  # fmt: skip
 
@@ -149,7 +149,7 @@ def test_a_killed_server_is_restarted_and_traffic_loses_no_request_and_no_click(
             assert report.policy_versions  # answered by the restarted server too
             # Every acknowledged click is stored, once.
             stored = store.click_ids()
-            assert len(stored) == len(set(stored)) == report.clicks_acknowledged == report.clicks
+            assert len(stored) == len(set(stored)) == report.clicks_acknowledged == report.clicks > 0
         finally:
             store.close()
 

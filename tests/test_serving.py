@@ -16,7 +16,7 @@ import httpx
 import pytest
 import yaml
 
-from helpers import register_champion
+from helpers import eager_users, register_champion
 from llm_auction.config import Settings, load_config
 from llm_auction.contracts import AuctionRequest
 from llm_auction.policy.generation import engine_lora_rank
@@ -24,7 +24,6 @@ from llm_auction.policy.prompt import build_prompt
 from llm_auction.serving.collector import EventStore
 from llm_auction.simulator.experiment import Environment, export_public, user_profiles
 from llm_auction.simulator.loop import server_work, sign_up
-from llm_auction.simulator.parametric import ParametricClickModel
 from llm_auction.simulator.services import free_port, service, wait_until
 from llm_auction.simulator.traffic import send_traffic
 from llm_auction.tracking import registry
@@ -271,17 +270,12 @@ def test_traffic_clicks_reach_the_collector(stack: Stack):
     finally:
         store.close()
     work_before = server_work(stack.endpoint)
-    # The test's pi_0 (3 SFT passes) places about 0.5 ads an answer: 40-50 impressions from 100
-    # requests, which at the world's CTR of a few percent leave no click in about one run of 20.
-    # Eager users (an ad's click logit +4) make the plumbing, not the sample, decide the outcome.
-    world, cfg = stack.env.world, stack.env.settings.click_model
-    eager = ParametricClickModel(world, cfg.model_copy(update={"intercept": cfg.intercept + 4.0}))
-    requests = world.auction_requests(limit=100, offset=2400)
+    requests = stack.env.world.auction_requests(limit=100, offset=2400)
     report = asyncio.run(
         send_traffic(
             stack.endpoint,
             requests,
-            eager,
+            eager_users(stack.env),
             collector=stack.collector,
             concurrency=8,
             seed=3,
