@@ -34,10 +34,11 @@ def register_champion(settings: Settings, policy_dir, reason: str = "pi_0") -> s
 
 
 def eager_users(env: Environment) -> ParametricClickModel:
-    """`env`'s simulated users, each ad's click logit raised by 4 (CTR about 0.4 instead of 0.06).
+    """`env`'s simulated users, each ad's click logit raised by 4 (about a third of the ads clicked).
 
-    For tests of the click plumbing: the tests' pi_0 (3 SFT passes) places about 0.5 ads an answer,
-    so at the world's CTR a hundred requests can leave no click, and "no click lost" checks nothing.
+    For tests of the click plumbing: served at the `local` profile's temperature 0.5 the tests' pi_0
+    (3 SFT passes) places about 0.5 ads an answer, so at the world's CTR of a few percent a hundred
+    requests can leave no click, and "no click lost" checks nothing.
     """
     cfg = env.settings.click_model
     return ParametricClickModel(env.world, cfg.model_copy(update={"intercept": cfg.intercept + 4.0}))
