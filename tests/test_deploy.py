@@ -134,6 +134,18 @@ def test_no_overlay_declares_a_kserve_canary(rendered: dict[str, list[Manifest]]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_transformer_may_load_for_minutes_before_liveness_counts(
+    rendered: dict[str, list[Manifest]], overlay: str
+) -> None:
+    """`llm-auction serve` binds its port once psi and the tokenizer are loaded: without a startup
+    probe, three failed liveness checks would restart a cold pod that is still loading."""
+    (container,) = find(rendered[overlay], "InferenceService", "policy")["spec"]["transformer"]["containers"]
+    startup, liveness = container["startupProbe"], container["livenessProbe"]
+    assert startup["httpGet"] == liveness["httpGet"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_pipeline_may_roll_the_policy_and_its_challenger_only(
     rendered: dict[str, list[Manifest]], overlay: str
 ) -> None:
