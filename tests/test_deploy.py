@@ -138,7 +138,9 @@ def test_the_transformer_may_load_for_minutes_before_liveness_counts(
     rendered: dict[str, list[Manifest]], overlay: str
 ) -> None:
     """`llm-auction serve` binds its port once psi and the tokenizer are loaded: without a startup
-    probe, three failed liveness checks would restart a cold pod that is still loading."""
+    probe, three failed liveness checks would restart a cold pod that is still loading. The bound
+    is not a measurement of the cluster: the local loop starts collector and server in 24-26 s
+    (its "services start" row, engine included), and a cold pod also fetches from the object store."""
     (container,) = find(rendered[overlay], "InferenceService", "policy")["spec"]["transformer"]["containers"]
     startup, liveness = container["startupProbe"], container["livenessProbe"]
     assert startup["httpGet"] == liveness["httpGet"]
