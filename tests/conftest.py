@@ -5,6 +5,7 @@ import json
 import pytest
 from filelock import FileLock
 
+from helpers import POLICY_OVERRIDES
 from llm_auction.config import Settings, load_config
 from llm_auction.simulator.experiment import Environment, build_environment, split_requests, user_profiles
 
@@ -20,20 +21,6 @@ def settings() -> Settings:
 @pytest.fixture(scope="session")
 def env(settings: Settings) -> Environment:
     return build_environment(settings)
-
-
-POLICY_OVERRIDES = {
-    "world": {"n_requests": 2600},
-    "policy": {
-        "held_out_requests": 300,
-        "warm_start": {"n_requests": 2300, "epochs": 3.0},
-        # The pi_0 of these tests samples its SFT distribution (1.5 ads an answer, 15% with three):
-        # the `local` profile's 0.5 sharpens it to 0.5 ads (three in 4% of answers), too few for the
-        # tests that count pages, ads and clicks to pass by more than chance.
-        "generation": {"temperature": 1.0},
-    },
-    "tracking": {"uri": None},
-}
 
 
 @pytest.fixture(scope="session")

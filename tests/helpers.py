@@ -3,10 +3,53 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 from llm_auction.config import Settings
 from llm_auction.simulator.experiment import Environment
 from llm_auction.simulator.parametric import ParametricClickModel
+
+POLICY_OVERRIDES = {
+    "world": {"n_requests": 2600},
+    "policy": {
+        "held_out_requests": 300,
+        "warm_start": {"n_requests": 2300, "epochs": 3.0},
+        # The pi_0 of these tests samples its SFT distribution (1.5 ads an answer, 15% with three):
+        # the `local` profile's 0.5 sharpens it to 0.5 ads (three in 4% of answers), too few for the
+        # tests that count pages, ads and clicks to pass by more than chance.
+        "generation": {"temperature": 1.0},
+    },
+    "tracking": {"uri": None},
+}
+"""The world of the `pi0` fixture (conftest.py) and how its pi_0 is trained and sampled."""
+
+
+def _merged(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        nested = isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
+        out[key] = _merged(out[key], value) if nested else value
+    return out
+
+
+def pi0_world_config(root: Path, **sections: Mapping[str, Any]) -> Path:
+    """`root/config.yaml`: the `local` profile on the `pi0` fixture's world, sampled as the in-process
+    tests sample it (`POLICY_OVERRIDES`), every store under `root`; `sections` merged into it.
+
+    For the tests that serve pi_0 from a subprocess: the server must read the world pi_0 was trained on.
+    """
+    stores = {
+        "data_dir": str(root / "data"),
+        "features": {"data_dir": str(root / "data" / "features"), "quarantine_dir": str(root / "quarantine")},
+    }
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(_merged(_merged(POLICY_OVERRIDES, stores), sections)))
+    return path
+
 
 TINY_EPOCH = {
     "world": {"n_requests": 2600},
@@ -36,9 +79,9 @@ def register_champion(settings: Settings, policy_dir, reason: str = "pi_0") -> s
 def eager_users(env: Environment) -> ParametricClickModel:
     """`env`'s simulated users, each ad's click logit raised by 4 (about a third of the ads clicked).
 
-    For tests of the click plumbing: served at the `local` profile's temperature 0.5 the tests' pi_0
-    (3 SFT passes) places about 0.5 ads an answer, so at the world's CTR of a few percent a hundred
-    requests can leave no click, and "no click lost" checks nothing.
+    For tests of the click plumbing: at the world's CTR of a few percent the tests' pi_0 (about 1.3
+    ads an answer at temperature 1; 0.5 at the `local` profile's 0.5) leaves a few clicks per hundred
+    requests, or none, and "no click lost" then checks little or nothing.
     """
     cfg = env.settings.click_model
     return ParametricClickModel(env.world, cfg.model_copy(update={"intercept": cfg.intercept + 4.0}))

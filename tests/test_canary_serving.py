@@ -18,9 +18,8 @@ import sys
 import httpx
 import pytest
 import torch
-import yaml
 
-from helpers import register_champion
+from helpers import pi0_world_config, register_champion
 from llm_auction.config import load_config
 from llm_auction.evaluation.canary import canary_outcomes
 from llm_auction.policy.model import load_policy
@@ -52,17 +51,13 @@ def perturbed_copy(pi0_dir, into):
 def test_two_policies_split_by_user_behind_one_server(pi0, tmp_path):
     root = tmp_path
     # 2,000 users, so 2,000 requests can each come from a different user (the split's unit).
-    world = {"n_users": N_REQUESTS, "n_requests": 2600}
-    config = {
-        "world": world,
-        "policy": {"held_out_requests": 300, "warm_start": {"n_requests": 2300}},
-        "data_dir": str(root / "data"),
-        "features": {"data_dir": str(root / "data" / "features"), "quarantine_dir": str(root / "q")},
-        "tracking": {"uri": f"sqlite:///{root}/mlflow.db", "artifact_location": str(root / "artifacts")},
-        "serving": {"reload_interval_s": 0.5, "canary_percent": CANARY_PERCENT, "max_instances": 64},
-    }
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
-    settings = load_config(root / "config.yaml", environ={})
+    config = pi0_world_config(
+        root,
+        world={"n_users": N_REQUESTS},
+        tracking={"uri": f"sqlite:///{root}/mlflow.db", "artifact_location": str(root / "artifacts")},
+        serving={"reload_interval_s": 0.5, "canary_percent": CANARY_PERCENT, "max_instances": 64},
+    )
+    settings = load_config(config, environ={})
     env = build_environment(settings)
     name = settings.irpo.registered_model
     champion = register_champion(settings, pi0[0])
@@ -81,7 +76,7 @@ def test_two_policies_split_by_user_behind_one_server(pi0, tmp_path):
     collector_port, server_port = free_port(), free_port()
     collector, endpoint = f"http://127.0.0.1:{collector_port}", f"http://127.0.0.1:{server_port}"
     collector_args = ["collector", "--store", str(root / "collector"), "--port", str(collector_port)]
-    server_args = ["serve", "--config", str(root / "config.yaml"), "--port", str(server_port)]
+    server_args = ["serve", "--config", str(config), "--port", str(server_port)]
     server_args += ["--logger-url", f"{collector}/v1/events"]
 
     def served() -> dict:
@@ -145,7 +140,7 @@ def test_two_policies_split_by_user_behind_one_server(pi0, tmp_path):
 
         status = subprocess.run(
             [sys.executable, "-m", "llm_auction", "canary", "status", "--store", str(root / "collector"),
-             "--config", str(root / "config.yaml")],
+             "--config", str(config)],
             capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}, timeout=300,
         )  # fmt: skip
         assert status.returncode == 0, status.stderr

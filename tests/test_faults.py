@@ -24,9 +24,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from helpers import eager_users, mlflow_server_command, register_versions
+from helpers import eager_users, mlflow_server_command, pi0_world_config, register_versions
 from llm_auction.config import load_config
 from llm_auction.errors import ServiceUnavailable
 from llm_auction.evaluation.card import EVALUATION_FILE
@@ -40,22 +39,6 @@ from llm_auction.tracking import registry
 from test_evaluation import clear_summary
 
 pytestmark = pytest.mark.slow
-
-
-def _config(root: Path, **sections: dict) -> Path:
-    """A local-profile config for the `pi0` world whose stores all live under `root`."""
-    config = {
-        "world": {"n_requests": 2600},
-        "policy": {"held_out_requests": 300, "warm_start": {"n_requests": 2300}},
-        "data_dir": str(root / "data"),
-        "features": {"data_dir": str(root / "features"), "quarantine_dir": str(root / "quarantine")},
-        "tracking": {"uri": None},
-    }
-    for key, value in sections.items():
-        config[key] = {**config.get(key, {}), **value}
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def _serve_args(
@@ -78,7 +61,7 @@ def _instance(request) -> dict:
 def signed_up(pi0, policy_env: Environment, tmp_path_factory):
     """The public files and the users signed up in a sqlite Feast store: what every server here needs."""
     root = tmp_path_factory.mktemp("faults")
-    config = _config(root, serving={"max_in_flight": 2})
+    config = pi0_world_config(root, serving={"max_in_flight": 2})
     settings = load_config(config, environ={})
     export_public(policy_env, settings.public_dir)
     sign_up(settings, root / "feedback")
@@ -183,7 +166,7 @@ def test_the_online_store_down_is_a_503_naming_it_and_service_resumes_when_it_is
     redis_port = free_port()
     redis = _redis(redis_port, tmp_path)
     try:
-        config = _config(tmp_path, features={"redis_url": f"127.0.0.1:{redis_port}"})
+        config = pi0_world_config(tmp_path, features={"redis_url": f"127.0.0.1:{redis_port}"})
         settings = load_config(config, environ={})
         export_public(policy_env, settings.public_dir)
         sign_up(settings, tmp_path / "feedback")

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from helpers import eager_users, register_champion
+from helpers import eager_users, pi0_world_config, register_champion
 from llm_auction.config import Settings, load_config
 from llm_auction.contracts import AuctionRequest
 from llm_auction.policy.generation import engine_lora_rank
@@ -52,16 +51,12 @@ class Stack:
 def stack(pi0, policy_env: Environment, tmp_path_factory):
     """pi_0 as the registry's champion, users signed up in Feast, collector and server running."""
     root = tmp_path_factory.mktemp("serving")
-    config = {
-        "world": {"n_requests": 2600},
-        "policy": {"held_out_requests": 300, "warm_start": {"n_requests": 2300}},
-        "data_dir": str(root / "data"),
-        "features": {"data_dir": str(root / "data" / "features"), "quarantine_dir": str(root / "quarantine")},
-        "tracking": {"uri": f"sqlite:///{root}/mlflow.db", "artifact_location": str(root / "artifacts")},
-        "serving": {"reload_interval_s": 0.5, "challenger_adapter": True},  # its test below
-    }
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
-    settings = load_config(root / "config.yaml", environ={})
+    config = pi0_world_config(
+        root,
+        tracking={"uri": f"sqlite:///{root}/mlflow.db", "artifact_location": str(root / "artifacts")},
+        serving={"reload_interval_s": 0.5, "challenger_adapter": True},  # its test below
+    )
+    settings = load_config(config, environ={})
     register_champion(settings, pi0[0])
     export_public(policy_env, settings.public_dir)
     sign_up(settings, root / "feedback")
@@ -69,7 +64,7 @@ def stack(pi0, policy_env: Environment, tmp_path_factory):
     collector, endpoint = f"http://127.0.0.1:{collector_port}", f"http://127.0.0.1:{server_port}"
     tokens = {"LLM_AUCTION_SERVING_TOKEN": TOKEN, "LLM_AUCTION_COLLECTOR_TOKEN": COLLECTOR_TOKEN}
     collector_args = ["collector", "--store", str(root / "collector"), "--port", str(collector_port)]
-    server_args = ["serve", "--config", str(root / "config.yaml"), "--port", str(server_port)]
+    server_args = ["serve", "--config", str(config), "--port", str(server_port)]
     server_args += ["--logger-url", f"{collector}/v1/events"]
     with (
         service("collector", collector_args, f"{collector}/healthz", root / "logs", env=tokens),
