@@ -137,17 +137,6 @@ def test_a_killed_server_is_restarted_and_traffic_loses_no_request_and_no_click(
             store.close()
 
 
-def test_without_restarts_a_dead_service_fails_the_check_naming_its_log(tmp_path):
-    port = free_port()
-    args = ["collector", "--store", str(tmp_path / "store"), "--port", str(port)]
-    with service("collector", args, f"http://127.0.0.1:{port}/healthz", tmp_path / "logs") as collector:
-        collector.check()
-        os.kill(collector.pid, signal.SIGKILL)
-        wait_until(lambda: collector.failure, "the watcher to notice", timeout_s=30)
-        with pytest.raises(RuntimeError, match=r"collector died .*collector\.log"):
-            collector.check()
-
-
 def _redis(port: int, directory: Path) -> subprocess.Popen:
     process = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
