@@ -14,11 +14,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -51,6 +53,19 @@ def _serve_args(
     args = ["serve", "--config", str(config), "--port", str(port), "--model-dir", str(model_dir)]
     args += ["--set", f"policy.generation.backend={engine}"]
     return args + (["--logger-url", f"{collector}/v1/events"] if collector else [])
+
+
+def _live_in_group(pgid: int) -> list[int]:
+    """The processes of group `pgid` that are not zombies (a supervised service leads its own group)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if state != "Z" and int(group) == pgid:
+            live.append(int(stat.parent.name))
+    return live
 
 
 def _instance(request) -> dict:
@@ -135,6 +150,36 @@ def test_a_killed_server_is_restarted_and_traffic_loses_no_request_and_no_click(
             assert len(stored) == len(set(stored)) == report.clicks_acknowledged == report.clicks > 0
         finally:
             store.close()
+
+
+def test_a_sigterm_stops_the_server_and_its_engine_core(signed_up, pi0):
+    """SIGTERM, what Kubernetes or a process manager sends, is a graceful stop that takes vLLM's
+    engine core with it; it used to outlive the server. No supervisor here: the loop's kills the
+    whole process group after its server, which hid that.
+    """
+    root, config = signed_up
+    port = free_port()
+    args = [sys.executable, "-m", "llm_auction", *_serve_args(config, port, pi0[0], engine="vllm")]
+    (root / "logs").mkdir(exist_ok=True)
+    with (root / "logs" / "sigterm.log").open("w") as log:
+        server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        ready = f"http://127.0.0.1:{port}/v2/health/ready"
+        wait_until(lambda: _answers(ready), "the server to be ready", timeout_s=180)
+        assert len(_live_in_group(server.pid)) >= 2  # the server and its engine core
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 128 + signal.SIGTERM
+        wait_until(lambda: not _live_in_group(server.pid), "its engine core to stop", timeout_s=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _redis(port: int, directory: Path) -> subprocess.Popen:

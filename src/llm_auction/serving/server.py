@@ -28,6 +28,7 @@ import asyncio
 import copy
 import logging
 import os
+import signal
 import sys
 import tempfile
 import uuid
@@ -764,6 +765,16 @@ def shed_load(app: Any, max_in_flight: int, retry_after_s: int) -> None:
     app.add_middleware(Admission, max_in_flight=max_in_flight, retry_after_s=retry_after_s)
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM as an exception that unwinds through `serve`, which then stops the engines.
+
+    uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler it
+    found; under the default one the process would end there, before the engines stop, and vLLM's
+    engine core would outlive the server (a process manager's or a shell's `kill` left it running).
+    """
+    raise SystemExit(128 + signum)
+
+
 def serve(
     settings: Settings,
     host: str,
@@ -778,8 +789,13 @@ def serve(
     warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")
     if settings.serving.torch_threads is not None:
         torch.set_num_threads(settings.serving.torch_threads)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # from here on a SIGTERM stops the engines too
     model = AuctionModel(settings, model_dir, predictor_url, batching)
-    model.load()
+    try:
+        model.load()
+    except BaseException:
+        model.stop()  # a SIGTERM or a failure while loading: the engines started so far
+        raise
     server = kserve.ModelServer(http_port=port, enable_grpc=False, workers=1)
     server.register_model(model)
     app = kserve_server.app
