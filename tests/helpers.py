@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from llm_auction.config import Settings
+from llm_auction.config import Settings, deep_merge
 from llm_auction.simulator.experiment import Environment
 from llm_auction.simulator.parametric import ParametricClickModel
 
@@ -28,14 +28,6 @@ POLICY_OVERRIDES = {
 """The world of the `pi0` fixture (conftest.py) and how its pi_0 is trained and sampled."""
 
 
-def _merged(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        nested = isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
-        out[key] = _merged(out[key], value) if nested else value
-    return out
-
-
 def pi0_world_config(root: Path, **sections: Mapping[str, Any]) -> Path:
     """`root/config.yaml`: the `local` profile on the `pi0` fixture's world, sampled as the in-process
     tests sample it (`POLICY_OVERRIDES`), every store under `root`; `sections` merged into it.
@@ -47,7 +39,7 @@ def pi0_world_config(root: Path, **sections: Mapping[str, Any]) -> Path:
         "features": {"data_dir": str(root / "data" / "features"), "quarantine_dir": str(root / "quarantine")},
     }
     path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(_merged(_merged(POLICY_OVERRIDES, stores), sections)))
+    path.write_text(yaml.safe_dump(deep_merge(deep_merge(POLICY_OVERRIDES, stores), sections)))
     return path
 
 

@@ -14,13 +14,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -35,7 +33,7 @@ from llm_auction.pipeline.steps import common, gate
 from llm_auction.serving.collector import EventStore
 from llm_auction.simulator.experiment import Environment, export_public
 from llm_auction.simulator.loop import sign_up
-from llm_auction.simulator.services import free_port, service, wait_until
+from llm_auction.simulator.services import Service, free_port, service, wait_until
 from llm_auction.simulator.traffic import send_traffic
 from llm_auction.tracking import registry
 from test_evaluation import clear_summary
@@ -154,32 +152,21 @@ def test_a_killed_server_is_restarted_and_traffic_loses_no_request_and_no_click(
 
 def test_a_sigterm_stops_the_server_and_its_engine_core(signed_up, pi0):
     """SIGTERM, what Kubernetes or a process manager sends, is a graceful stop that takes vLLM's
-    engine core with it; it used to outlive the server. No supervisor here: the loop's kills the
-    whole process group after its server, which hid that.
+    engine core with it; it used to outlive the server. Started but not watched: the watcher, like
+    the loop's `stop()`, kills the whole process group once the server is gone, which hid that.
     """
     root, config = signed_up
     port = free_port()
-    args = [sys.executable, "-m", "llm_auction", *_serve_args(config, port, pi0[0], engine="vllm")]
-    (root / "logs").mkdir(exist_ok=True)
-    with (root / "logs" / "sigterm.log").open("w") as log:
-        server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Service("server", _serve_args(config, port, pi0[0], engine="vllm"),
+                     f"http://127.0.0.1:{port}/v2/health/ready", root / "logs")  # fmt: skip
     try:
-        ready = f"http://127.0.0.1:{port}/v2/health/ready"
-        wait_until(lambda: _answers(ready), "the server to be ready", timeout_s=180)
+        server.start()
         assert len(_live_in_group(server.pid)) >= 2  # the server and its engine core
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(60) == 128 + signal.SIGTERM
+        os.kill(server.pid, signal.SIGTERM)
+        assert server.process.wait(60) == 128 + signal.SIGTERM
         wait_until(lambda: not _live_in_group(server.pid), "its engine core to stop", timeout_s=30)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGKILL)
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+        server.stop()
 
 
 def _redis(port: int, directory: Path) -> subprocess.Popen:

@@ -199,8 +199,8 @@ def test_the_challenger_inferenceservice_is_the_policy_predictor_alone():
 
 
 def test_the_promotion_patch_keeps_the_policy_inferenceservice_valid():
+    from llm_auction.config import deep_merge
     from llm_auction.deploy import validate_documents
-    from llm_auction.deploy.policies import deep_merge
     from llm_auction.serving.rollout import promotion_patch
 
     patched = deep_merge(_policy_isvc(), promotion_patch(ARTIFACTS))
@@ -311,7 +311,7 @@ class FakeCustomObjects:
         del self.objects[name]
 
     def patch_namespaced_custom_object(self, group, version, namespace, plural, name, body):
-        from llm_auction.deploy.policies import deep_merge
+        from llm_auction.config import deep_merge
 
         self._missing(name)
         self.calls.append(("patch", name))

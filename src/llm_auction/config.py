@@ -682,11 +682,12 @@ class Settings(BaseModel):
         return self
 
 
-def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """`override` laid over `base`: nested mappings merge, anything else in `override` wins."""
     merged = dict(base)
     for key, value in override.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _deep_merge(dict(merged[key]), value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -757,7 +758,7 @@ def load_config(
     chosen = profile or user.get("profile") or environ.get("LLM_AUCTION_PROFILE") or "local"
     merged = _read_yaml(profile_yaml(str(chosen)), f"profile {chosen}")
     for layer in (user, _env_overrides(environ), dict(overrides or {})):
-        merged = _deep_merge(merged, layer)
+        merged = deep_merge(merged, layer)
     merged["profile"] = chosen
     try:
         return Settings.model_validate(merged)

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from llm_auction.config import deep_merge
 from llm_auction.deploy.problem import Manifest, Problem, describe
 
 _POD_SPEC_PATHS: dict[str, tuple[str, ...]] = {
@@ -109,17 +110,6 @@ def _items(node: Any, path: str = "") -> Iterator[tuple[str, Any, Any]]:
         child = f"{path}.{key}" if path else str(key)
         yield child, key, value
         yield from _items(value, child)
-
-
-def deep_merge(base: Manifest, override: Manifest) -> Manifest:
-    """`override` laid over `base`: nested mappings merge, anything else in `override` wins."""
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def _pod_containers(pod: Manifest) -> list[Manifest]:
