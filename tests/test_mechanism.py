@@ -120,12 +120,14 @@ class BatchSampler:
     rule: Allocator
     name: str = "batch_sampler"
     batches: int = 0
+    cases: int = 0
 
     def allocate(self, requests: list[AuctionRequest], rng: np.random.Generator) -> list[str]:
         return self.rule.allocate(requests, rng)
 
     def sample(self, requests: list[AuctionRequest], n: int, seeds: list[int]) -> list[list[str]]:
         self.batches += 1
+        self.cases += len(requests)
         return [self.rule.allocate([r] * n, np.random.default_rng(s)) for r, s in zip(requests, seeds)]
 
 
@@ -136,6 +138,7 @@ def test_the_audit_samples_a_batch_sampler_once_and_keeps_common_random_numbers(
     assert isinstance(blind, SampledAllocator) and not isinstance(LowestBidsWin(), SampledAllocator)
     report = audit_monotonicity(blind, requests, env.ground_truth, factors, n_samples=8, seed=1)
     assert blind.batches == 1 and report.n_checks == 10 * len(requests[0].ads) * (len(factors) - 1)
+    assert blind.cases == 10 * (len(requests[0].ads) * (len(factors) - 1) + 1)  # bids as they came: once
     assert report.violations == []  # every bid level of a candidate drew the same responses
     cheapest = BatchSampler(LowestBidsWin())
     assert audit_monotonicity(cheapest, requests, env.ground_truth, factors, n_samples=2).violations

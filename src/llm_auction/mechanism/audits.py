@@ -9,6 +9,7 @@ sampled rule's drop must exceed `z` standard errors to count.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,37 +70,46 @@ def _sampled(
     ]
 
 
-def _expected_clicks(
+def _candidate_clicks(
     cases: Sequence[AuctionRequest],
-    ad_indices: Sequence[int],
     responses: Sequence[Sequence[str]],
+    levels: Sequence[tuple[int, int]],
     click_model: ClickModel,
     max_ads: int | None,
 ) -> list[tuple[float, float, float]]:
-    """Per case, over its sampled responses: mean and standard error of candidate `ad_indices[c]`'s
-    expected clicks (0 where it is not shown), and the share of responses that show it.
+    """Per level `(case, candidate ad)`, over the case's sampled responses: mean and standard error
+    of the candidate's expected clicks (0 where it is not shown), and the share of responses that
+    show it. A response is parsed and priced once, however many levels read it.
     """
-    shown = []  # (case, sample, allocation) where the case's candidate was inserted
-    for c, (request, samples) in enumerate(zip(cases, responses, strict=True)):
-        for s, response in enumerate(samples):
-            allocation = parse_response(response, len(request.ads), max_ads).allocation
-            if ad_indices[c] in allocation:
-                shown.append((c, s, allocation))
+    allocations = [
+        [parse_response(response, len(cases[c].ads), max_ads).allocation for response in samples]
+        for c, samples in enumerate(responses)
+    ]
+    wanted: dict[int, set[int]] = defaultdict(set)  # per case, the candidates read from its responses
+    for c, ad in levels:
+        wanted[c].add(ad)
+    shown = [
+        (c, s)
+        for c, ads in wanted.items()
+        for s, allocation in enumerate(allocations[c])
+        if ads.intersection(allocation)
+    ]
     # A click model may score many responses in one pass (psi does: one encoder and network call).
     many = getattr(click_model, "expected_ctr_many", None)
     if many is not None:
-        ctrs = many([cases[c] for c, _, _ in shown], [responses[c][s] for c, s, _ in shown])
+        ctrs = many([cases[c] for c, _ in shown], [responses[c][s] for c, s in shown])
     else:
-        ctrs = [click_model.expected_ctr(cases[c], allocation, responses[c][s]) for c, s, allocation in shown]
-    clicks = [np.zeros(len(samples)) for samples in responses]
-    inserted = [np.zeros(len(samples)) for samples in responses]
-    for (c, s, allocation), ctr in zip(shown, ctrs, strict=True):
-        clicks[c][s] = ctr[allocation.index(ad_indices[c])]
-        inserted[c][s] = 1.0
-    return [
-        (float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0, float(i.mean()))
-        for x, i in zip(clicks, inserted, strict=True)
-    ]
+        ctrs = [click_model.expected_ctr(cases[c], allocations[c][s], responses[c][s]) for c, s in shown]
+    ctr_of = dict(zip(shown, ctrs, strict=True))
+    out = []
+    for c, ad in levels:
+        clicks, inserted = np.zeros(len(responses[c])), np.zeros(len(responses[c]))
+        for s, allocation in enumerate(allocations[c]):
+            if ad in allocation:
+                clicks[s], inserted[s] = ctr_of[c, s][allocation.index(ad)], 1.0
+        se = float(clicks.std(ddof=1) / np.sqrt(len(clicks))) if len(clicks) > 1 else 0.0
+        out.append((float(clicks.mean()), se, float(inserted.mean())))
+    return out
 
 
 def audit_monotonicity(
@@ -117,20 +127,27 @@ def audit_monotonicity(
 ) -> MonotonicityReport:
     """Raise each candidate's bid by each factor in turn and check its expected clicks never fall.
 
-    One check compares two consecutive bid levels of one candidate in one request. Every bid level
-    of one candidate is sampled with the same random stream (common random numbers). Beside the
-    verdict: the audit's power (`detectable_drop`) and how much bids drive the allocation
-    (`bid_doubling`, when the factors hold 1 and 2).
+    One check compares two consecutive bid levels of one candidate in one request. Every case of one
+    request is sampled with the same random stream (common random numbers across each candidate's
+    bid levels), so the request as it came (factor 1) is one case for all its candidates, sampled
+    once. Beside the verdict: the audit's power (`detectable_drop`) and how much bids drive the
+    allocation (`bid_doubling`, when the factors hold 1 and 2).
     """
-    cases, ad_indices, streams = [], [], []
+    cases: list[AuctionRequest] = []
+    streams: list[tuple[int, ...]] = []
+    levels: list[tuple[int, int]] = []  # (case, candidate): per request, candidate and factor in turn
+    case_of: dict[tuple[float, ...], int] = {}
     for r, request in enumerate(requests):
         for i, ad in enumerate(request.ads):
             for f in factors:
-                cases.append(request.with_bid(i, ad.bid * f))
-                ad_indices.append(i)
-                streams.append((seed, r, i))
+                key = (r,) if f == 1.0 else (r, i, f)  # the request as it came: one case for all
+                if key not in case_of:
+                    case_of[key] = len(cases)
+                    cases.append(request if f == 1.0 else request.with_bid(i, ad.bid * f))
+                    streams.append((seed, r))
+                levels.append((case_of[key], i))
     responses = _sampled(allocator, cases, streams, n_samples)
-    levels = iter(_expected_clicks(cases, ad_indices, responses, click_model, max_ads))
+    by_level = iter(_candidate_clicks(cases, responses, levels, click_model, max_ads))
     doubling = (list(factors).index(1.0), list(factors).index(2.0)) if {1.0, 2.0} <= set(factors) else None
     violations: list[MonotonicityViolation] = []
     thresholds: list[float] = []
@@ -138,11 +155,11 @@ def audit_monotonicity(
     for request in requests:
         changes = []
         for i in range(len(request.ads)):
-            by_level = [next(levels) for _ in factors]  # (clicks, their standard error, share shown)
+            clicks = [next(by_level) for _ in factors]  # (clicks, their standard error, share shown)
             if doubling is not None:
-                changes.append(by_level[doubling[1]][2] - by_level[doubling[0]][2])
+                changes.append(clicks[doubling[1]][2] - clicks[doubling[0]][2])
             for (f_lo, (c_lo, se_lo, p_lo)), (f_hi, (c_hi, se_hi, p_hi)) in zip(
-                zip(factors, by_level), zip(factors[1:], by_level[1:])
+                zip(factors, clicks), zip(factors[1:], clicks[1:])
             ):
                 threshold = max(tolerance, z * float(np.hypot(se_lo, se_hi)))
                 if p_lo or p_hi:
