@@ -53,12 +53,16 @@ def pi0(policy_env: Environment, tmp_path_factory: pytest.TempPathFactory, worke
 # pytest-xdist hands out whole modules in collection order (`--dist loadfile --no-loadscope-reorder`,
 # the Makefile): the longest start first, so neither worker is left alone with a long module at the
 # end. test_policy first: it trains pi_0, which most slow modules wait for, while the other worker
-# runs modules that do not need it. Then the slow modules, longest first (measured on 2 workers).
+# runs modules that do not need it (about as long as pi_0's SFT, which left that worker idle for 78 of
+# its 173 s on a slow machine with only the first three). Then the slow modules, longest first
+# (measured on 2 workers).
 MODULE_ORDER = (
     "test_policy",
     "test_pctr",
     "test_features",
     "test_collector",
+    "test_cli",
+    "test_registry_server",
     "test_loop",
     "test_faults",
     "test_serving",
@@ -67,7 +71,6 @@ MODULE_ORDER = (
     "test_pipeline_local",
     "test_irpo_dpo",
     "test_canary_simulation",
-    "test_registry_server",
 )
 
 
