@@ -414,3 +414,56 @@ def test_platt_scaling_on_a_small_separable_split_stays_near_the_click_rate():
     assert a < 20
     assert float(probs.mean()) == pytest.approx(3 / 24, abs=0.03)
     assert float(probs.min()) > 1e-3 and float(probs.max()) < 0.95
+
+
+def test_category_affinity_learns_which_profiles_click_which_categories(encoder, tmp_path: Path):
+    """A profile names its user's tastes in words no ad uses ("clothes and style" for fashion ads
+    named by brand): with `pctr.category_affinity` psi learns, across each category's ads, which
+    profiles click it; without, only through each ad's own id and rows.
+    """
+    rng = np.random.default_rng(0)
+    tastes = {
+        "fashion": "a shopper who likes clothes and style",
+        "travel": "a traveller who likes new places",
+    }
+    brands = [f"{a}{b}" for a in ("nova", "zen", "kiro", "lumo", "tavi") for b in ("ra", "lo", "mek", "sil")]
+    ads = pd.DataFrame(
+        [(f"{c}-{i}", c, f"{brand} {item}: try it today") for c in tastes for i, (brand, item) in
+         enumerate((b, w) for b in brands for w in ("one", "plus", "max"))],
+        columns=["ad_id", "category", "ad_text"],
+    )  # fmt: skip
+    users = pd.DataFrame(
+        {"user_id": [f"u{i:03d}" for i in range(200)], "taste": rng.choice(list(tastes), 200)}
+    )
+    n = 6000
+    rows = pd.DataFrame(
+        {
+            "request_id": [f"r{i}" for i in range(n)],
+            "query": "what should i get",
+            "response": "Here is one idea. [1]",
+            "position": 1,
+            "n_ads": 1,
+            "n_same_category": 0,
+            "user_id": users["user_id"].to_numpy()[rng.integers(len(users), size=n)],
+        }
+    )
+    ad = ads.iloc[rng.integers(len(ads), size=n)].reset_index(drop=True)
+    rows = pd.concat([rows, ad], axis=1)
+    taste = rows["user_id"].map(users.set_index("user_id")["taste"])
+    rows["profile_text"] = taste.map(tastes)
+    liked = (taste == rows["category"]).to_numpy()
+    rows["clicked"] = (rng.random(n) < np.where(liked, 0.3, 0.05)).astype(int)
+    cfg = PCTRConfig()
+    plain = train_pctr(rows, encoder, cfg, seed=0)
+    affine = train_pctr(rows, encoder, cfg.model_copy(update={"category_affinity": True}), seed=0)
+    assert affine.categories == ["fashion", "travel"] and plain.categories == []
+    assert affine.metrics["test"]["auc"] > plain.metrics["test"]["auc"] + 0.05, (
+        affine.metrics["test"]["auc"], plain.metrics["test"]["auc"],
+    )  # fmt: skip
+    affine.save(tmp_path / "psi")
+    loaded = PCTRModel.load(tmp_path / "psi")
+    assert loaded.categories == affine.categories
+    head = rows.head(50)
+    assert np.allclose(loaded.predict(head, encoder), affine.predict(head, encoder), atol=1e-6)
+    with pytest.raises(KeyError, match="category"):
+        affine.predict(head.drop(columns="category"), encoder)

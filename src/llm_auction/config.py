@@ -383,6 +383,11 @@ class PCTRConfig(_Section):
         "their product in the projection). Off: on seed 7 it ranked post-generation above the policy as "
         "the truth does, but the policy's off-topic sentences and revenue did not move (README).",
     )
+    category_affinity: bool = Field(
+        False,
+        description="Read each ad's catalog category, embedded beside the profile's projection, so psi "
+        "learns which profiles click which categories from all of a category's ads (README).",
+    )
     learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
     batch_size: int = Field(256, ge=1, description="Impressions per step.")

@@ -3,6 +3,7 @@
     z = W phi(.)  (one learned projection)
     p_i = sigmoid(MLP([z_x; z_y; z_h; z_a; z_x*z_a; z_h*z_a; z_c; z_c*z_a; cosines; matches; e_h; e_{a_i};
                        e_pos; numeric]))
+    (with `pctr.category_affinity` also <phi(h), w_{k_i}>, a learnt vector per catalog category k_i)
     matches = (overlap(x, a_i), overlap(h, a_i), overlap(c_i, a_i)),
     overlap(s, t) = |W(s) & W(t)| / min(|W(s)|, |W(t)|)
 
@@ -73,7 +74,9 @@ STOPWORDS = frozenset(
 
 
 class PCTRNet(nn.Module):
-    def __init__(self, n_users: int, n_ads: int, n_numeric: int, cfg: PCTRConfig) -> None:
+    def __init__(
+        self, n_users: int, n_ads: int, n_numeric: int, cfg: PCTRConfig, n_categories: int = 0
+    ) -> None:
         super().__init__()
         # One projection of phi shared by query, response, profile and ad: few parameters to fit
         # from a few thousand clicks, and the products below compare texts in the same space.
@@ -88,6 +91,14 @@ class PCTRNet(nn.Module):
             width += cfg.text_dim + 1
         if cfg.context:
             width += 2 * cfg.text_dim + N_CONTEXT_SIMILARITIES
+        # One learnt direction of phi(profile) per catalog category, zero at first: which profiles
+        # click which categories, learnt across all of a category's ads. The profile names its
+        # user's tastes in words no ad uses ("clothes and style" for fashion), so neither the
+        # cosines nor the projection products found them (README, pCTR).
+        self.category = nn.Embedding(n_categories + 1, EMBEDDING_DIM) if cfg.category_affinity else None
+        if self.category is not None:
+            nn.init.zeros_(self.category.weight)
+            width += 1
         for hidden in cfg.hidden:
             layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(cfg.dropout)]
             width = hidden
@@ -102,13 +113,17 @@ class PCTRNet(nn.Module):
         ad: torch.Tensor,
         position: torch.Tensor,
         numeric: torch.Tensor,
+        category: torch.Tensor | None = None,
     ) -> torch.Tensor:
         query, response, profile, ad_text, *context = self.project(text).unbind(dim=1)
         lead_in = [context[0], context[0] * ad_text] if context else []
         answer = [query * response] if self.answer_relevance else []
+        affinity = []
+        if self.category is not None:
+            affinity = [(text[:, 2] * self.category(category)).sum(-1, keepdim=True)]
         x = torch.cat(
             [query, response, profile, ad_text, query * ad_text, profile * ad_text, *answer, *lead_in,
-             similarities, self.user(user), self.ad(ad), self.position(position), numeric],
+             *affinity, similarities, self.user(user), self.ad(ad), self.position(position), numeric],
             dim=-1,
         )  # fmt: skip
         return self.mlp(x).squeeze(-1)
@@ -129,6 +144,8 @@ class Batch:
     ad: torch.Tensor
     position: torch.Tensor
     numeric: torch.Tensor
+    category: torch.Tensor
+    """The ad's catalog category (its row of `PCTRModel.categories` + 1; 0: unknown or not read)."""
 
     @property
     def text(self) -> torch.Tensor:
@@ -139,7 +156,15 @@ class Batch:
         return len(self.text_index)
 
     def take(self, index: np.ndarray | slice) -> Batch:
-        rows = (self.text_index, self.similarities, self.user, self.ad, self.position, self.numeric)
+        rows = (
+            self.text_index,
+            self.similarities,
+            self.user,
+            self.ad,
+            self.position,
+            self.numeric,
+            self.category,
+        )
         return Batch(self.texts, *(t[index] for t in rows))
 
 
@@ -311,13 +336,17 @@ class PCTRModel:
     similarity_mean: list[float] | None = None
     """Standardisation of the similarities (train split); None: raw, as psi saved before it."""
     similarity_std: list[float] | None = None
+    categories: list[str] = field(default_factory=list)
+    """The ad categories seen in training (`pctr.category_affinity`); empty: psi does not read them."""
 
     def __post_init__(self) -> None:
         self._user_index = pd.Index(self.users)  # position + 1 is the embedding row; 0: never seen
         self._ad_index = pd.Index(self.ads)
+        self._category_index = pd.Index(self.categories)
 
     def batch(self, frame: pd.DataFrame, encoder: TextEncoder) -> Batch:
-        missing = [c for c in INPUT_COLUMNS if c not in frame.columns]
+        required = (*INPUT_COLUMNS, "category") if self.cfg.category_affinity else INPUT_COLUMNS
+        missing = [c for c in required if c not in frame.columns]
         if missing:
             raise KeyError(f"pCTR input lacks columns {missing}")
         parts = [
@@ -363,6 +392,11 @@ class PCTRModel:
         numeric = _zscores(numeric, self.numeric_mean, self.numeric_std)
         users = self._user_index.get_indexer(frame["user_id"]) + 1  # never seen (-1) -> 0
         ads = self._ad_index.get_indexer(frame["ad_id"]) + 1
+        categories = (
+            self._category_index.get_indexer(frame["category"]) + 1
+            if self.cfg.category_affinity
+            else np.zeros(len(frame), dtype=np.int64)
+        )
         return Batch(
             texts=torch.from_numpy(texts),
             text_index=torch.from_numpy(text_index),
@@ -371,6 +405,7 @@ class PCTRModel:
             ad=torch.from_numpy(ads.astype(np.int64)),
             position=torch.from_numpy(np.clip(frame["position"].to_numpy(int), 0, self.cfg.max_position)),
             numeric=torch.from_numpy(numeric.astype(np.float32)),
+            category=torch.from_numpy(categories.astype(np.int64)),
         )
 
     def standardised(self, similarities: np.ndarray) -> np.ndarray:
@@ -385,7 +420,13 @@ class PCTRModel:
         """Uncalibrated logits; without gradients, a slice of rows at a time (bounded memory)."""
         if torch.is_grad_enabled() or len(batch) <= CHUNK_ROWS:
             return self.net(
-                batch.text, batch.similarities, batch.user, batch.ad, batch.position, batch.numeric
+                batch.text,
+                batch.similarities,
+                batch.user,
+                batch.ad,
+                batch.position,
+                batch.numeric,
+                batch.category,
             )
         return torch.cat(
             [self.logits(batch.take(slice(s, s + CHUNK_ROWS))) for s in range(0, len(batch), CHUNK_ROWS)]
@@ -414,6 +455,7 @@ class PCTRModel:
             "metrics": self.metrics,
             "similarity_mean": self.similarity_mean,
             "similarity_std": self.similarity_std,
+            "categories": self.categories,
         }
         (directory / CONFIG).write_text(json.dumps(spec, indent=2) + "\n")
         return directory
@@ -423,16 +465,21 @@ class PCTRModel:
         """Load weights (safetensors only) and the spec saved beside them."""
         check_safetensors(directory)
         spec = json.loads((directory / CONFIG).read_text())
-        # psi saved before `pctr.context` (`pctr.answer_relevance`) existed did not read lead-ins (the
-        # answer's relevance to its query).
-        cfg = PCTRConfig.model_validate({"context": False, "answer_relevance": False, **spec["config"]})
-        net = PCTRNet(len(spec["users"]), len(spec["ads"]), len(spec["numeric_columns"]), cfg)
+        # psi saved before `pctr.context` (`pctr.answer_relevance`, `pctr.category_affinity`) existed
+        # did not read lead-ins (the answer's relevance to its query, the ads' categories).
+        cfg = PCTRConfig.model_validate(
+            {"context": False, "answer_relevance": False, "category_affinity": False, **spec["config"]}
+        )
+        categories = spec.get("categories", [])
+        net = PCTRNet(
+            len(spec["users"]), len(spec["ads"]), len(spec["numeric_columns"]), cfg, len(categories)
+        )
         net.load_state_dict(load_file(str(directory / WEIGHTS)))
         net.eval()
         return cls(
             net, cfg, spec["users"], spec["ads"], spec["numeric_columns"], spec["numeric_mean"],
             spec["numeric_std"], tuple(spec["calibration"]), spec["metrics"],
-            spec.get("similarity_mean"), spec.get("similarity_std"),
+            spec.get("similarity_mean"), spec.get("similarity_std"), categories,
         )  # fmt: skip
 
 
@@ -544,11 +591,15 @@ def train_pctr(
         if column in frame.columns:
             _stored_embeddings(frame, column)
     numeric_mean, numeric_std = _moments(train[numeric_columns].astype(float).fillna(0.0).to_numpy())
+    categories = sorted(train["category"].dropna().unique()) if cfg.category_affinity else []
     model = PCTRModel(
-        net=PCTRNet(train["user_id"].nunique(), train["ad_id"].nunique(), len(numeric_columns), cfg),
+        net=PCTRNet(
+            train["user_id"].nunique(), train["ad_id"].nunique(), len(numeric_columns), cfg, len(categories)
+        ),
         cfg=cfg,
         users=sorted(train["user_id"].unique()),
         ads=sorted(train["ad_id"].unique()),
+        categories=categories,
         numeric_columns=numeric_columns,
         numeric_mean=numeric_mean,
         numeric_std=numeric_std,
