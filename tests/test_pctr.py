@@ -460,6 +460,19 @@ def test_category_affinity_learns_which_profiles_click_which_categories(encoder,
     assert affine.metrics["test"]["auc"] > plain.metrics["test"]["auc"] + 0.05, (
         affine.metrics["test"]["auc"], plain.metrics["test"]["auc"],
     )  # fmt: skip
+    # The platform's scoring path (the server's, the pairs'): the category comes with the ad's features.
+    user = users.iloc[0]
+    picks = [ads[ads["category"] == c].iloc[0] for c in (user["taste"], *(set(tastes) - {user["taste"]}))]
+    request = AuctionRequest(
+        request_id="scored", user_id=user["user_id"], query="what should i get",
+        ads=tuple(AdCandidate(ad_id=a.ad_id, advertiser_id="adv", text=a.ad_text, bid=1.0) for a in picks),
+    )  # fmt: skip
+    profiles = pd.DataFrame({"user_id": [user["user_id"]], "profile_text": [tastes[user["taste"]]]})
+    scored = score_responses(
+        affine, encoder, [request] * 2, ["Here is one idea. [AD 1]", "Here is one idea. [AD 2]"],
+        table_lookup(profiles, "user_id"), table_lookup(ads, "ad_id"),
+    )  # fmt: skip
+    assert scored.rewards[0] > 2 * scored.rewards[1]  # the category the profile likes, the same page
     affine.save(tmp_path / "psi")
     loaded = PCTRModel.load(tmp_path / "psi")
     assert loaded.categories == affine.categories

@@ -385,8 +385,9 @@ class PCTRConfig(_Section):
     )
     category_affinity: bool = Field(
         False,
-        description="Read each ad's catalog category, embedded beside the profile's projection, so psi "
-        "learns which profiles click which categories from all of a category's ads (README).",
+        description="Read each ad's catalog category as a learnt direction of the profile's embedding, so "
+        "psi learns which profiles click which categories from all of a category's ads. Off: it priced the "
+        "users' interest better, but lifted post-generation more than the policy (README).",
     )
     learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
