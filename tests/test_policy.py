@@ -29,15 +29,19 @@ from llm_auction.policy.prompt import build_prompt
 from llm_auction.policy.tokenizer import train_tokenizer
 from llm_auction.policy.warm_start import imitation_response
 from llm_auction.simulator.experiment import Environment, split_requests, user_profiles
+from llm_auction.text.reading import topic_of
 
 
 def test_prompt_holds_profile_query_and_numbered_ads_with_bids(env: Environment):
     request = env.world.auction_requests(limit=1)[0]
     prompt = build_prompt(request, "likes travel")
-    assert prompt.startswith("profile: likes travel\nquery: " + request.query)
+    topic = topic_of(request.query)
+    assert prompt.startswith(f"profile: likes travel\nquery: {request.query}\ntopic: {topic.name}\nads:\n")
     for k, ad in enumerate(request.ads, start=1):
         assert f"[AD {k}] {ad.text} | bid {ad.bid:.2f}" in prompt
     assert prompt.endswith("answer:")
+    unknown = request.model_copy(update={"query": "what should i do today"})
+    assert "topic:" not in build_prompt(unknown, "likes travel")  # no topic read, no line
 
 
 def test_tokenizer_round_trips_and_markers_are_single_tokens():

@@ -31,6 +31,13 @@ def test_every_bridge_template_reads_as_a_bridge_about_the_ads_topic():
     assert bridge_for("an ad that names no product") is None
 
 
+def test_a_query_is_about_a_topic_it_names_as_a_word_not_inside_one():
+    assert topic_of("which wireless headphones are worth the money").name == "audio"  # not phones
+    assert topic_of("best phones this year").name == "phones"
+    assert topic_of("where can i buy good savings accounts").name == "saving"
+    assert topic_of("what should i do today") is None
+
+
 def test_text_relevance_by_topic_and_category():
     coffee = topic_of("best coffee grinders this year")
     assert text_relevance(coffee, "save on coffee beans at peakhub") == 1.0

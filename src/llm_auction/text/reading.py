@@ -30,11 +30,14 @@ def category_of(topic: bank.Topic) -> bank.Category:
 
 @functools.cache
 def topic_of(query: str) -> bank.Topic | None:
-    """The catalog topic a query is about, read from its words (public text only)."""
+    """The catalog topic a query is about, read from its words (public text only): a topic's name
+    as a word of the query (not inside one: "headphones" is not about phones) or one of its products.
+    """
     text = query.lower()
+    words = set(re.findall(r"[a-z]+", text))
     for category in bank.CATEGORIES:
         for topic in category.topics:
-            if topic.name in text or any(product in text for product in topic.products):
+            if topic.name in words or any(product in text for product in topic.products):
                 return topic
     return None
 
