@@ -28,13 +28,18 @@ def category_of(topic: bank.Topic) -> bank.Category:
     return _CATEGORY_OF[topic.name]
 
 
+def _words(text: str) -> set[str]:
+    """The words of a lower-cased text: a topic's name counts only as a whole one."""
+    return set(re.findall(r"[a-z]+", text))
+
+
 @functools.cache
 def topic_of(query: str) -> bank.Topic | None:
     """The catalog topic a query is about, read from its words (public text only): a topic's name
     as a word of the query (not inside one: "headphones" is not about phones) or one of its products.
     """
     text = query.lower()
-    words = set(re.findall(r"[a-z]+", text))
+    words = _words(text)
     for category in bank.CATEGORIES:
         for topic in category.topics:
             if topic.name in words or any(product in text for product in topic.products):
@@ -79,7 +84,7 @@ def sentence_topic(sentence: str) -> bank.Topic | None:
     for topic in topics:
         if any(tip in text for tip in topic.tips):
             return topic
-    words = set(re.findall(r"[a-z]+", text))
+    words = _words(text)
     return next((t for t in topics if t.name in words), None)
 
 
