@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from llm_auction.config import load_config
-from llm_auction.errors import UnsafeCheckpointError
+from llm_auction.cli import USER_ERRORS
+from llm_auction.config import VLLMEngineConfig, load_config
+from llm_auction.errors import PromptFormatError, UnsafeCheckpointError
 from llm_auction.mechanism.diagnostics import bid_sensitivity, format_report
 from llm_auction.mechanism.grammar import listed_markers, marker, page_grammar, parse_response
 from llm_auction.mechanism.ranking import restore_markers
@@ -22,12 +23,13 @@ from llm_auction.policy.generation import (
     TransformersGenerator,
     VLLMGenerator,
     child_threads,
+    engine_arguments,
 )
 from llm_auction.policy.lora import attach_lora, load_adapter, merge_adapter, save_adapter
 from llm_auction.policy.model import load_policy, save_policy
-from llm_auction.policy.prompt import build_prompt
+from llm_auction.policy.prompt import PROMPT_FORMAT, build_prompt
 from llm_auction.policy.tokenizer import train_tokenizer
-from llm_auction.policy.warm_start import imitation_response
+from llm_auction.policy.warm_start import imitation_response, register_existing_policy
 from llm_auction.simulator.experiment import Environment, split_requests, user_profiles
 from llm_auction.text.reading import topic_of
 
@@ -174,6 +176,33 @@ def test_pickle_checkpoints_are_refused(tmp_path: Path, loaded):
     empty.mkdir()
     with pytest.raises(UnsafeCheckpointError, match="no \\*.safetensors"):
         load_policy(empty)
+
+
+def test_a_policy_trained_on_another_prompt_template_is_refused(tmp_path: Path, pi0, loaded):
+    """The card records the template a policy learnt (`PROMPT_FORMAT`); a policy of another one
+    would read prompts it never saw and answer worse without an error, so every loader refuses it
+    (transformers, vLLM's engine, `run --pi0`), and the CLI says why in one line. A directory
+    without a card (a base model before its SFT) has learnt none and loads."""
+    directory, card = pi0
+    assert card["prompt_format"] == PROMPT_FORMAT
+    model, tokenizer = loaded
+    save_policy(model, tokenizer, tmp_path / "base")
+    assert not (tmp_path / "base" / "policy_card.json").exists()
+    load_policy(tmp_path / "base")
+    save_policy(model, tokenizer, tmp_path / "before", {"policy": "pi_0"})
+    stamped = json.loads((tmp_path / "before" / "policy_card.json").read_text())
+    assert stamped == {"policy": "pi_0", "prompt_format": PROMPT_FORMAT}
+    stamped.pop("prompt_format")  # a card from before the format was recorded: the first template
+    (tmp_path / "before" / "policy_card.json").write_text(json.dumps(stamped))
+    refused = "trained on prompt format 1, but this release writes format"
+    with pytest.raises(PromptFormatError, match=refused):
+        load_policy(tmp_path / "before")
+    with pytest.raises(PromptFormatError, match=refused):
+        engine_arguments(tmp_path / "before", VLLMEngineConfig(), None)
+    settings = load_config(environ={}, overrides={"tracking": {"uri": None}})
+    with pytest.raises(PromptFormatError, match=refused):
+        register_existing_policy(settings, tmp_path / "before")
+    assert issubclass(PromptFormatError, USER_ERRORS)  # the CLI prints its message, no traceback
 
 
 def test_lora_save_load_merge_preserve_the_function(tmp_path: Path, pi0, env: Environment):

@@ -5,6 +5,10 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint that could run arbitrary code when loaded (pickle) was refused."""
 
 
+class PromptFormatError(ValueError):
+    """A policy trained on another prompt template than this release writes (`policy.prompt`)."""
+
+
 class JudgeError(RuntimeError):
     """The judge endpoint failed or replied with something that is not a valid judgment."""
 

@@ -26,7 +26,8 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, 
 
 from llm_auction.config import GenerationConfig, VLLMEngineConfig
 from llm_auction.mechanism.grammar import listed_markers, marker, page_grammar
-from llm_auction.policy.model import check_safetensors, load_policy
+from llm_auction.policy.checkpoint import check_safetensors
+from llm_auction.policy.model import check_prompt_format, load_policy
 from llm_auction.policy.tokenizer import MAX_MARKERS
 
 logger = logging.getLogger(__name__)
@@ -365,6 +366,7 @@ def engine_arguments(model_dir: Path, engine: VLLMEngineConfig, lora_rank: int |
     `lora_rank`, LoRA adapters up to that rank can be served on the model.
     """
     check_safetensors(model_dir)
+    check_prompt_format(model_dir)
     lora: dict[str, Any] = {}
     if lora_rank is not None:
         lora = {"enable_lora": True, "max_lora_rank": engine_lora_rank(lora_rank)}

@@ -8,7 +8,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 from llm_auction.config import LoRAConfig
-from llm_auction.policy.model import check_safetensors
+from llm_auction.policy.checkpoint import check_safetensors
 
 
 def attach_lora(model: PreTrainedModel, cfg: LoRAConfig) -> PeftModel:

@@ -16,9 +16,9 @@ from transformers import (
 )
 
 from llm_auction.config import PolicyModelConfig
-from llm_auction.errors import UnsafeCheckpointError
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+from llm_auction.errors import PromptFormatError
+from llm_auction.policy.checkpoint import check_safetensors
+from llm_auction.policy.prompt import PROMPT_FORMAT
 
 
 def build_model(cfg: PolicyModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> LlamaForCausalLM:
@@ -44,18 +44,24 @@ def build_model(cfg: PolicyModelConfig, tokenizer: PreTrainedTokenizerBase, seed
     return LlamaForCausalLM(config)
 
 
-def check_safetensors(directory: Path) -> None:
-    """Refuse a model directory whose weights are pickle files: loading those can execute code."""
-    if not directory.is_dir():
-        raise FileNotFoundError(f"model directory {directory}: not found")
-    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise UnsafeCheckpointError(
-            f"model directory {directory}: refusing pickle checkpoint(s) {', '.join(pickles)}; "
-            "only safetensors weights are loaded (convert with `save_pretrained(safe_serialization=True)`)"
+CARD_FILE = "policy_card.json"
+
+
+def check_prompt_format(directory: Path) -> None:
+    """Refuse a policy whose card says it learnt another prompt template than `build_prompt` writes:
+    served or trained on, it would read prompts it never saw and answer worse without an error.
+    A directory without a card (a base model before its SFT) has learnt no template; a card
+    without a `prompt_format` is from before the format was recorded: the first template.
+    """
+    card_path = directory / CARD_FILE
+    if not card_path.is_file():
+        return
+    trained = json.loads(card_path.read_text()).get("prompt_format", 1)
+    if trained != PROMPT_FORMAT:
+        raise PromptFormatError(
+            f"policy {directory}: trained on prompt format {trained}, but this release writes format "
+            f"{PROMPT_FORMAT} (`llm_auction.policy.prompt`); train pi_0 again (`llm-auction policy init`)"
         )
-    if not any(directory.glob("*.safetensors")):
-        raise UnsafeCheckpointError(f"model directory {directory}: no *.safetensors weights found")
 
 
 def load_policy(
@@ -63,6 +69,7 @@ def load_policy(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from `directory`; never from a hub, never from pickle."""
     check_safetensors(directory)
+    check_prompt_format(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -77,13 +84,20 @@ def load_policy(
 def save_policy(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path, card: dict | None = None
 ) -> Path:
-    """Save weights as safetensors with the tokenizer (and a JSON card describing how it was made)."""
+    """Save weights as safetensors with the tokenizer, and a JSON card of how it was made (`write_card`)."""
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     if card is not None:
-        (directory / "policy_card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
+        write_card(directory, card)
     return directory
+
+
+def write_card(directory: Path, card: dict) -> Path:
+    """The policy's card beside its weights, stamped with the prompt format it learnt."""
+    path = directory / CARD_FILE
+    path.write_text(json.dumps({**card, "prompt_format": PROMPT_FORMAT}, indent=2, default=str) + "\n")
+    return path
 
 
 def count_parameters(model: torch.nn.Module) -> int:

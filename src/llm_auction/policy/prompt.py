@@ -25,6 +25,9 @@ from llm_auction.mechanism.grammar import marker
 from llm_auction.text.reading import topic_of
 
 ANSWER_CUE = "answer:"
+PROMPT_FORMAT = 2
+"""The template's version, kept in every policy card (`policy.model.check_prompt_format`): 1 had no
+topic line (before commit 310903b), 2 has it. Change it with any change to what the prompt says."""
 
 
 def format_bid(bid: float) -> str:

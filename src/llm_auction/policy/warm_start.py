@@ -28,7 +28,15 @@ from llm_auction.mechanism.diagnostics import bid_sensitivity, format_report
 from llm_auction.mechanism.grammar import render_response
 from llm_auction.policy.allocator import LLMPolicy, prompts_for
 from llm_auction.policy.generation import TransformersGenerator
-from llm_auction.policy.model import build_model, count_parameters, load_policy, save_policy
+from llm_auction.policy.model import (
+    CARD_FILE,
+    build_model,
+    check_prompt_format,
+    count_parameters,
+    load_policy,
+    save_policy,
+    write_card,
+)
 from llm_auction.policy.tokenizer import train_tokenizer
 from llm_auction.text import bank
 from llm_auction.text.organic import organic_answer
@@ -220,15 +228,16 @@ def init_policy(
             run.log_artifacts(out_dir, "policy")
             card["mlflow_run_id"] = run.run_id
             card["registered_version"] = register_bootstrap_policy(settings, run.run_id, card)
-            (out_dir / "policy_card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
+            write_card(out_dir, card)
     return card
 
 
 def register_existing_policy(settings: Settings, directory: Path) -> str:
     """A pi_0 made earlier (`policy init`, its card beside it) becomes a registered version and champion."""
-    card_path = directory / "policy_card.json"
+    card_path = directory / CARD_FILE
     if not card_path.is_file():
-        raise FileNotFoundError(f"pi_0 {directory}: no policy_card.json; is it a `policy init` output?")
+        raise FileNotFoundError(f"pi_0 {directory}: no {CARD_FILE}; is it a `policy init` output?")
+    check_prompt_format(directory)
     card = json.loads(card_path.read_text())
     with tracked_run(settings.tracking, "policy-init", {"llm_auction.step": "policy_init"}) as run:
         if run is None:

@@ -50,7 +50,7 @@ from torch import nn
 from llm_auction.config import PCTRConfig
 from llm_auction.features.encoder import EMBEDDING_DIM, TextEncoder
 from llm_auction.mechanism.grammar import parse_response, split_sentences
-from llm_auction.policy.model import check_safetensors
+from llm_auction.policy.checkpoint import check_safetensors
 from llm_auction.reward.metrics import auc, calibration_by, expected_calibration_error, log_loss
 
 logger = logging.getLogger(__name__)

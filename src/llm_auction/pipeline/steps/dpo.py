@@ -17,6 +17,7 @@ from llm_auction.irpo.launch import run_torchrun
 from llm_auction.irpo.pairs import PAIRS_FILE, read_pairs
 from llm_auction.irpo.trainjob import run_trainjob
 from llm_auction.pipeline.steps.common import is_main_process, settings_from
+from llm_auction.policy.model import CARD_FILE, write_card
 from llm_auction.tracking.registry import MODELS_PREFIX, register_version, registered_version, resolve_model
 from llm_auction.tracking.runs import lineage_tags, tracked_run
 
@@ -74,7 +75,7 @@ def train_dpo(
         run_torchrun(dist.nproc_per_node, args)
     else:
         dpo_step(settings, policy, Path(pairs_dir), Path(out_dir), {"epoch": epoch, **lineage})
-    card_path = Path(out_dir) / "policy_card.json"
+    card_path = Path(out_dir) / CARD_FILE
     if not card_path.is_file():
         raise LaunchError(f"DPO finished without writing {card_path}")
     card = json.loads(card_path.read_text())
@@ -141,10 +142,9 @@ def dpo_step(
                 ),
             )
     if main:
-        card_path = out_dir / "policy_card.json"
-        card = json.loads(card_path.read_text())
+        card = json.loads((out_dir / CARD_FILE).read_text())
         card["lineage"] = lineage
         card["mlflow_run_id"] = summary.get("mlflow_run_id")
         card["registered_version"] = summary.get("registered_version")
-        card_path.write_text(json.dumps(card, indent=2, default=str) + "\n")
+        write_card(out_dir, card)
     return summary
