@@ -229,9 +229,11 @@ def _load_model(
     an adapter into the other requests of its batch) a challenger's adapter restarts the champion's
     engine with it (`_adapter_challenger`); otherwise the challenger gets an engine of its own.
     Without weights (a transformer in front of a remote predictor) the prompts are still built
-    here, so the version's card must name the template `build_prompt` writes.
+    here, so the version's card must name the template `build_prompt` writes (with weights, the
+    generator's loader checks it).
     """
-    check_prompt_format(model_dir)
+    if not weights:
+        check_prompt_format(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     generator: Generator | AsyncVLLMGenerator | None = None
     generation = policy.generation
