@@ -162,6 +162,14 @@ REGISTRY_STEPS = ("common", "canary", "gate", "deploy")
 LIGHT_STARTS = (*(f"llm_auction.pipeline.steps.{step}" for step in REGISTRY_STEPS), "llm_auction.cli")
 
 
+def imported_of(module: str, libraries: tuple[str, ...]) -> list[str]:
+    """Which of `libraries` a fresh interpreter holds once it has imported `module`."""
+    probe = f"import sys\nimport {module}\nprint(','.join(m for m in {libraries!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return [m for m in out.stdout.strip().split(",") if m]
+
+
 @pytest.mark.parametrize("module", LIGHT_STARTS)
 def test_light_processes_start_without_the_training_libraries(module):
     """Each pipeline step is its own process: a step that only reads logs and moves registry
@@ -169,19 +177,19 @@ def test_light_processes_start_without_the_training_libraries(module):
     must every command of the CLI (`--help`, a bad option, the collector): 1 s instead of 9; a
     command that needs psi or the policy imports them when it runs.
     """
-    probe = (
-        f"import sys\nimport {module}\nprint(','.join(m for m in {HEAVY_LIBRARIES!r} if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "", f"{module} imports {out.stdout.strip()}"
+    assert imported_of(module, HEAVY_LIBRARIES) == []
+
+
+@pytest.mark.parametrize("step", ("preferences", "evaluate"))
+def test_the_sampling_steps_start_without_the_dpo_libraries(step):
+    """build-preferences and evaluate sample and score: TRL, PEFT and datasets are train-dpo's (the
+    pairs file's digest once pulled them into build-preferences, about 2 s of each epoch's start).
+    """
+    assert imported_of(f"llm_auction.pipeline.steps.{step}", ("trl", "peft", "datasets")) == []
 
 
 def test_the_training_steps_do_import_them():
-    """The probe above can fail: the evaluation step needs torch and Feast, and it sees them."""
-    probe = (
-        "import sys\nimport llm_auction.pipeline.steps.evaluate\n"
-        "print('torch' in sys.modules, 'feast' in sys.modules)"
-    )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0 and out.stdout.split() == ["True", "True"], out.stderr[-2000:]
+    """The probes above can fail: the evaluation step needs torch and Feast, train-dpo TRL and PEFT,
+    and they see them."""
+    assert imported_of("llm_auction.pipeline.steps.evaluate", ("torch", "feast")) == ["torch", "feast"]
+    assert imported_of("llm_auction.pipeline.steps.dpo", ("trl", "peft")) == ["trl", "peft"]

@@ -14,7 +14,6 @@ for a PEFT model given no `ref_model`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
@@ -115,10 +114,6 @@ def dpo_arguments(settings: Settings, output_dir: str, max_steps: int | None = N
         **trainer_defaults(settings),
         **strategy_arguments(settings.irpo.distributed),
     )
-
-
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def train_dpo(

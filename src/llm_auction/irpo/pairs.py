@@ -8,6 +8,7 @@ an unbiased estimate of it (see `irpo.dpo`).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,13 @@ import pandas as pd
 PAIRS_FILE = "pairs.parquet"
 SAMPLES_FILE = "samples.parquet"
 STATS_FILE = "pairs_stats.json"
+
+
+def file_digest(path: Path) -> str:
+    """A pairs file's short SHA-256: the lineage that ties a DPO run to the pairs it read."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 PAIR_COLUMNS = [
     "request_id",
     "prompt",

@@ -11,10 +11,9 @@ from typing import Any
 
 from llm_auction.config import Settings
 from llm_auction.errors import LaunchError
-from llm_auction.irpo.dpo import file_digest
 from llm_auction.irpo.dpo import train_dpo as run_dpo_training
 from llm_auction.irpo.launch import run_torchrun
-from llm_auction.irpo.pairs import PAIRS_FILE, read_pairs
+from llm_auction.irpo.pairs import PAIRS_FILE, file_digest, read_pairs
 from llm_auction.irpo.trainjob import run_trainjob
 from llm_auction.pipeline.steps.common import is_main_process, settings_from
 from llm_auction.policy.model import CARD_FILE, write_card

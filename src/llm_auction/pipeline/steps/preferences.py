@@ -11,8 +11,7 @@ import numpy as np
 import pandas as pd
 
 from llm_auction.baselines import make_baseline
-from llm_auction.irpo.dpo import file_digest
-from llm_auction.irpo.pairs import PAIRS_FILE, SAMPLES_FILE, STATS_FILE
+from llm_auction.irpo.pairs import PAIRS_FILE, SAMPLES_FILE, STATS_FILE, file_digest
 from llm_auction.irpo.sampling import build_preference_set, prompt_requests
 from llm_auction.pipeline.steps.common import resolve_window, settings_from
 from llm_auction.policy.generation import make_generator
