@@ -8,6 +8,7 @@ violation is caught and named rather than the contracts passing vacuously.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -184,12 +185,12 @@ def test_light_processes_start_without_the_training_libraries(module):
 def test_the_sampling_steps_start_without_the_dpo_libraries(step):
     """build-preferences and evaluate sample and score: TRL, PEFT and datasets are train-dpo's (the
     pairs file's digest once pulled them into build-preferences, about 2 s of each epoch's start).
+    The same probe sees torch and Feast, which these steps need: it can fail.
     """
-    assert imported_of(f"llm_auction.pipeline.steps.{step}", ("trl", "peft", "datasets")) == []
+    probed = ("torch", "feast", "trl", "peft", "datasets")
+    assert imported_of(f"llm_auction.pipeline.steps.{step}", probed) == ["torch", "feast"]
 
 
-def test_the_training_steps_do_import_them():
-    """The probes above can fail: the evaluation step needs torch and Feast, train-dpo TRL and PEFT,
-    and they see them."""
-    assert imported_of("llm_auction.pipeline.steps.evaluate", ("torch", "feast")) == ["torch", "feast"]
-    assert imported_of("llm_auction.pipeline.steps.dpo", ("trl", "peft")) == ["trl", "peft"]
+def test_the_probed_libraries_are_installed_modules():
+    """A misspelt name would make the probes above pass for nothing."""
+    assert all(importlib.util.find_spec(name) is not None for name in HEAVY_LIBRARIES)
