@@ -11,6 +11,7 @@ import yaml
 
 from helpers import TINY_EPOCH, oracle_blocked
 from llm_auction.config import load_config
+from llm_auction.features.encoder import TextEncoder, encoder_cache_path
 from llm_auction.mechanism.payments import expected_payments
 from llm_auction.serving.collector import EventStore
 from llm_auction.simulator import loop as loop_module
@@ -228,6 +229,13 @@ def test_one_epoch_of_the_closed_loop_interrupted_and_resumed(pi0, tmp_path, cap
         a["expected_payment"] == pytest.approx(expected_payments([a["bid"]], [a["pctr"]])[0]) for a in priced
     )
     assert all(a["expected_payment"] is None for p in predictions[:100] for a in p["allocation"])
+    # The server shares what psi encoded (every answer with an ad it priced, as it is logged): the
+    # final canary's, priced after the last pipeline run and read by no step since, are in the
+    # deployment's encoder cache, so a next pCTR training would not encode them again.
+    cache = TextEncoder(cache_path=encoder_cache_path(settings))
+    priced_answers = [p["response"] for p in predictions[150:] if p["allocation"]]
+    cache.encode(priced_answers)
+    assert priced_answers and cache.n_encoded == 0
 
     html = (out / "report.html").read_text()
     assert "pre_generation (deployable, ranked by psi_t)" in html

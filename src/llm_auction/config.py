@@ -351,6 +351,12 @@ class FeaturesConfig(_Section):
         description="Text embeddings an encoder keeps in memory (LRU); also how many new ones wait "
         "before being flushed to disk.",
     )
+    encoder_flush_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often the policy server writes what psi encoded (each answer it priced) to "
+        "the shared encoder cache: the next pCTR training reads the logged answers there.",
+    )
 
 
 class PCTRGateConfig(_Section):

@@ -29,6 +29,7 @@ import copy
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import tempfile
 import uuid
@@ -151,8 +152,11 @@ class ServedPolicy:
         return copy.deepcopy(self.tokenizer)
 
 
+Item = tuple[AuctionRequest, str, tuple[int, ...]]
+"""One request to answer: (the request as it came, its prompt, the order its candidates are listed in)."""
 Output = tuple[str, list[float] | None, str, str]
-"""One answered request: (response, pCTR of each inserted ad, policy version, arm)."""
+"""One answered request: (response in the request's own order, pCTR of each inserted ad, policy
+version, arm)."""
 
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".gguf")
 
@@ -302,7 +306,7 @@ class AuctionModel(kserve.Model):
         self.model_dir = model_dir
         self.predictor_url = predictor_url
         cfg = settings.serving
-        self.batcher: MicroBatcher[tuple[AuctionRequest, str], Output] = MicroBatcher(
+        self.batcher: MicroBatcher[Item, Output] = MicroBatcher(
             self._run_batch,
             cfg.max_batch_size,
             cfg.max_latency_ms / 1000,
@@ -441,6 +445,24 @@ class AuctionModel(kserve.Model):
                     "reload failed, still serving %s: %s", self.served and self.served.version, exc
                 )
 
+    async def share_encodings(self) -> None:
+        """Every `features.encoder_flush_s`, write the texts psi encoded here (every answer priced,
+        every query ranked) to the deployment's encoder cache: each answer is new text, and the next
+        pCTR training would otherwise encode the whole window's answers again.
+        """
+        while True:
+            await asyncio.sleep(self.settings.features.encoder_flush_s)
+            await asyncio.to_thread(self._flush_encodings, self.arms)
+
+    def _flush_encodings(self, arms: Arms | None) -> None:
+        scorer = None if arms is None else arms.champion.scorer  # the challenger is priced by it too
+        if scorer is None:
+            return
+        try:
+            scorer.flush()
+        except (sqlite3.Error, OSError) as exc:  # only a cache: serving goes on
+            logger.warning("encoder cache not written: %s", exc)
+
     async def reload_if_moved(self) -> bool:
         """Load what the registry's aliases name now (the champion, psi, the challenger)."""
         versions = await asyncio.to_thread(current_versions, self.settings)
@@ -451,6 +473,8 @@ class AuctionModel(kserve.Model):
             return False
         new = await asyncio.to_thread(self._load_arms, versions, arms)
         self._set_arms(new)
+        if new.champion.scorer is not arms.champion.scorer:  # a new psi: the old one's encodings first
+            await asyncio.to_thread(self._flush_encodings, arms)
         # Stopped between batches: one in flight finishes on the engine it started with.
         await self._close_retired(arms, new)
         RELOADS.labels("ok").inc()
@@ -472,8 +496,9 @@ class AuctionModel(kserve.Model):
         for i, request in enumerate(requests):
             if request.user_id not in profiles:
                 raise InvalidInput(f"instances.{i}.user_id: unknown user {request.user_id!r} (no profile)")
-        # The ranking stage (`policy.ranking`): the engines see the candidates as listed;
-        # postprocess restores the request's order in every response.
+        # The ranking stage (`policy.ranking`): the engines see the candidates as listed; each
+        # response is restored to the request's order before psi prices it, as it is logged and as
+        # psi is trained on it (the same text: the server's encodings serve the next training too).
         with STAGE_SECONDS.labels("rank").time():
             shown, orders = await self._rank(requests, served)
         for i, request in enumerate(shown):
@@ -485,10 +510,10 @@ class AuctionModel(kserve.Model):
                     "(fewer or shorter ads)"
                 )
             prompts.append(prompt)
-        return {"requests": requests, "shown": shown, "orders": orders, "prompts": prompts}
+        return {"requests": requests, "orders": orders, "prompts": prompts}
 
     async def predict(self, payload: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
-        items = list(zip(payload["shown"], payload["prompts"]))
+        items = list(zip(payload["requests"], payload["prompts"], payload["orders"]))
         if self.predictor_url is not None:
             outputs = await self._async_batch(items, self._remote_generate)
         elif self.continuous:
@@ -504,7 +529,7 @@ class AuctionModel(kserve.Model):
         predictions = [
             prediction(
                 request,
-                restore_markers(response, order),  # its pCTR list is in allocation order: unchanged
+                response,
                 response_id=uuid.uuid4().hex,
                 policy_version=version,
                 served_at=now,
@@ -512,8 +537,8 @@ class AuctionModel(kserve.Model):
                 pctr=pctr,
                 arm=arm,
             )
-            for request, order, (response, pctr, version, arm) in zip(
-                result["requests"], result["orders"], result["outputs"], strict=True
+            for request, (response, pctr, version, arm) in zip(
+                result["requests"], result["outputs"], strict=True
             )
         ]
         for p in predictions:
@@ -529,18 +554,18 @@ class AuctionModel(kserve.Model):
         self._seed += 1
         return self._seed
 
-    def _run_batch(self, items: list[tuple[AuctionRequest, str]]) -> list[Output]:
+    def _run_batch(self, items: list[Item]) -> list[Output]:
         """Each request's arm (its user's), one generate call per arm, one pricing call for all."""
         arms = self.arms
         assert arms is not None
-        requests = [r for r, _ in items]
+        requests = [r for r, _, _ in items]
         labels = [arms.arm(r.user_id) for r in requests]
         responses = [""] * len(items)
         with STAGE_SECONDS.labels("generate").time():
             for arm, indices in _by_arm(labels).items():
                 texts = arms.policy(arm).generate([items[i][1] for i in indices], self.next_seed())
                 for i, text in zip(indices, texts):
-                    responses[i] = text
+                    responses[i] = restore_markers(text, items[i][2])
         BATCH_SIZE.observe(len(items))
         with STAGE_SECONDS.labels("price").time():
             pctr = arms.champion.pctr(requests, responses)
@@ -584,14 +609,14 @@ class AuctionModel(kserve.Model):
         return [c["text"].strip() for c in sorted(reply.json()["choices"], key=lambda c: c["index"])]
 
     async def _async_batch(
-        self, items: list[tuple[AuctionRequest, str]], generate: Callable[..., Awaitable[list[str]]]
+        self, items: list[Item], generate: Callable[..., Awaitable[list[str]]]
     ) -> list[Output]:
         """Generation by an async engine, each arm's prompts at once: vLLM here, or the predictors'
         OpenAI completions routes (vLLM runtimes on the cluster); then one pricing batch.
         """
         arms = self.arms
         assert arms is not None
-        requests = [r for r, _ in items]
+        requests = [r for r, _, _ in items]
         labels = [arms.arm(r.user_id) for r in requests]
         groups = _by_arm(labels)
         with STAGE_SECONDS.labels("generate").time():
@@ -604,7 +629,7 @@ class AuctionModel(kserve.Model):
         responses = [""] * len(items)
         for indices, texts in zip(groups.values(), replies):
             for i, text in zip(indices, texts):
-                responses[i] = text
+                responses[i] = restore_markers(text, items[i][2])
         pctr = await self.psi.submit(list(zip(requests, responses)))
         GENERATED.labels("responses").inc(len(responses))
         GENERATED.labels("characters").inc(sum(map(len, responses)))
@@ -657,6 +682,7 @@ class AuctionModel(kserve.Model):
                 await self.batcher.run_exclusive(generator.close)
 
     def stop(self) -> None:
+        self._flush_encodings(self.arms)
         self.batcher.close()
         self.psi.close()
         engines = {id(_engine(g)): g for g in ([] if self.arms is None else _generators(self.arms))}
@@ -829,7 +855,7 @@ def serve(
         }
 
     async def run() -> None:
-        watcher = asyncio.create_task(model.follow_champion())
+        tasks = [asyncio.create_task(model.follow_champion()), asyncio.create_task(model.share_encodings())]
         rest = RESTServer(
             "kserve.model_server:app", server.dataplane, server.model_repository_extension, port
         )
@@ -837,7 +863,8 @@ def serve(
         try:
             await rest.start()
         finally:
-            watcher.cancel()
+            for task in tasks:
+                task.cancel()
             model.stop()
 
     asyncio.run(run())
